@@ -1,0 +1,21 @@
+"""The project's small exception hierarchy (shared by every layer; gi_core is the root)."""
+
+
+class GIError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(GIError, ValueError):
+    """A spec, method config or argument is invalid; the message names the field."""
+
+
+class WeightsMissingError(GIError):
+    """Pretrained weights are not installed; the message names the package to install."""
+
+
+class StorageError(GIError):
+    """A run directory is unreadable, inconsistent or not writable."""
+
+
+class ExecutionError(GIError):
+    """A job failed or cells are missing after their jobs finished (a retry may fix it)."""
