@@ -1,0 +1,94 @@
+"""Spec names -> attack entry points. One entry per name; unknown names raise ConfigError.
+
+Every entry point has the signature `reconstruct(problem, config, *, seed, generator=None,
+init=None, state=None, progress=None, should_stop=None) -> AttackResult`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from gi_core.attacks.engine import AttackResult, BaseConfig, InversionProblem
+from gi_core.errors import ConfigError
+
+BN_WEIGHT = 1e-2  # default BN-prior weight of the "+bn" variants
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    module: str  # gi_core.attacks.<module> with `reconstruct` and a `*Config` class
+    config: str
+    reference: str
+    uses_generator: bool
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+_METHODS = [
+    Method("gi-x", "gi_x", "GIXConfig", "Geiping et al. 2020 (Inverting Gradients)", False),
+    Method("gi-x+bn", "gi_x", "GIXConfig", "Yin et al. 2021 (See through Gradients)", False,
+           {"bn": BN_WEIGHT}),
+    Method("gi-z", "gi_z", "GIZConfig", "Jeon et al. 2021, latent search (GI-z)", True),
+    Method("gi-w", "gi_w", "GIWConfig", "Jeon et al. 2021, generator-parameter search (GI-w)", True),
+    Method("gi-z/w", "gias", "GIASConfig", "Jeon et al. 2021, GIAS (GI-z/w)", True),
+    Method("gi-z/x", "gi_zx", "GIZXConfig", "Jeon et al. 2021, latent then pixel search (GI-z/x)",
+           True),
+    Method("gi-z+bn", "gi_z", "GIZConfig", "Jeon et al. 2021 GI-z + BN prior of Yin et al.", True,
+           {"bn": BN_WEIGHT}),
+    Method("gi-z/w+bn", "gias", "GIASConfig", "Jeon et al. 2021 GIAS + BN prior of Yin et al.",
+           True, {"bn": BN_WEIGHT}),
+]
+METHODS: dict[str, Method] = {}
+for _m in _METHODS:
+    if _m.name in METHODS:
+        raise ConfigError(f"duplicate method name {_m.name!r} in the registry")
+    METHODS[_m.name] = _m
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise ConfigError(f"method: unknown {name!r}; known: {', '.join(METHOD_NAMES)}")
+    return METHODS[name]
+
+
+def uses_generator(name: str) -> bool:
+    return get_method(name).uses_generator
+
+
+def config_class(name: str) -> type[BaseConfig]:
+    method = get_method(name)
+    cls: type[BaseConfig] = getattr(_module(method), method.config)
+    return cls
+
+
+def method_config(name: str, params: Mapping[str, Any] | None = None) -> BaseConfig:
+    """The frozen config of `name`: the method's defaults overridden by `params`."""
+    cls = config_class(name)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params or {}) - known)
+    if unknown:
+        raise ConfigError(
+            f"params.{unknown[0]}: not a parameter of {name}; known: {', '.join(sorted(known))}"
+        )
+    return cls(**{**get_method(name).defaults, **(params or {})})
+
+
+def entry_point(name: str) -> Callable[..., AttackResult]:
+    fn: Callable[..., AttackResult] = _module(get_method(name)).reconstruct
+    return fn
+
+
+def reconstruct(
+    name: str, problem: InversionProblem, config: BaseConfig | None = None, **kwargs: Any
+) -> AttackResult:
+    """Run the method `name` on `problem` (config defaults to the method's defaults)."""
+    return entry_point(name)(problem, config or method_config(name), **kwargs)
+
+
+def _module(method: Method) -> Any:
+    return importlib.import_module(f"gi_core.attacks.{method.module}")

@@ -1,0 +1,332 @@
+"""Deterministic image data sets, from real images shipped inside installed packages.
+
+Built-in names (no download, no network):
+  lfw-faces       the 100 real LFW faces of skimage.data.lfw_subset() (gray 25x25, replicated to
+                  3 channels). The subset carries no identity labels, so every face is its own
+                  class: 100 samples, 100 classes.
+  natural-photos  11 colour photos shipped offline in skimage, scikit-learn and matplotlib (see
+                  PHOTOS), each cut into a fixed 4x4 grid of overlapping square crops:
+                  176 samples, label = photo index (11 classes).
+  synthetic       smooth random images from a fixed seed, for tests: 64 samples, 10 classes.
+For users with their own data:
+  imagefolder:<path>  torchvision ImageFolder (class = sub-folder), centre square crop.
+  cifar10:<root>      torchvision CIFAR-10 test split, already downloaded under <root>.
+
+Images come back as (B, 3, S, S) float32 in [0, 1] on the CPU, S = image_size, resized with
+antialiased bilinear interpolation. Decoded data sets are cached in memory per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gi_core.errors import ConfigError
+
+_BUILTIN = ("lfw-faces", "natural-photos", "synthetic")
+_WITH_PATH = ("imagefolder", "cifar10")
+_MIN_IMAGE_SIZE = 8
+
+# (source, name) of the colour photos that load offline. Left out on purpose: skimage's
+# colorwheel and logo (graphics, not photos), motorcycle_right (near-duplicate of the left view
+# of the same stereo pair), cat (alias of chelsea), and lily/skin/kidney/eagle (need a download).
+PHOTOS: tuple[tuple[str, str], ...] = (
+    ("skimage", "astronaut"),
+    ("skimage", "chelsea"),
+    ("skimage", "coffee"),
+    ("skimage", "hubble_deep_field"),
+    ("skimage", "immunohistochemistry"),
+    ("skimage", "motorcycle_left"),
+    ("skimage", "retina"),
+    ("skimage", "rocket"),
+    ("sklearn", "china.jpg"),
+    ("sklearn", "flower.jpg"),
+    ("matplotlib", "grace_hopper.jpg"),
+)
+_CROP_GRID = 4  # crops per photo = _CROP_GRID ** 2
+_CROP_FRACTION = 0.5  # crop side as a fraction of the photo's shorter side
+_SYNTHETIC_SAMPLES, _SYNTHETIC_CLASSES, _SYNTHETIC_SEED = 64, 10, 0
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Size of a data set; channels is always 3 (gray images are replicated)."""
+
+    name: str
+    num_samples: int
+    num_classes: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A data set's labels (N,) int64 and a loader (indices, image_size) -> (B, 3, S, S)."""
+
+    labels: Tensor
+    num_classes: int
+    load: Callable[[Sequence[int], int], Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Image helpers.
+
+
+def _resize(images: Tensor, size: int) -> Tensor:
+    """(N, C, h, w) in [0, 1] -> (N, C, size, size); antialiasing only acts when shrinking."""
+    out = F.interpolate(
+        images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out.clamp_(0.0, 1.0).contiguous()
+
+
+def _center_square(image: Tensor) -> Tensor:
+    """(C, H, W) -> (C, s, s) with s = min(H, W), taken from the centre."""
+    h, w = image.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return image[:, top : top + s, left : left + s]
+
+
+def _hwc_uint8_to_chw(array: np.ndarray) -> Tensor:
+    """(H, W) or (H, W, C>=3) uint8 -> (3, H, W) float32 in [0, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(array)).float() / 255.0
+    if t.dim() == 2:
+        return t.unsqueeze(0).expand(3, -1, -1)
+    return t[..., :3].permute(2, 0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in data sets.
+
+
+@functools.lru_cache(maxsize=8)
+def _lfw_images(image_size: int) -> Tensor:
+    from skimage.data import lfw_subset
+
+    # lfw_subset(): (200, 25, 25) float64 in [0, 1]; the first 100 are faces, the rest are not.
+    faces = torch.from_numpy(lfw_subset()[:100]).float()
+    return _resize(faces.unsqueeze(1).expand(-1, 3, -1, -1), image_size)
+
+
+def _load_photo(source: str, name: str) -> np.ndarray:
+    """One photo as (H, W, 3) uint8, read from files inside the installed wheels."""
+    if source == "skimage":
+        import skimage.data
+
+        if name == "motorcycle_left":
+            return skimage.data.stereo_motorcycle()[0]
+        return getattr(skimage.data, name)()
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(name)
+    import matplotlib.cbook
+    from PIL import Image
+
+    with Image.open(matplotlib.cbook.get_sample_data(name, asfileobj=False)) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def _grid_crops(photo: Tensor, image_size: int) -> Tensor:
+    """(3, H, W) -> (_CROP_GRID**2, 3, S, S): overlapping squares on a fixed grid, row-major."""
+    h, w = photo.shape[-2:]
+    side = round(_CROP_FRACTION * min(h, w))
+    tops = np.linspace(0, h - side, _CROP_GRID).round().astype(int)
+    lefts = np.linspace(0, w - side, _CROP_GRID).round().astype(int)
+    crops = [photo[:, t : t + side, left : left + side] for t in tops for left in lefts]
+    return _resize(torch.stack(crops), image_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _photo_images(image_size: int) -> Tensor:
+    photos = [_hwc_uint8_to_chw(_load_photo(src, name)) for src, name in PHOTOS]
+    return torch.cat([_grid_crops(p, image_size) for p in photos])
+
+
+@functools.lru_cache(maxsize=8)
+def _synthetic_images(image_size: int) -> Tensor:
+    # 4x4 uniform noise upsampled bilinearly: smooth images in [0, 1], identical content at
+    # every image_size.
+    gen = torch.Generator().manual_seed(_SYNTHETIC_SEED)
+    coarse = torch.rand(_SYNTHETIC_SAMPLES, 3, 4, 4, generator=gen)
+    return _resize(coarse, image_size)
+
+
+def _in_memory(images: Callable[[int], Tensor], labels: Tensor) -> _Source:
+    def load(indices: Sequence[int], image_size: int) -> Tensor:
+        return images(image_size)[list(indices)]  # advanced indexing copies: cache stays intact
+
+    return _Source(labels=labels, num_classes=int(labels.max()) + 1, load=load)
+
+
+def _builtin_source(kind: str) -> _Source:
+    if kind == "lfw-faces":
+        return _in_memory(_lfw_images, torch.arange(100))
+    if kind == "natural-photos":
+        labels = torch.arange(len(PHOTOS)).repeat_interleave(_CROP_GRID**2)
+        return _in_memory(_photo_images, labels)
+    labels = torch.arange(_SYNTHETIC_SAMPLES) % _SYNTHETIC_CLASSES
+    return _in_memory(_synthetic_images, labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Data sets on the user's disk.
+
+
+def _cifar10_source(root: str) -> _Source:
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(root, train=False, download=False)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"cifar10:{root}: no CIFAR-10 test split under {root!r} (expected "
+            f"{root}/cifar-10-batches-py/test_batch). Download it once on a machine with "
+            "internet, e.g. torchvision.datasets.CIFAR10(root, train=False, download=True), "
+            "and copy the folder here"
+        ) from e
+    data = ds.data  # (10000, 32, 32, 3) uint8, already in memory
+
+    def load(indices: Sequence[int], image_size: int) -> Tensor:
+        batch = torch.stack([_hwc_uint8_to_chw(data[i]) for i in indices])
+        return _resize(batch, image_size)
+
+    return _Source(labels=torch.tensor(ds.targets), num_classes=len(ds.classes), load=load)
+
+
+def _imagefolder_source(path: str) -> _Source:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        ds = ImageFolder(path)
+    except FileNotFoundError as e:
+        raise ConfigError(
+            f"imagefolder:{path}: {e}. Expected one sub-folder of images per class"
+        ) from e
+
+    def load(indices: Sequence[int], image_size: int) -> Tensor:
+        images = []
+        for i in indices:
+            array = np.asarray(ds.loader(ds.samples[i][0]).convert("RGB"))
+            images.append(_resize(_center_square(_hwc_uint8_to_chw(array))[None], image_size))
+        return torch.cat(images)
+
+    return _Source(labels=torch.tensor(ds.targets), num_classes=len(ds.classes), load=load)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+
+
+def available_datasets() -> list[str]:
+    """The data set names this module knows; `kind:<...>` entries need a path after the colon."""
+    return [*_BUILTIN, "imagefolder:<path>", "cifar10:<root>"]
+
+
+@functools.lru_cache(maxsize=16)
+def _source(name: str) -> _Source:
+    kind, _, arg = name.partition(":")
+    if name in _BUILTIN:
+        return _builtin_source(name)
+    if kind in _WITH_PATH and arg:
+        return _cifar10_source(arg) if kind == "cifar10" else _imagefolder_source(arg)
+    if kind in _WITH_PATH:
+        raise ConfigError(f"data set {name!r} needs a path: write '{kind}:/path/to/data'")
+    raise ConfigError(f"unknown data set {name!r}; known: {', '.join(available_datasets())}")
+
+
+def _check_image_size(image_size: int) -> None:
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ConfigError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
+
+
+def dataset_info(name: str, *, image_size: int) -> DatasetInfo:
+    """Number of samples and classes of `name` (image_size is validated, sizes don't depend on it)."""
+    _check_image_size(image_size)
+    src = _source(name)
+    return DatasetInfo(
+        name=name, num_samples=len(src.labels), num_classes=src.num_classes, channels=3
+    )
+
+
+def load_images(name: str, indices: Sequence[int], *, image_size: int) -> tuple[Tensor, Tensor]:
+    """Images (B, 3, S, S) float32 in [0, 1] and labels (B,) int64 of the given sample indices."""
+    _check_image_size(image_size)
+    src = _source(name)
+    n = len(src.labels)
+    bad = [i for i in indices if not 0 <= i < n]
+    if bad:
+        raise ConfigError(f"indices {bad[:5]} out of range for {name!r} with {n} samples")
+    return src.load(indices, image_size), src.labels[list(indices)].clone()
+
+
+def _plan_batches(labels: Sequence[int], batch_size: int) -> tuple[tuple[int, ...], ...]:
+    """Split sample indices into disjoint batches of batch_size, deterministically.
+
+    If batch_size <= number of classes every batch has unique labels: each batch takes the
+    next unused sample of the batch_size classes with most samples left (ties: lower label),
+    a greedy that yields the largest possible number of such batches. Otherwise each batch
+    fills itself in rounds over those classes, spreading labels as evenly as possible.
+    """
+    queues: dict[int, deque[int]] = {}
+    for index, label in enumerate(labels):
+        queues.setdefault(int(label), deque()).append(index)
+    heap = [(-len(q), label) for label, q in queues.items()]
+    heapq.heapify(heap)
+    unique, remaining = batch_size <= len(queues), len(labels)
+    batches: list[tuple[int, ...]] = []
+    while remaining >= batch_size and (not unique or len(heap) >= batch_size):
+        batch = _take_batch(heap, queues, batch_size)
+        remaining -= batch_size
+        batches.append(tuple(sorted(batch)))
+    return tuple(batches)
+
+
+def _take_batch(
+    heap: list[tuple[int, int]], queues: dict[int, deque[int]], batch_size: int
+) -> list[int]:
+    """Pop batch_size samples, at most one per class per round; heap holds (-left, label)."""
+    batch: list[int] = []
+    while len(batch) < batch_size:
+        taken = [heapq.heappop(heap) for _ in range(min(batch_size - len(batch), len(heap)))]
+        for _, label in taken:
+            batch.append(queues[label].popleft())
+            if queues[label]:
+                heapq.heappush(heap, (-len(queues[label]), label))
+    return batch
+
+
+@functools.lru_cache(maxsize=64)
+def _batch_plan(name: str, batch_size: int) -> tuple[tuple[int, ...], ...]:
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+    return _plan_batches(_source(name).labels.tolist(), batch_size)
+
+
+def max_batches(name: str, *, batch_size: int, image_size: int) -> int:
+    """How many disjoint batches of batch_size `batch_indices` can hand out for `name`."""
+    _check_image_size(image_size)
+    return len(_batch_plan(name, batch_size))
+
+
+def batch_indices(name: str, *, batch_size: int, batch_index: int, image_size: int) -> list[int]:
+    """Sample indices of batch number batch_index (ascending). Deterministic; batches with
+    different batch_index never share a sample; labels are unique within a batch whenever
+    batch_size <= num_classes."""
+    _check_image_size(image_size)
+    plan = _batch_plan(name, batch_size)
+    if not 0 <= batch_index < len(plan):
+        raise ConfigError(
+            f"batch_index={batch_index} is out of range: {name!r} has only {len(plan)} "
+            f"disjoint batches of batch_size={batch_size} (valid batch_index: 0..{len(plan) - 1}); "
+            "use a smaller batch_size or fewer batches"
+        )
+    return list(plan[batch_index])

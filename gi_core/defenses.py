@@ -1,0 +1,141 @@
+"""Defenses applied to the client gradient before the attacker sees it.
+
+Batch size is a grid axis, not a defense. Every defense is a frozen value object so that it
+can be part of a cell's identity; `apply_defense` returns what the attacker observes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gi_core.errors import ConfigError
+from gi_core.gradients import client_gradient, per_example_gradients
+
+DEFENSE_KINDS = ("none", "sparsity", "noise", "dp", "quantize")
+DP_DELTA = 1e-5
+
+
+@dataclass(frozen=True)
+class Defense:
+    """`kind` plus its parameters: sparsity(p), noise(sigma), dp(clip, sigma), quantize(bits)."""
+
+    kind: str = "none"
+    p: float | None = None
+    sigma: float | None = None
+    clip: float | None = None
+    bits: int | None = None
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def level(self) -> float:
+        """The defense's strength as one number (for tables): p, sigma or bits; 0 for none."""
+        value = {"none": 0.0, "sparsity": self.p, "noise": self.sigma, "dp": self.sigma}
+        return float(value.get(self.kind, self.bits) or 0.0)
+
+
+def _validate(d: Defense) -> None:
+    if d.kind not in DEFENSE_KINDS:
+        raise ConfigError(f"defense.kind: unknown {d.kind!r}; known: {', '.join(DEFENSE_KINDS)}")
+    needed = {"none": (), "sparsity": ("p",), "noise": ("sigma",), "dp": ("clip", "sigma"),
+              "quantize": ("bits",)}[d.kind]
+    for name in ("p", "sigma", "clip", "bits"):
+        value = getattr(d, name)
+        if (value is None) == (name in needed):
+            verb = "needs" if value is None else "does not take"
+            raise ConfigError(f"defense.{name}: {d.kind} {verb} {name!r}")
+    if d.p is not None and not 0.0 <= d.p < 1.0:
+        raise ConfigError(f"defense.p: sparsity must be in [0, 1) (got {d.p})")
+    for name in ("sigma", "clip"):
+        value = getattr(d, name)
+        if value is not None and (value < 0 or not math.isfinite(value)):
+            raise ConfigError(f"defense.{name}: must be a finite number >= 0 (got {value})")
+    if d.bits is not None and not 1 <= d.bits <= 32:
+        raise ConfigError(f"defense.bits: must be in 1..32 (got {d.bits})")
+
+
+@dataclass(frozen=True)
+class DefendedGradient:
+    """What the attacker observes: gradients in parameter order, masks for sparsity, info."""
+
+    grads: list[Tensor]
+    masks: list[Tensor] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def apply_defense(
+    defense: Defense,
+    victim: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    generator: torch.Generator,
+) -> DefendedGradient:
+    """Client gradient of (images, labels) under `defense`; noise is drawn from `generator`."""
+    if defense.kind == "dp":
+        return _dp(defense, victim, images, labels, generator)
+    grads = client_gradient(victim, images, labels)
+    if defense.kind == "none":
+        return DefendedGradient(grads)
+    if defense.kind == "sparsity":
+        masks = [topk_mask(g, p=float(defense.p or 0.0)) for g in grads]
+        return DefendedGradient([g * m for g, m in zip(grads, masks, strict=True)], masks)
+    if defense.kind == "noise":
+        return DefendedGradient(add_noise(grads, std=float(defense.sigma or 0.0), generator=generator))
+    return DefendedGradient([quantize(g, bits=int(defense.bits or 32)) for g in grads])
+
+
+def topk_mask(g: Tensor, *, p: float) -> Tensor:
+    """Bool mask keeping the k = max(1, floor(n (1 - p))) largest-magnitude entries of `g`."""
+    n = g.numel()
+    k = max(1, math.floor(n * (1.0 - p)))
+    mask = torch.zeros(n, dtype=torch.bool, device=g.device)
+    mask[g.reshape(-1).abs().topk(k).indices] = True
+    return mask.reshape(g.shape)
+
+
+def add_noise(grads: Sequence[Tensor], *, std: float, generator: torch.Generator) -> list[Tensor]:
+    """g + N(0, std²) per entry; drawn on the CPU so a seed gives the same noise on any device."""
+    return [g + std * torch.randn(g.shape, generator=generator).to(g) for g in grads]
+
+
+def quantize(g: Tensor, *, bits: int) -> Tensor:
+    """Uniform per-tensor quantisation to 2^bits levels spanning [min(g), max(g)]."""
+    lo, hi = g.min(), g.max()
+    step = (hi - lo) / (2**bits - 1)
+    if step == 0:
+        return g.clone()
+    return lo + torch.round((g - lo) / step) * step
+
+
+def _dp(
+    d: Defense, victim: nn.Module, images: Tensor, labels: Tensor, generator: torch.Generator
+) -> DefendedGradient:
+    """DP-SGD step (Abadi et al. 2016): clip each example's gradient to `clip`, average, add
+    N(0, (sigma·clip/B)²). With BN, each example is normalised by its own statistics."""
+    clip, sigma, batch = float(d.clip or 0.0), float(d.sigma or 0.0), images.shape[0]
+    per_example = per_example_gradients(victim, images, labels)
+    norms = torch.sqrt(sum(g.reshape(batch, -1).pow(2).sum(1) for g in per_example))
+    scale = (clip / (norms + 1e-12)).clamp(max=1.0)
+    clipped = [g * scale.view(-1, *[1] * (g.dim() - 1)) for g in per_example]
+    mean = [g.mean(0) for g in clipped]
+    noisy = add_noise(mean, std=sigma * clip / batch, generator=generator)
+    return DefendedGradient(noisy, info={"epsilon": dp_epsilon(sigma), "delta": DP_DELTA})
+
+
+def dp_epsilon(noise_multiplier: float, *, delta: float = DP_DELTA) -> float:
+    """(ε, δ) of one full-batch Gaussian step via Google's dp-accounting RDP accountant."""
+    if noise_multiplier <= 0:
+        return math.inf
+    from dp_accounting import dp_event, rdp
+
+    accountant = rdp.RdpAccountant()
+    accountant.compose(dp_event.GaussianDpEvent(noise_multiplier))
+    return float(accountant.get_epsilon(delta))

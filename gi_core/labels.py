@@ -1,0 +1,72 @@
+"""Labels for the attacks: given by default (as in the paper), optionally recovered from g.
+
+Recovery reads the gradient of the last fully connected layer, W (K classes, F features), of the
+mean cross-entropy over the batch: dL/dW_k = (1/B) sum_j (p_jk - y_jk) h_j, with p_j the softmax,
+y_j the one-hot label and h_j >= 0 the (post-ReLU) features of image j.
+
+* ``idlg`` (Zhao et al. 2020, B = 1): p_k - y_k < 0 only for the true class, so its gradient row
+  is the only one with a negative sum (and, with a bias, the only negative bias gradient).
+* ``yin`` (Yin et al. 2021, eq. 5, unique labels): a class present in the batch gets strongly
+  negative entries from its own images; take the B classes with the most negative row minima.
+
+Recovered labels are a *set*: the gradient of a mean is invariant to the order of the batch, so
+they come sorted ascending, and the orchestration matches reconstructions to the ground truth
+(Hungarian) when positions matter.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from gi_core.errors import ConfigError
+
+LabelMethod = Literal["idlg", "yin"]
+
+
+def recover_labels(
+    last_weight_grad: Tensor,
+    *,
+    batch_size: int,
+    method: LabelMethod,
+    last_bias_grad: Tensor | None = None,
+) -> Tensor:
+    """Labels (B,) int64, sorted ascending, from the last layer's gradient (K, F) [and (K,)]."""
+    if last_weight_grad.ndim != 2:
+        raise ConfigError(f"last_weight_grad must be (K, F), got {tuple(last_weight_grad.shape)}")
+    num_classes = last_weight_grad.shape[0]
+    if not 1 <= batch_size <= num_classes:
+        raise ConfigError(
+            f"batch_size={batch_size}: unique-label recovery needs 1 <= B <= K={num_classes}"
+        )
+    if method == "idlg":
+        return _idlg(last_weight_grad, batch_size=batch_size, last_bias_grad=last_bias_grad)
+    if method == "yin":
+        return _yin(last_weight_grad, batch_size=batch_size)
+    raise ConfigError(f"unknown label recovery method {method!r}; known: idlg, yin")
+
+
+def _idlg(weight_grad: Tensor, *, batch_size: int, last_bias_grad: Tensor | None) -> Tensor:
+    if batch_size != 1:
+        raise ConfigError(f"method 'idlg' needs batch_size=1 (got {batch_size}); use 'yin'")
+    # The bias gradient is p - y itself (exact); without a bias, the row sum is (p_k - y_k)*sum(h).
+    score = last_bias_grad if last_bias_grad is not None else weight_grad.sum(dim=1)  # (K,)
+    return score.detach().argmin().reshape(1).to(torch.int64)
+
+
+def _yin(weight_grad: Tensor, *, batch_size: int) -> Tensor:
+    row_min = weight_grad.detach().amin(dim=1)  # (K,) most negative entry of each class's row
+    chosen = torch.argsort(row_min)[:batch_size]  # the B most negative rows
+    return torch.sort(chosen).values.to(torch.int64)
+
+
+def label_accuracy(recovered: Tensor, true: Tensor) -> float:
+    """Fraction of the true labels recovered, order-free: |multiset intersection| / len(true)."""
+    if true.numel() == 0:
+        raise ConfigError("label_accuracy needs at least one true label")
+    found = Counter(recovered.flatten().tolist())
+    wanted = Counter(true.flatten().tolist())
+    return sum((found & wanted).values()) / true.numel()
