@@ -95,7 +95,9 @@ def apply_defense(
 def topk_mask(g: Tensor, *, p: float) -> Tensor:
     """Bool mask keeping the k = max(1, floor(n (1 - p))) largest-magnitude entries of `g`."""
     n = g.numel()
-    k = max(1, math.floor(n * (1.0 - p)))
+    # round() first: in floats 900 * (1 - 0.9) = 89.99999999999999, and the spec's p = 0.9
+    # means k = 90 (the decimal the user wrote, not its binary neighbour).
+    k = max(1, math.floor(round(n * (1.0 - p), 9)))
     mask = torch.zeros(n, dtype=torch.bool, device=g.device)
     mask[g.reshape(-1).abs().topk(k).indices] = True
     return mask.reshape(g.shape)

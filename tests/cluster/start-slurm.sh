@@ -91,6 +91,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
+# A requeued job waits cred_expire seconds (default 120) before it may start again: keep it short.
+AuthInfo=cred_expire=10
 MpiDefault=none
 # No cgroups in containers/VMs: track processes by parent pid, bind nothing.
 ProctrackType=proctrack/linuxproc
@@ -133,31 +135,37 @@ EOF
     return 0
 }
 
-running() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# Live (non-zombie) pids of a daemon, whoever started it (this script or a package's init script).
+live_pids() { ps -C "$1" -o pid=,stat= | awk '$2 !~ /^Z/ {print $1}' || true; }
+
+stop_daemon() {
+    local name=$1 pids
+    pids=$(live_pids "$name")
+    [[ -n "$pids" ]] || return 0
+    log "config changed: stopping $name ($pids)"
+    # shellcheck disable=SC2086  # one word per pid
+    kill $pids
+    for _ in $(seq 100); do [[ -z "$(live_pids "$name")" ]] && return 0; sleep 0.1; done
+    die "$name ($pids) did not stop within 10 s"
+}
+
+start_daemon() {
+    local name=$1
+    if [[ -n "$(live_pids "$name")" ]]; then
+        log "$name running"
+    else
+        log "starting $name"
+        "$name" -f "$CONF"
+    fi
+}
 
 start_daemons() {
-    local conf_changed=$1
-    if [[ $conf_changed == 1 ]]; then
-        for pidf in "$RUN_DIR/slurmd.pid" "$RUN_DIR/slurmctld.pid"; do
-            if running "$pidf"; then
-                log "config changed: stopping $(basename "$pidf" .pid)"
-                kill "$(cat "$pidf")"
-                for _ in $(seq 50); do running "$pidf" || break; sleep 0.1; done
-            fi
-        done
+    if [[ $1 == 1 ]]; then
+        stop_daemon slurmd
+        stop_daemon slurmctld
     fi
-    if running "$RUN_DIR/slurmctld.pid"; then
-        log "slurmctld running"
-    else
-        log "starting slurmctld"
-        slurmctld -f "$CONF"
-    fi
-    if running "$RUN_DIR/slurmd.pid"; then
-        log "slurmd running"
-    else
-        log "starting slurmd"
-        slurmd -f "$CONF"
-    fi
+    start_daemon slurmctld
+    start_daemon slurmd
 }
 
 node_state() { sinfo -h -n "$NODE" -o '%T' 2>/dev/null | head -n 1; }

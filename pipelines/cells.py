@@ -1,0 +1,260 @@
+"""Grid cells and their ids: the planner's expansion of a GridSpec.
+
+A gradient cell is everything that determines the defended gradient the attacker observes;
+an inversion cell adds what determines the attack. Each id is the first 16 hex digits of the
+sha256 of the cell's canonical JSON (spec.canonical_json) including SCHEMA_VERSION, so ids are
+stable across processes, machines, dict order and float spelling, and change whenever a field
+that affects the result changes. Execution settings (executor, cells_per_job, output dir,
+keep_restarts) are deliberately not part of any id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+from gi_core.attacks.engine import BaseConfig
+from gi_core.attacks.registry import method_config, uses_generator
+from gi_core.datasets import batch_indices
+from gi_core.defenses import Defense
+from gi_core.errors import ConfigError
+from pipelines.spec import GeneratorSpec, GridSpec, MethodSpec, VictimSpec, canonical_json
+
+# Bump when the meaning of a stored cell changes without its fields changing (e.g. a fix in
+# how gradients are computed): every id changes, so a resumed run recomputes everything.
+SCHEMA_VERSION = 1
+ID_LENGTH = 16
+
+
+def cell_hash(payload: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:ID_LENGTH]
+
+
+@dataclass(frozen=True, eq=False)
+class GradientCell:
+    """One client batch under one defense: (data, indices, victim, defense, batch size)."""
+
+    dataset: str
+    image_size: int
+    batch_size: int
+    batch_index: int
+    indices: tuple[int, ...]  # data set sample indices, disjoint across batch_index
+    victim: VictimSpec
+    defense: Defense
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything that determines the gradient; hashed into `id`."""
+        return {
+            "kind": "gradient",
+            "schema": SCHEMA_VERSION,
+            "dataset": self.dataset,
+            "image_size": self.image_size,
+            "batch_size": self.batch_size,
+            "batch_index": self.batch_index,
+            "indices": list(self.indices),
+            "victim": self.victim.model_dump(mode="json"),
+            "defense": _defense_dict(self.defense),
+        }
+
+    @cached_property
+    def id(self) -> str:
+        return cell_hash(self.to_dict())
+
+    def describe(self) -> dict[str, Any]:
+        """to_dict() plus the id: what goes into the stored group's attrs."""
+        return {**self.to_dict(), "id": self.id}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> GradientCell:
+        """Inverse of to_dict/describe; raises ConfigError if a stored id no longer matches."""
+        cell = cls(
+            dataset=d["dataset"], image_size=d["image_size"], batch_size=d["batch_size"],
+            batch_index=d["batch_index"], indices=tuple(d["indices"]),
+            victim=VictimSpec.model_validate(d["victim"]), defense=Defense(**d["defense"]),
+        )
+        _check_id(cell.id, d)
+        return cell
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, GradientCell) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+@dataclass(frozen=True, eq=False)
+class InversionCell:
+    """One attack on one gradient: method + full config (defaults included) + generator + seed."""
+
+    gradient: GradientCell
+    method: str
+    config: BaseConfig  # the registry's frozen config, iteration budget already applied
+    generator: GeneratorSpec | None  # None for methods without a generator prior
+    seed: int
+
+    @property
+    def gradient_id(self) -> str:
+        return self.gradient.id
+
+    @property
+    def config_dict(self) -> dict[str, Any]:
+        return dict(_asdict(self.config))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "inversion",
+            "schema": SCHEMA_VERSION,
+            "gradient_id": self.gradient.id,
+            "method": self.method,
+            "config": self.config_dict,
+            "generator": _generator_dict(self.generator),  # a fresh copy, see below
+            "seed": self.seed,
+        }
+
+    @cached_property
+    def id(self) -> str:
+        return cell_hash(self.to_dict())
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.to_dict(), "id": self.id, "gradient": self.gradient.describe()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> InversionCell:
+        """Inverse of describe(); raises ConfigError if a stored id no longer matches."""
+        cell = cls(
+            gradient=GradientCell.from_dict(d["gradient"]),
+            method=d["method"],
+            config=method_config(d["method"], d["config"]),
+            generator=GeneratorSpec.model_validate(d["generator"]) if d["generator"] else None,
+            seed=d["seed"],
+        )
+        _check_id(cell.id, d)
+        return cell
+
+    def metric_axes(self) -> dict[str, Any]:
+        """The grid-axis columns of this cell's metrics rows (see storage.metrics)."""
+        g = self.gradient
+        return {
+            "cell_id": self.id,
+            "gradient_id": g.id,
+            "method": self.method,
+            "dataset": g.dataset,
+            "image_size": g.image_size,
+            "victim": g.victim.arch,
+            "victim_seed": g.victim.seed,
+            "generator": self.generator.kind if self.generator else None,
+            "defense": g.defense.kind,
+            "defense_level": g.defense.level,  # p, sigma (dp: sigma), bits; 0.0 for none
+            "batch_size": g.batch_size,
+            "batch_index": g.batch_index,
+            "seed": self.seed,
+        }
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, InversionCell) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+
+@dataclass(frozen=True)
+class Plan:
+    gradient_cells: list[GradientCell]
+    inversion_cells: list[InversionCell]
+
+    @cached_property
+    def gradients_by_id(self) -> dict[str, GradientCell]:
+        return {g.id: g for g in self.gradient_cells}
+
+
+def expand(spec: GridSpec) -> Plan:
+    """All cells of `spec`, deduplicated, in a deterministic order.
+
+    Gradient cells: batch size x batch index x defense level. Inversion cells: for each
+    gradient cell, method x seed — every method attacking the same defended gradient shares
+    one gradient cell (and so one stored gradient).
+    """
+    gradients = _unique(_gradient_cells(spec))
+    attacks = [(m.name, _resolve_config(m, spec.budgets.iterations_scale)) for m in spec.methods]
+    inversions = _unique(
+        InversionCell(g, name, config, spec.generator if uses_generator(name) else None, seed)
+        for g in gradients
+        for name, config in attacks
+        for seed in spec.seeds
+    )
+    return Plan(gradients, inversions)
+
+
+def _gradient_cells(spec: GridSpec) -> list[GradientCell]:
+    d = spec.data
+    defenses = [defense for family in spec.defenses for defense in family.expand()]
+    cells = []
+    for batch_size in spec.batch_sizes:
+        for batch_index in range(d.num_batches):
+            indices = tuple(batch_indices(d.dataset, batch_size=batch_size,
+                                          batch_index=batch_index, image_size=d.image_size))
+            cells += [GradientCell(d.dataset, d.image_size, batch_size, batch_index, indices,
+                                   spec.victim, defense) for defense in defenses]
+    return cells
+
+
+def _resolve_config(method: MethodSpec, iterations_scale: float) -> BaseConfig:
+    """The method's full config with its iteration counts scaled by the grid's budget.
+
+    Ints in float fields are made floats so that `lr: 1` and `lr: 1.0` give one id.
+    """
+    config = method_config(method.name, method.params)
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.type in ("float", float) and isinstance(value, int) and not isinstance(value, bool):
+            changes[f.name] = float(value)
+        elif _is_iteration_count(f.name) and iterations_scale != 1.0:
+            changes[f.name] = max(1, round(value * iterations_scale))
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+@functools.lru_cache(maxsize=1024)
+def _asdict(config: BaseConfig) -> dict[str, Any]:
+    # Cached: a 10^5-cell grid has a handful of configs, and asdict dominated expand().
+    # Callers copy the result (shallowly) and only serialise it, never mutate it.
+    return dataclasses.asdict(config)
+
+
+def _generator_dict(generator: GeneratorSpec | None) -> dict[str, Any] | None:
+    return dict(_generator_json(generator)) if generator else None
+
+
+@functools.lru_cache(maxsize=64)
+def _generator_json(generator: GeneratorSpec) -> dict[str, Any]:
+    return generator.model_dump(mode="json")
+
+
+def _is_iteration_count(name: str) -> bool:
+    return name == "iterations" or name.endswith("_iterations")
+
+
+def _defense_dict(defense: Defense) -> dict[str, Any]:
+    d = dataclasses.asdict(defense)
+    # Levels are floats in the spec; normalise anyway so a hand-made Defense(p=1) hashes alike.
+    return {k: float(v) if k in ("p", "sigma", "clip") and v is not None else v
+            for k, v in d.items()}
+
+
+def _unique(cells: Any) -> list[Any]:
+    seen: dict[str, Any] = {}
+    for cell in cells:
+        seen.setdefault(cell.id, cell)
+    return list(seen.values())
+
+
+def _check_id(actual: str, d: Mapping[str, Any]) -> None:
+    stored = d.get("id")
+    if stored is not None and stored != actual:
+        raise ConfigError(f"stored cell id {stored} != recomputed {actual}: the cell schema or "
+                         "a method's defaults changed since it was written")

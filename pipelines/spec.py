@@ -1,0 +1,327 @@
+"""The grid spec: a typed, locked description of an evaluation grid (docs/grid-spec.md).
+
+Every model forbids unknown keys and is frozen. `load_spec` validates everything that can be
+checked before launch — field types and ranges, method names and parameters (via gi_core's
+registry), the generator a method needs, checkpoint files, and whether the data set can supply
+the requested non-overlapping batches — and raises one ConfigError listing every bad field by
+its path, e.g. "defenses[1].p: must be in [0, 1) (got 1.2)".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gi_core.attacks.registry import METHOD_NAMES, method_config, uses_generator
+from gi_core.datasets import dataset_info, max_batches
+from gi_core.defenses import DEFENSE_KINDS, Defense
+from gi_core.errors import ConfigError
+
+DATASET_KINDS = ("lfw-faces", "natural-photos", "synthetic", "imagefolder:<path>",
+                 "cifar10:<root>")
+
+
+def _as_tuple(value: Any) -> Any:
+    # Levels may be written as a scalar or a list; both become a tuple (one defense per level).
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+Floats = Annotated[tuple[float, ...], BeforeValidator(_as_tuple)]
+Ints = Annotated[tuple[int, ...], BeforeValidator(_as_tuple)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Model):
+    dataset: str
+    image_size: int = Field(32, ge=16)
+    num_batches: int = Field(1, ge=1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_kind(cls, v: str) -> str:
+        kind, sep, arg = v.partition(":")
+        if v in DATASET_KINDS[:3] or (kind in ("imagefolder", "cifar10") and sep and arg):
+            return v
+        raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASET_KINDS)}")
+
+
+class VictimSpec(_Model):
+    arch: Literal["resnet18", "convnet", "lenet"]
+    width: int | None = Field(None, ge=1)  # None: the architecture's default width
+    seed: int = 0  # initialisation seed of an untrained victim
+    checkpoint: str | None = None  # path to a state_dict
+
+
+class GeneratorSpec(_Model):
+    kind: Literal["dcgan32", "dcgan64", "digiface"]
+    checkpoint: str | None = None
+
+
+class MethodSpec(_Model):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class DefenseSpec(_Model):
+    """One defense family; list-valued levels expand into one defense per level."""
+
+    kind: Literal["none", "sparsity", "noise", "dp", "quantize"]
+    p: Floats | None = None
+    sigma: Floats | None = None
+    clip: float | None = None
+    bits: Ints | None = None
+
+    @field_validator("p")
+    @classmethod
+    def _p_range(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        return _each(v, lambda x: 0.0 <= x < 1.0, "must be in [0, 1)")
+
+    @field_validator("sigma")
+    @classmethod
+    def _sigma_range(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        return _each(v, lambda x: math.isfinite(x) and x >= 0, "must be a finite number >= 0")
+
+    @field_validator("clip")
+    @classmethod
+    def _clip_range(cls, v: float | None) -> float | None:
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"must be a finite number > 0 (got {v})")
+        return v
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_range(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return _each(v, lambda x: 1 <= x <= 32, "must be in 1..32")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> DefenseSpec:
+        needed = _DEFENSE_FIELDS[self.kind]
+        wrong = [f"{self.kind} needs {n!r}" for n in needed if getattr(self, n) is None]
+        wrong += [f"{self.kind} does not take {n!r}" for n in ("p", "sigma", "clip", "bits")
+                  if n not in needed and getattr(self, n) is not None]
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return self
+
+    def expand(self) -> list[Defense]:
+        """One gi_core Defense per level, in the order written."""
+        if self.kind == "none":
+            return [Defense()]
+        if self.kind == "sparsity":
+            return [Defense("sparsity", p=p) for p in self.p or ()]
+        if self.kind == "noise":
+            return [Defense("noise", sigma=s) for s in self.sigma or ()]
+        if self.kind == "dp":
+            return [Defense("dp", clip=self.clip, sigma=s) for s in self.sigma or ()]
+        return [Defense("quantize", bits=b) for b in self.bits or ()]
+
+
+_DEFENSE_FIELDS: dict[str, tuple[str, ...]] = {
+    "none": (), "sparsity": ("p",), "noise": ("sigma",), "dp": ("clip", "sigma"),
+    "quantize": ("bits",),
+}
+assert set(_DEFENSE_FIELDS) == set(DEFENSE_KINDS), "spec and gi_core disagree on defenses"
+
+
+class BudgetSpec(_Model):
+    # Multiplies every iteration count of every method (a `runlocal` shrink, e.g. 0.01).
+    iterations_scale: float = Field(1.0, gt=0)
+
+
+class SlurmSpec(_Model):
+    partition: str | None = None
+    gpus_per_task: int = Field(1, ge=0)
+    cpus_per_task: int = Field(4, ge=1)
+    mem_gb: float = Field(16, gt=0)
+    timeout_min: int = Field(60, ge=1)
+    array_parallelism: int = Field(64, ge=1)
+    account: str | None = None
+    qos: str | None = None
+    additional: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutionSpec(_Model):
+    executor: Literal["inline", "local", "slurm"] = "local"
+    cells_per_job: int = Field(4, ge=1)
+    max_parallel: int = Field(2, ge=1)
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+
+
+class StorageSpec(_Model):
+    keep_restarts: bool = False  # store all R restarts' images, not only the chosen one
+
+
+def _method_item(value: Any) -> Any:
+    return {"name": value} if isinstance(value, str) else value
+
+
+class GridSpec(_Model):
+    name: str
+    data: DataSpec
+    victim: VictimSpec
+    generator: GeneratorSpec | None = None
+    methods: tuple[Annotated[MethodSpec, BeforeValidator(_method_item)], ...] = Field(
+        min_length=1)
+    defenses: tuple[DefenseSpec, ...] = Field((DefenseSpec(kind="none"),), min_length=1)
+    batch_sizes: Ints = Field((1,), min_length=1)
+    seeds: Ints = Field((0,), min_length=1)
+    budgets: BudgetSpec = Field(default_factory=BudgetSpec)
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        # The name becomes a directory (runs/<name>): keep it one plain path component.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"use letters, digits, '.', '_' or '-' (got {v!r})")
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive_batches(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return _each(v, lambda b: b >= 1, "must be >= 1")
+
+    @model_validator(mode="after")
+    def _semantics(self) -> GridSpec:
+        problems = semantic_problems(self)
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def canonical_json(self) -> str:
+        return canonical_json(self.model_dump(mode="json"))
+
+
+def semantic_problems(spec: GridSpec) -> list[str]:
+    """Cross-field checks that need gi_core or the filesystem, as 'path: message' lines."""
+    return [
+        *_method_problems(spec),
+        *_generator_problems(spec),
+        *_checkpoint_problems(spec),
+        *_data_problems(spec),
+    ]
+
+
+def _method_problems(spec: GridSpec) -> list[str]:
+    problems = []
+    for i, m in enumerate(spec.methods):
+        if m.name not in METHOD_NAMES:
+            problems.append(f"methods[{i}].name: unknown method {m.name!r}; "
+                            f"known: {', '.join(METHOD_NAMES)}")
+            continue
+        try:
+            method_config(m.name, m.params)
+        except (ConfigError, TypeError) as e:
+            msg = str(e)
+            problems.append(f"methods[{i}].{msg}" if msg.startswith("params.")
+                            else f"methods[{i}].params: {msg}")
+    return problems
+
+
+def _generator_problems(spec: GridSpec) -> list[str]:
+    needing = [m.name for m in spec.methods if m.name in METHOD_NAMES and uses_generator(m.name)]
+    if needing and spec.generator is None:
+        return [f"generator: required by {', '.join(dict.fromkeys(needing))} "
+                "(write e.g. generator: {kind: dcgan32})"]
+    return []
+
+
+def _checkpoint_problems(spec: GridSpec) -> list[str]:
+    paths = {"victim.checkpoint": spec.victim.checkpoint,
+             "generator.checkpoint": spec.generator.checkpoint if spec.generator else None}
+    return [f"{field}: no such file {path!r}" for field, path in paths.items()
+            if path is not None and not Path(path).is_file()]
+
+
+def _data_problems(spec: GridSpec) -> list[str]:
+    d = spec.data
+    try:
+        info = dataset_info(d.dataset, image_size=d.image_size)
+    except ConfigError as e:
+        return [f"data.dataset: {e}"]
+    problems = []
+    for j, b in enumerate(spec.batch_sizes):
+        available = max_batches(d.dataset, batch_size=b, image_size=d.image_size)
+        if available < d.num_batches:
+            problems.append(
+                f"batch_sizes[{j}]: {d.dataset!r} ({info.num_samples} samples) supplies only "
+                f"{available} non-overlapping batches of {b}; data.num_batches is {d.num_batches}"
+            )
+    return problems
+
+
+def _each(values: Any, ok: Any, rule: str) -> Any:
+    for x in values or ():
+        if not ok(x):
+            raise ValueError(f"{rule} (got {x})")
+    return values
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON: sorted keys, no whitespace, floats by shortest repr (so 0.1 == 1e-1 once
+    parsed), NaN/inf refused. The basis of every cell id."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False)
+
+
+def parse_spec(data: Mapping[str, Any]) -> GridSpec:
+    """Validate a spec given as plain data; ConfigError lists every bad field."""
+    try:
+        return GridSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError("invalid grid spec:\n  " + "\n  ".join(_messages(e))) from e
+
+
+def spec_from_yaml(text: str) -> GridSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"grid spec is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError("grid spec must be a YAML mapping at the top level")
+    return parse_spec(data)
+
+
+def load_spec(path: Path | str) -> GridSpec:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read grid spec {path}: {e}") from e
+    return spec_from_yaml(text)
+
+
+def _messages(error: ValidationError) -> list[str]:
+    lines = []
+    for err in error.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        where = _dotted(err["loc"])
+        for line in msg.splitlines():  # semantic problems arrive as one multi-line message
+            lines.append(f"{where}: {line}" if where else line)
+    return lines
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """('defenses', 1, 'p') -> 'defenses[1].p'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out

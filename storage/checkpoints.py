@@ -1,0 +1,41 @@
+"""In-flight attack state: <run>/checkpoints/<cell id>.pt, written atomically.
+
+The state is gi_core's attack export (nested dicts/lists of tensors, ints, floats, strings),
+saved with torch.save and loaded with weights_only=True so a checkpoint can never run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gi_core.errors import StorageError
+from storage.atomic import publishing
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Replace the checkpoint at `path` atomically: a crash mid-save keeps the previous one."""
+    with publishing(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """The saved state, on CPU; None when there is no checkpoint."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # Atomic writes rule out torn files, so this is a foreign or corrupt file: say which.
+        raise StorageError(f"unreadable checkpoint {path}: {e}") from e
+    if not isinstance(state, dict):
+        raise StorageError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Called after the cell commits; a missing checkpoint is fine (the cell never paused)."""
+    path.unlink(missing_ok=True)

@@ -1,0 +1,175 @@
+"""Per-image metrics as a hive-partitioned Parquet dataset with an explicit schema.
+
+Layout: metrics/method=<percent-encoded name>/part-<cell id>.parquet, one immutable file per
+inversion cell; its presence is the cell's commit marker. The method is *only* the partition
+key, not a column inside the files: pyarrow, pandas and duckdb all URL-decode hive values
+('gi-z%2Fw%2Bbn' -> 'gi-z/w+bn'), whereas a file column of the same name clashes with the
+partition field (pyarrow refuses to merge string with dictionary<string>).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import platform
+import subprocess
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from gi_core.errors import StorageError
+from storage.atomic import publishing
+
+PARTITION_KEY = "method"
+PART_PREFIX = "part-"
+PARQUET_SUFFIX = ".parquet"
+
+# Columns written by the caller, one row per image of the batch; grid axes are columns so a
+# table is one groupby away. Order here is the column order in every file.
+_AXES = [
+    ("cell_id", pa.string()),
+    ("gradient_id", pa.string()),
+    ("dataset", pa.string()),
+    ("image_size", pa.int64()),
+    ("victim", pa.string()),
+    ("victim_seed", pa.int64()),
+    ("generator", pa.string()),  # null for methods without a generator prior
+    ("defense", pa.string()),
+    ("defense_level", pa.float64()),
+    ("batch_size", pa.int64()),
+    ("batch_index", pa.int64()),
+    ("seed", pa.int64()),
+]
+_PER_IMAGE = [
+    ("image_index", pa.int64()),  # position in the batch, 0..B-1
+    ("sample_index", pa.int64()),  # index into the data set
+    ("label", pa.int64()),
+    ("psnr", pa.float64()),
+    ("ssim", pa.float64()),
+    ("lpips", pa.float64()),
+    ("best_psnr_in_batch", pa.bool_()),
+    ("best_ssim_in_batch", pa.bool_()),
+    ("best_lpips_in_batch", pa.bool_()),
+    ("final_cost", pa.float64()),
+    ("status", pa.string()),
+    ("iterations", pa.int64()),
+    ("wall_seconds", pa.float64()),
+    ("device", pa.string()),
+]
+# Filled in by write_metrics_part, never by the caller.
+_PROVENANCE = [
+    ("gi_eval_version", pa.string()),
+    ("torch_version", pa.string()),
+    ("python_version", pa.string()),
+    ("git_commit", pa.string()),
+]
+SCHEMA = pa.schema(_AXES + _PER_IMAGE + _PROVENANCE)
+ROW_COLUMNS: tuple[str, ...] = tuple(name for name, _ in _AXES + _PER_IMAGE)
+# The schema a reader sees: the file schema plus the partition column.
+DATASET_SCHEMA = SCHEMA.append(pa.field(PARTITION_KEY, pa.string()))
+
+
+def partition_dirname(method: str) -> str:
+    """'gi-z/w+bn' -> 'method=gi-z%2Fw%2Bbn': filesystem-safe, reversible, hive-decodable."""
+    if not method:
+        raise StorageError("metrics rows need a non-empty method name")
+    return f"{PARTITION_KEY}={urllib.parse.quote(method, safe='')}"
+
+
+def method_of_dirname(dirname: str) -> str | None:
+    """Inverse of partition_dirname; None for names that are not a partition directory."""
+    key, sep, value = dirname.partition("=")
+    return urllib.parse.unquote(value) if sep and key == PARTITION_KEY and value else None
+
+
+def part_filename(cell_id: str) -> str:
+    return f"{PART_PREFIX}{cell_id}{PARQUET_SUFFIX}"
+
+
+def cell_of_part(filename: str) -> str | None:
+    """Cell id of a committed part file name; None for anything else (temp files included)."""
+    if filename.startswith(PART_PREFIX) and filename.endswith(PARQUET_SUFFIX):
+        return filename[len(PART_PREFIX):-len(PARQUET_SUFFIX)]
+    return None
+
+
+def write_metrics_part(metrics_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Commit one inversion cell: write its rows as metrics/method=<m>/part-<cell id>.parquet.
+
+    Every row needs `method` plus exactly ROW_COLUMNS; all rows share cell_id and method.
+    Provenance columns are added here. The file appears atomically (temp name + rename), so
+    the moment it exists the cell is committed.
+    """
+    method, cell_id = _single_cell(rows)
+    table = rows_to_table([{k: v for k, v in r.items() if k != PARTITION_KEY} for r in rows])
+    final = metrics_dir / partition_dirname(method) / part_filename(cell_id)
+    with publishing(final) as tmp:
+        pq.write_table(table, tmp)
+    return final
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """A table with exactly SCHEMA (provenance filled in); StorageError names a bad column."""
+    for i, row in enumerate(rows):
+        missing = sorted(set(ROW_COLUMNS) - set(row))
+        extra = sorted(set(row) - set(ROW_COLUMNS))
+        if missing or extra:
+            raise StorageError(f"metrics row {i}: missing columns {missing}, unknown {extra}")
+    full = [{**row, **provenance()} for row in rows]
+    try:
+        return pa.Table.from_pylist(full, schema=SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise StorageError(f"metrics rows do not fit the schema: {e}") from e
+
+
+def read_table(path: Path) -> pa.Table:
+    """One part or compacted file, checked against SCHEMA (the method column is not in it)."""
+    table = pq.read_table(path, schema=SCHEMA)
+    return table
+
+
+def _single_cell(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+    if not rows:
+        raise StorageError("a metrics part needs at least one row")
+    keys = {(str(r.get(PARTITION_KEY, "")), str(r.get("cell_id", ""))) for r in rows}
+    if len(keys) != 1:
+        raise StorageError(f"one part holds one cell of one method; got {sorted(keys)}")
+    method, cell_id = keys.pop()
+    if not cell_id or "/" in cell_id:
+        raise StorageError(f"invalid cell_id {cell_id!r}")
+    return method, cell_id
+
+
+@functools.cache
+def provenance() -> dict[str, str]:
+    """Package versions and the project's git commit, computed once per process."""
+    return {
+        "gi_eval_version": _version("gi-eval"),
+        "torch_version": torch.__version__,  # includes the build tag, e.g. +cu130
+        "python_version": platform.python_version(),
+        "git_commit": _git_commit(),
+    }
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _git_commit() -> str:
+    # The commit of the code that ran (this checkout), not of the run directory.
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
+                             text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    commit = out.stdout.strip()
+    return commit if out.returncode == 0 and commit else "unknown"

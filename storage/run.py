@@ -1,0 +1,184 @@
+"""The run directory: layout, creation, resume scan and the pandas query API.
+
+    <run>/grid.yaml                                frozen copy of the spec that created the run
+    <run>/store/gradients/<gradient id>.zarr.zip   one Zarr group per gradient cell
+    <run>/store/reconstructions/<cell id>.zarr.zip one Zarr group per inversion cell
+    <run>/metrics/method=<m>/part-<cell id>.parquet  per-image rows; presence = committed
+    <run>/checkpoints/<cell id>.pt                 in-flight attack state (deleted on commit)
+    <run>/reports/, <run>/logs/
+
+A cell commits in this order: reconstruction group (atomic), then its metrics part (atomic, the
+commit marker), then its checkpoint is deleted. A crash anywhere before the part lands leaves
+the cell uncommitted; the rerun overwrites the group and commits once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import yaml
+
+from gi_core.errors import StorageError
+from storage import commits
+from storage.atomic import sweep_temp_files, write_bytes_atomic
+from storage.metrics import (
+    DATASET_SCHEMA,
+    PARTITION_KEY,
+    SCHEMA,
+    part_filename,
+    partition_dirname,
+    write_metrics_part,
+)
+
+GRID_FILE = "grid.yaml"
+GROUP_SUFFIX = ".zarr.zip"
+_SUBDIRS = ("store/gradients", "store/reconstructions", "metrics", "checkpoints", "reports",
+            "logs")
+_READ_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths and queries of one run directory. Cheap to construct; holds no open files."""
+
+    root: Path
+
+    @property
+    def grid_path(self) -> Path:
+        return self.root / GRID_FILE
+
+    @property
+    def metrics_dir(self) -> Path:
+        return self.root / "metrics"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    def gradient_path(self, gradient_id: str) -> Path:
+        return self.root / "store" / "gradients" / f"{gradient_id}{GROUP_SUFFIX}"
+
+    def reconstruction_path(self, cell_id: str) -> Path:
+        return self.root / "store" / "reconstructions" / f"{cell_id}{GROUP_SUFFIX}"
+
+    def part_path(self, method: str, cell_id: str) -> Path:
+        return self.metrics_dir / partition_dirname(method) / part_filename(cell_id)
+
+    def checkpoint_path(self, cell_id: str) -> Path:
+        return self.root / "checkpoints" / f"{cell_id}.pt"
+
+    def spec_text(self) -> str:
+        return self.grid_path.read_text()
+
+    def has_gradient(self, gradient_id: str) -> bool:
+        return self.gradient_path(gradient_id).is_file()
+
+    def stored_gradients(self) -> set[str]:
+        """Ids of every published gradient group (a group's presence is its commit)."""
+        return _ids_with_suffix(self.root / "store" / "gradients", GROUP_SUFFIX)
+
+    def committed_cells(self) -> set[str]:
+        """Ids of committed inversion cells (file names + compaction manifests only)."""
+        return commits.committed_cells(self.metrics_dir)
+
+    def is_committed(self, cell_id: str, method: str) -> bool:
+        """Fast path for one cell: its part file, else the partition's manifests."""
+        if self.part_path(method, cell_id).is_file():
+            return True
+        directory = self.metrics_dir / partition_dirname(method)
+        return directory.is_dir() and cell_id in commits.scan_partition(directory, method).cells
+
+    def commit_metrics(self, rows: Sequence[dict[str, Any]]) -> Path:
+        """Write one cell's metrics part; see storage.metrics.write_metrics_part."""
+        return write_metrics_part(self.metrics_dir, rows)
+
+    def metrics(self, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """Every committed row, each cell exactly once, as a pandas DataFrame.
+
+        `method` is a plain string column (decoded from the partition directory).
+        """
+        return self.metrics_table(columns).to_pandas()
+
+    def metrics_table(self, columns: Sequence[str] | None = None) -> pa.Table:
+        for attempt in range(_READ_ATTEMPTS):
+            try:
+                return self._read_committed(columns)
+            except FileNotFoundError:
+                # A concurrent compact() deleted a part after our listing: list again.
+                if attempt == _READ_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def compact(self, *, min_parts: int = 2) -> commits.CompactionReport:
+        """Merge part files into one compact file per method (rows neither lost nor doubled)."""
+        return commits.compact(self.metrics_dir, min_parts=min_parts)
+
+    def sweep_temp_files(self, *, older_than_s: float = 3600.0) -> int:
+        """Delete temp files of crashed writers older than `older_than_s`; returns the count."""
+        return sweep_temp_files(self.root, older_than_s=older_than_s)
+
+    def _read_committed(self, columns: Sequence[str] | None) -> pa.Table:
+        files = [str(f) for s in commits.scan_partitions(self.metrics_dir) for f in s.data_files()]
+        if not files:
+            empty = DATASET_SCHEMA.empty_table()
+            return empty.select(list(columns)) if columns else empty
+        partitioning = ds.partitioning(pa.schema([(PARTITION_KEY, pa.string())]), flavor="hive")
+        dataset = ds.dataset(files, schema=DATASET_SCHEMA, format="parquet",
+                             partitioning=partitioning, partition_base_dir=str(self.metrics_dir))
+        return dataset.to_table(columns=list(columns) if columns else None)
+
+
+def create_run(path: Path | str, spec_text: str) -> RunDir:
+    """Create (or reopen) the run at `path` with `spec_text` as its frozen grid.yaml.
+
+    Reopening with a spec that parses to the same YAML data is a resume; a different spec is
+    refused, because the run's cells and its grid.yaml would disagree.
+    """
+    run = RunDir(Path(path))
+    if run.grid_path.exists():
+        if _yaml_data(run.spec_text()) != _yaml_data(spec_text):
+            raise StorageError(
+                f"{run.root} was created from a different grid spec; pick another run "
+                f"directory (or delete {run.grid_path} to adopt the new spec)"
+            )
+    else:
+        run.root.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(run.grid_path, spec_text.encode())
+    for sub in _SUBDIRS:
+        (run.root / sub).mkdir(parents=True, exist_ok=True)
+    return run
+
+
+def open_run(path: Path | str) -> RunDir:
+    run = RunDir(Path(path))
+    if not run.grid_path.is_file():
+        raise StorageError(f"{run.root} is not a run directory (no {GRID_FILE})")
+    return run
+
+
+def _ids_with_suffix(directory: Path, suffix: str) -> set[str]:
+    if not directory.is_dir():
+        return set()
+    return {n[: -len(suffix)] for n in os.listdir(directory)
+            if n.endswith(suffix) and not n.startswith(".")}
+
+
+def _yaml_data(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise StorageError(f"unreadable grid spec: {e}") from e
+
+
+__all__ = ["RunDir", "SCHEMA", "create_run", "open_run"]
