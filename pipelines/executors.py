@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import threading
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -408,8 +409,31 @@ class DeferredPreemption:
             signal.raise_signal(self.signum)
 
 
+class Resumable(submitit.helpers.Checkpointable):
+    """Wrap ``fn(args, preemption)`` so that a job element survives preemption.
+
+    Under submitit the element runs inside ``DeferredPreemption``: ``fn`` saves its state and
+    calls ``preemption.safe_point()`` at consistent points; submitit then calls ``checkpoint``,
+    which requeues this same callable (``fn`` resumes from what it saved). In-process (inline,
+    or not on the main thread) preemption is simply never requested.
+    """
+
+    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, args: Any) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return self.fn(args, None)
+        with DeferredPreemption() as preemption:
+            return self.fn(args, preemption)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
 __all__ = [
     "DeferredPreemption",
+    "Resumable",
     "ExecutorConfig",
     "ExecutorKind",
     "JobHandle",

@@ -51,8 +51,8 @@ class _Model(BaseModel):
 
 class DataSpec(_Model):
     dataset: str
-    image_size: int = Field(32, ge=16)
-    num_batches: int = Field(1, ge=1)
+    image_size: int = Field(default=32, ge=16)
+    num_batches: int = Field(default=1, ge=1)
 
     @field_validator("dataset")
     @classmethod
@@ -65,7 +65,7 @@ class DataSpec(_Model):
 
 class VictimSpec(_Model):
     arch: Literal["resnet18", "convnet", "lenet"]
-    width: int | None = Field(None, ge=1)  # None: the architecture's default width
+    width: int | None = Field(default=None, ge=1)  # None: the architecture's default width
     seed: int = 0  # initialisation seed of an untrained victim
     checkpoint: str | None = None  # path to a state_dict
 
@@ -143,16 +143,16 @@ assert set(_DEFENSE_FIELDS) == set(DEFENSE_KINDS), "spec and gi_core disagree on
 
 class BudgetSpec(_Model):
     # Multiplies every iteration count of every method (a `runlocal` shrink, e.g. 0.01).
-    iterations_scale: float = Field(1.0, gt=0)
+    iterations_scale: float = Field(default=1.0, gt=0)
 
 
 class SlurmSpec(_Model):
     partition: str | None = None
-    gpus_per_task: int = Field(1, ge=0)
-    cpus_per_task: int = Field(4, ge=1)
-    mem_gb: float = Field(16, gt=0)
-    timeout_min: int = Field(60, ge=1)
-    array_parallelism: int = Field(64, ge=1)
+    gpus_per_task: int = Field(default=1, ge=0)
+    cpus_per_task: int = Field(default=4, ge=1)
+    mem_gb: float = Field(default=16, gt=0)
+    timeout_min: int = Field(default=60, ge=1)
+    array_parallelism: int = Field(default=64, ge=1)
     account: str | None = None
     qos: str | None = None
     additional: dict[str, Any] = Field(default_factory=dict)
@@ -160,9 +160,9 @@ class SlurmSpec(_Model):
 
 class ExecutionSpec(_Model):
     executor: Literal["inline", "local", "slurm"] = "local"
-    cells_per_job: int = Field(4, ge=1)
-    max_parallel: int = Field(2, ge=1)
-    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    cells_per_job: int = Field(default=4, ge=1)
+    max_parallel: int = Field(default=2, ge=1)
+    slurm: SlurmSpec = SlurmSpec()  # frozen, so one shared default is safe
 
 
 class StorageSpec(_Model):
@@ -180,12 +180,12 @@ class GridSpec(_Model):
     generator: GeneratorSpec | None = None
     methods: tuple[Annotated[MethodSpec, BeforeValidator(_method_item)], ...] = Field(
         min_length=1)
-    defenses: tuple[DefenseSpec, ...] = Field((DefenseSpec(kind="none"),), min_length=1)
-    batch_sizes: Ints = Field((1,), min_length=1)
-    seeds: Ints = Field((0,), min_length=1)
-    budgets: BudgetSpec = Field(default_factory=BudgetSpec)
-    execution: ExecutionSpec = Field(default_factory=ExecutionSpec)
-    storage: StorageSpec = Field(default_factory=StorageSpec)
+    defenses: tuple[DefenseSpec, ...] = Field(default=(DefenseSpec(kind="none"),), min_length=1)
+    batch_sizes: Ints = Field(default=(1,), min_length=1)
+    seeds: Ints = Field(default=(0,), min_length=1)
+    budgets: BudgetSpec = BudgetSpec()
+    execution: ExecutionSpec = ExecutionSpec()
+    storage: StorageSpec = StorageSpec()
 
     @field_validator("name")
     @classmethod

@@ -132,11 +132,11 @@ def _compact_partition(state: PartitionState, *, min_parts: int) -> CompactionRe
     _check_cells(table, new)
     name = hashlib.sha256("\n".join(new).encode()).hexdigest()[:16]
     target = state.directory / f"{COMPACT_PREFIX}{name}{PARQUET_SUFFIX}"
-    manifest = {"format": 1, "file": target.name, "rows": table.num_rows, "cells": new}
+    record = {"format": 1, "file": target.name, "rows": table.num_rows, "cells": new}
     with publishing(target) as tmp:
         pq.write_table(table, tmp)
         write_bytes_atomic(state.directory / f"{MANIFEST_PREFIX}{name}{MANIFEST_SUFFIX}",
-                           json.dumps(manifest).encode())
+                           json.dumps(record).encode())
     for c in new:
         state.parts[c].unlink(missing_ok=True)
     return CompactionReport(len(new), table.num_rows, [target], len(stale))

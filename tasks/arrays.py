@@ -1,0 +1,61 @@
+"""The Prefect task of the pipeline: one job array per task run (one element = K cells).
+
+Submit -> record -> poll until the jobs are gone -> check commit markers. Missing cells raise
+ExecutionError, so Prefect's retry resubmits exactly those (the chunks are filtered against the
+commit markers at the start of every attempt). A timeout or cancellation cancels the jobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from gi_core.errors import ExecutionError
+from pipelines.executors import ExecutorConfig, Resumable, cancel_jobs, submit_array, wait_for_jobs
+from storage.run import RunDir, open_run
+from tasks.jobs import record_jobs
+from tasks.work import Chunk, run_chunk
+
+POLL_S = 2.0
+
+
+def pending(run: RunDir, chunk: Chunk) -> Chunk:
+    """The chunk without its committed cells."""
+    if chunk.kind == "gradients":
+        keep = tuple(c for c in chunk.cells if not run.has_gradient(c["id"]))
+    else:
+        keep = tuple(c for c in chunk.cells if not run.is_committed(c["id"], c["method"]))
+    return replace(chunk, cells=keep)
+
+
+def run_array_now(run_dir: str, chunks: Sequence[Chunk], executor: ExecutorConfig, name: str) -> int:
+    """Body of the task (also callable without Prefect): returns the number of cells run."""
+    run = open_run(run_dir)
+    todo = [c for c in (pending(run, ch) for ch in chunks) if c.cells]
+    if not todo:
+        return 0
+    handles = submit_array(Resumable(run_chunk), todo, config=executor, log_dir=run.logs_dir,
+                           name=name)
+    record_jobs(run, name, handles, todo)
+    try:
+        wait_for_jobs(handles, poll_s=POLL_S)
+    except BaseException:  # timeout, Ctrl-C, Prefect cancellation: never leave orphan jobs
+        cancel_jobs(handles)
+        raise
+    missing = [c["id"] for ch in todo for c in pending(run, ch).cells]
+    if missing:
+        raise ExecutionError(
+            f"{len(missing)} of {sum(len(c.cells) for c in todo)} {todo[0].kind} cells are not "
+            f"committed after their jobs ended (e.g. {missing[0]}); see {run.logs_dir} — a retry "
+            "resubmits only these"
+        )
+    return sum(len(c.cells) for c in todo)
+
+
+@task(name="run-cell-array", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def run_array(run_dir: str, chunks: list[Chunk], executor: ExecutorConfig, name: str) -> int:
+    """One job array of `chunks` (each element runs its K cells in sequence)."""
+    return run_array_now(run_dir, chunks, executor, name)

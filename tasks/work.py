@@ -1,0 +1,226 @@
+"""What one job-array element does: run a chunk of cells in sequence, idempotently.
+
+Each function is load -> one gi_core call -> save. Victims, generators and the LPIPS network
+are loaded once per element (cached per process) and reused by every cell of the chunk. A cell
+whose outputs are committed does nothing, so a requeued or resubmitted element only finishes
+what is missing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from gi_core.attacks import InversionProblem, Progress, reconstruct
+from gi_core.datasets import dataset_info, load_images
+from gi_core.defenses import apply_defense
+from gi_core.errors import ExecutionError
+from gi_core.generators import Generator, build_generator, load_generator_checkpoint
+from gi_core.gradients import ParamIndex, bn_statistics
+from gi_core.metrics import evaluate_batch, lpips_model
+from gi_core.victims import build_victim
+from pipelines.cells import GradientCell, InversionCell
+from storage.checkpoints import delete_checkpoint, load_checkpoint, save_checkpoint
+from storage.run import RunDir, open_run
+from storage.zarr_store import StoredGradient, StoredReconstruction, read_gradient, write_gradient, write_reconstruction
+
+log = logging.getLogger(__name__)
+CHECKPOINT_EVERY_S = 120.0  # periodic saves also cover SIGTERM preemption and node failures
+
+
+class Preemption(Protocol):
+    """Deferred preemption (pipelines.executors.DeferredPreemption or `NoPreemption`)."""
+
+    requested: bool
+
+    def safe_point(self) -> None: ...
+
+
+class NoPreemption:
+    requested = False
+
+    def safe_point(self) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One job-array element's work: cells of one kind, run in sequence."""
+
+    run_dir: str
+    kind: str  # "gradients" | "inversions"
+    cells: tuple[dict[str, Any], ...]  # cell.describe() dicts: small and picklable
+    keep_restarts: bool = False
+
+
+def run_chunk(chunk: Chunk, preemption: Preemption | None = None) -> int:
+    """Run every cell of the chunk that is not committed yet; returns how many it ran."""
+    run, preemption = open_run(chunk.run_dir), preemption or NoPreemption()
+    ran, failed = 0, []
+    for d in chunk.cells:
+        try:
+            ran += _run_cell(run, chunk, d, preemption)
+        except Exception:  # noqa: BLE001 - re-raised below as one error naming every failed cell
+            # One failing cell must not hide the others: finish the chunk, then fail it.
+            log.exception("cell %s failed", d["id"])
+            failed.append(d["id"])
+    if failed:
+        raise ExecutionError(f"{len(failed)} cell(s) failed: {', '.join(failed)} (tracebacks in "
+                             "this job's log); the other cells of the chunk are committed")
+    return ran
+
+
+def _run_cell(run: RunDir, chunk: Chunk, d: dict[str, Any], preemption: Preemption) -> int:
+    if chunk.kind == "gradients":
+        return generate_gradient(run, GradientCell.from_dict(d))
+    return invert(run, InversionCell.from_dict(d), preemption=preemption,
+                  keep_restarts=chunk.keep_restarts)
+
+
+def device() -> torch.device:
+    """The one place that chooses a device: the GPU of the element when Slurm gave it one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@functools.lru_cache(maxsize=8)
+def _victim(arch: str, width: int | None, seed: int, checkpoint: str | None, num_classes: int,
+            image_size: int) -> nn.Module:
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint else None
+    extra = {"width": width} if width is not None else {}
+    model = build_victim(arch, num_classes=num_classes, image_size=image_size, seed=seed,
+                         state_dict=state, **extra)
+    return model.to(device())
+
+
+def victim_for(cell: GradientCell) -> nn.Module:
+    v = cell.victim
+    classes = dataset_info(cell.dataset, image_size=cell.image_size).num_classes
+    return _victim(v.arch, v.width, v.seed, v.checkpoint, classes, cell.image_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _generator(kind: str, checkpoint: str | None, output_size: int) -> Generator:
+    state = load_generator_checkpoint(checkpoint) if checkpoint else None
+    return build_generator(kind, output_size=output_size, state_dict=state).to(device())
+
+
+def generate_gradient(run: RunDir, cell: GradientCell) -> int:
+    """Client gradient of the cell's batch under its defense -> store.zarr/gradients/<id>."""
+    if run.has_gradient(cell.id):
+        return 0
+    images, labels = load_images(cell.dataset, cell.indices, image_size=cell.image_size)
+    images, labels = images.to(device()), labels.to(device())
+    victim = victim_for(cell)
+    noise = torch.Generator().manual_seed(int(cell.id[:12], 16))  # deterministic per cell
+    defended = apply_defense(cell.defense, victim, images, labels, generator=noise)
+    index = ParamIndex.of(victim)
+    mask = index.flatten(defended.masks).bool() if defended.masks is not None else None
+    write_gradient(run.gradient_path(cell.id), StoredGradient(
+        gradient=index.flatten(defended.grads).cpu().numpy(),
+        param_names=index.names, param_shapes=index.shapes,
+        images=images.cpu().numpy(), labels=labels.cpu().numpy(),
+        bn_stats=tuple((m.cpu().numpy(), v.cpu().numpy()) for m, v in bn_statistics(victim, images)),
+        mask=None if mask is None else mask.cpu().numpy(),
+        attrs={"cell": cell.describe(), "defense_info": _json_safe(defended.info)},
+    ))
+    return 1
+
+
+def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_restarts: bool) -> int:
+    """Attack one stored gradient, resuming from a checkpoint; commit metrics last."""
+    if run.is_committed(cell.id, cell.method):
+        return 0
+    start, dev = time.perf_counter(), device()
+    stored = read_gradient(run.gradient_path(cell.gradient_id))
+    problem = _problem(stored, victim_for(cell.gradient), dev)
+    generator = _generator_for(cell)
+    checkpoint_path = run.checkpoint_path(cell.id)
+    state = load_checkpoint(checkpoint_path)
+    result = reconstruct(
+        cell.method, problem, cell.config, seed=cell.seed, generator=generator, state=state,
+        progress=_checkpointer(checkpoint_path, preemption),
+    )
+    truth = torch.as_tensor(stored.images, device=dev)
+    scores = evaluate_batch(result.images, truth, labels=problem.labels, lpips=lpips_model())
+    wall = time.perf_counter() - start
+    write_reconstruction(run.reconstruction_path(cell.id), _stored_result(cell, result, wall, dev),
+                         keep_restarts=keep_restarts)
+    run.commit_metrics(_rows(cell, stored, result, scores, wall, dev))
+    delete_checkpoint(checkpoint_path)
+    return 1
+
+
+def _generator_for(cell: InversionCell) -> Generator | None:
+    if cell.generator is None:
+        return None
+    return _generator(cell.generator.kind, cell.generator.checkpoint, cell.gradient.image_size)
+
+
+def _problem(stored: StoredGradient, victim: nn.Module, dev: torch.device) -> InversionProblem:
+    index = ParamIndex(stored.param_names, stored.param_shapes)
+    grads = index.unflatten(torch.as_tensor(stored.gradient, device=dev))
+    masks = None
+    if stored.mask is not None:
+        masks = [m.to(torch.float32) for m in index.unflatten(torch.as_tensor(stored.mask, device=dev))]
+    labels = torch.as_tensor(stored.labels, device=dev)
+    stats = [(torch.as_tensor(m, device=dev), torch.as_tensor(v, device=dev)) for m, v in stored.bn_stats]
+    shape = tuple(stored.images.shape[1:])
+    return InversionProblem(victim, grads, labels, shape, masks=masks,  # type: ignore[arg-type]
+                            bn_target=stats or None)
+
+
+def _checkpointer(path: Any, preemption: Preemption) -> Callable[[Progress], None]:
+    """Save the attack state every CHECKPOINT_EVERY_S and when preemption is requested, then
+    let the deferred preemption through (at an iteration boundary: the state is consistent)."""
+    last = [time.monotonic()]
+
+    def on_progress(p: Progress) -> None:
+        due = time.monotonic() - last[0] >= CHECKPOINT_EVERY_S
+        if (due or preemption.requested) and p.iteration < p.total:
+            save_checkpoint(path, p.export_state())
+            last[0] = time.monotonic()
+        preemption.safe_point()
+
+    return on_progress
+
+
+def _stored_result(cell: InversionCell, result: Any, wall: float, dev: torch.device) -> StoredReconstruction:
+    return StoredReconstruction(
+        images=result.images.cpu().numpy(), restart_costs=result.restart_costs.double().numpy(),
+        loss_curve=result.loss_curve.float().numpy(), curve_iterations=result.curve_iterations.numpy(),
+        status=result.status, iterations=result.iterations, wall_seconds=wall, device=str(dev),
+        best_restart=result.best_restart, restart_images=result.restart_images.cpu().numpy(),
+        attrs={"cell": cell.describe()},
+    )
+
+
+def _rows(cell: InversionCell, stored: StoredGradient, result: Any, scores: Any, wall: float,
+          dev: torch.device) -> list[dict[str, Any]]:
+    axes = cell.metric_axes()
+    cost = float(result.restart_costs[result.best_restart]) if result.best_restart >= 0 else float("nan")
+    return [
+        {**axes, "image_index": i, "sample_index": int(cell.gradient.indices[i]),
+         "label": int(stored.labels[i]), "psnr": float(scores.psnr[i]), "ssim": float(scores.ssim[i]),
+         "lpips": float(scores.lpips[i]), "best_psnr_in_batch": bool(scores.best_psnr[i]),
+         "best_ssim_in_batch": bool(scores.best_ssim[i]),
+         "best_lpips_in_batch": bool(scores.best_lpips[i]), "final_cost": cost,
+         "status": result.status, "iterations": result.iterations, "wall_seconds": wall,
+         "device": str(dev)}
+        for i in range(len(stored.labels))
+    ]
+
+
+def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and v != v else v) for k, v in info.items()}
+
+
+def run_chunks(chunks: Sequence[Chunk]) -> int:
+    """Inline helper: run several chunks in this process."""
+    return sum(run_chunk(c) for c in chunks)
