@@ -140,7 +140,7 @@ def stored_timings(run: RunDir | None) -> dict[str, float]:
     """Seconds per iteration of each method, from the run's committed metrics (if any)."""
     if run is None or not run.committed_cells():
         return {}
-    df = run.metrics(columns=["cell_id", "wall_seconds", "iterations"])
+    df = run.metrics(columns=["method", "cell_id", "wall_seconds", "iterations"])
     per_cell = df.groupby(["method", "cell_id"])[["wall_seconds", "iterations"]].first()
     per_it = per_cell["wall_seconds"] / per_cell["iterations"].clip(lower=1)
     return {str(m): float(v) for m, v in per_it.groupby(level="method").mean().items()}

@@ -1,0 +1,132 @@
+"""`gi-eval`: plan, run, watch, cancel and tabulate evaluation grids.
+
+Every command validates its input completely before anything runs; a bad spec or argument
+exits with code 2 and a message naming the field.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from gi_core.errors import ConfigError, GIError
+
+# Before prefect is imported anywhere: a fresh PREFECT_HOME needs 20-45 s for the ephemeral
+# server's first start, more than Prefect's default timeout.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# No telemetry writes: offline clusters, and they contend for the ephemeral SQLite database.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Gradient-inversion evaluation grids (Jeon et al., NeurIPS 2021).")
+F = TypeVar("F", bound=Callable[..., Any])
+GRIDS = Path(__file__).resolve().parents[1] / "grids"
+
+
+def _errors(fn: F) -> F:
+    """ConfigError -> exit 2 (nothing was submitted); other GIErrors -> exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from e
+        except GIError as e:
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(1) from e
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.command()
+def doctor() -> None:
+    """Versions, CUDA, LPIPS/prior weights, Slurm and data sets, one line each."""
+    from pipelines.doctor import doctor_lines
+
+    typer.echo("\n".join(doctor_lines()))
+
+
+@app.command()
+def methods() -> None:
+    """The attack registry: spec names and the paper each method comes from."""
+    from gi_core.attacks.registry import METHODS
+
+    width = max(len(n) for n in METHODS)
+    for name, m in METHODS.items():
+        prior = "generator prior" if m.uses_generator else "pixels"
+        typer.echo(f"{name:<{width}}  {m.reference}  [{prior}]")
+
+
+@app.command()
+@_errors
+def plan(spec: Path, out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
+         calibrate: bool = typer.Option(True, help="time a few iterations per method for the estimate")) -> None:
+    """Cells total / done / to do, gradients to generate, cost estimate, submission shape."""
+    from pipelines.commands import plan_report
+
+    typer.echo(plan_report(spec, out, calibrate=calibrate))
+
+
+@app.command()
+@_errors
+def run(spec: Path,
+        executor: str | None = typer.Option(None, help="inline | local | slurm (default: the spec's)"),
+        out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
+        verbose: bool = typer.Option(False, help="show Prefect's logs")) -> None:
+    """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued."""
+    from pipelines.commands import run_grid
+
+    typer.echo(run_grid(spec, executor=executor, out=out, verbose=verbose))
+
+
+@app.command()
+@_errors
+def status(run_dir: Path) -> None:
+    """Done / in flight / to do of a run directory."""
+    from pipelines.commands import status_report
+
+    typer.echo(status_report(run_dir))
+
+
+@app.command()
+@_errors
+def cancel(run_dir: Path) -> None:
+    """Cancel every queued or running job of a run (committed cells stay)."""
+    from pipelines.commands import cancel_run
+
+    typer.echo(cancel_run(run_dir))
+
+
+@app.command()
+@_errors
+def tables(run_dir: Path) -> None:
+    """Write reports/table.md and table.csv of a run and print the table."""
+    from pipelines.commands import tables_text
+
+    typer.echo(tables_text(run_dir))
+
+
+@app.command()
+@_errors
+def demo(executor: str = typer.Option("local", help="inline | local | slurm"),
+         out: Path = typer.Option(Path("runs/smoke"), help="run directory")) -> None:
+    """The main job on embedded defaults: the smoke grid on the local executor, then its table."""
+    from pipelines.commands import run_grid
+
+    typer.echo(run_grid(GRIDS / "smoke.yaml", executor=executor, out=out, verbose=False))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

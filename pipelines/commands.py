@@ -1,0 +1,152 @@
+"""What the CLI commands do (kept apart from typer so tests can call them directly)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gi_core.errors import ConfigError
+from pipelines.executors import ExecutorConfig, cancel_jobs, JobHandle
+from pipelines.planner import (
+    estimate_seconds,
+    grid_status,
+    read_spec,
+    run_dir_for,
+    stored_timings,
+    submission_shape,
+)
+from pipelines.spec import spec_from_yaml
+from storage.run import RunDir, open_run
+from tasks.jobs import active_records
+
+
+def _existing_run(path: Path) -> RunDir | None:
+    return open_run(path) if (path / "grid.yaml").is_file() else None
+
+
+def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
+    spec, _ = read_spec(spec_path)
+    run = _existing_run(run_dir_for(spec, out))
+    queued = {c for r in active_records(run) for c in r.cells} if run else set()
+    status = grid_status(spec, run, queued=queued)
+    todo = status.todo
+    timings = stored_timings(run) or (calibration(spec, status) if calibrate and todo else {})
+    seconds = estimate_seconds(todo, timings)
+    shape = submission_shape(len(todo), per_job=spec.execution.cells_per_job)
+    lines = [
+        f"grid {spec.name!r} -> {run_dir_for(spec, out)}",
+        f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
+        f"{len(queued)} in queue, {len(todo)} to do",
+        f"gradients: {len(status.plan.gradient_cells)} total, {len(status.gradients_todo)} to generate",
+        "estimate: " + (f"~{seconds / 3600:.2f} CPU/GPU-hours of attack time "
+                        f"({'stored timings' if stored_timings(run) else 'calibration on this machine'})"
+                        if seconds is not None else "n/a (no stored timings; pass --calibrate)"),
+        f"submission ({spec.execution.executor}): {shape.describe()}",
+    ]
+    return "\n".join(lines)
+
+
+def calibration(spec: object, status: object) -> dict[str, float]:
+    """Seconds per iteration of each method, timed on 3 iterations of the first cell."""
+    from pipelines.calibrate import seconds_per_iteration
+
+    return seconds_per_iteration(status.plan)  # type: ignore[attr-defined]
+
+
+def run_grid(spec_path: Path, *, executor: str | None, out: Path | None, verbose: bool) -> str:
+    """Validate, then run the evaluation-grid flow with a progress bar; returns the table."""
+    spec, _ = read_spec(spec_path)  # full validation before Prefect starts or jobs are submitted
+    from pipelines.flows import evaluation_grid, executor_config
+
+    executor_config(spec, executor)
+    grid_status(spec, None)  # expanding checks data set sizes, generator and method params
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+    run_path = run_dir_for(spec, out)
+    start = time.perf_counter()
+    with _progress(spec, run_path):
+        table_path = evaluation_grid(str(spec_path), executor, str(run_path))
+    wall = time.perf_counter() - start
+    return Path(table_path).read_text() + f"\n{run_path}: done in {wall:.1f} s\n"
+
+
+@contextmanager
+def _progress(spec: object, run_path: Path) -> Iterator[None]:
+    """A rich progress bar fed by polling the run directory's commit markers (any executor)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipelines.cells import expand
+
+    total = len(expand(spec).inversion_cells)  # type: ignore[arg-type]
+    stop = threading.Event()
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[extra]}"), TimeRemainingColumn()]
+    with Progress(*columns, transient=True, disable=not os.isatty(1)) as bar:
+        task = bar.add_task("cells", total=total, extra="")
+
+        def poll() -> None:
+            while not stop.wait(1.0):
+                if (run_path / "grid.yaml").is_file():
+                    run = open_run(run_path)
+                    running = sum(len(r.cells) for r in active_records(run))
+                    bar.update(task, completed=len(run.committed_cells()),
+                               extra=f"{running} in jobs")
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
+def status_report(run_dir: Path) -> str:
+    run = _require_run(run_dir)
+    spec = spec_from_yaml(run.spec_text())
+    active = active_records(run)
+    queued = {c for r in active for c in r.cells}
+    status = grid_status(spec, run, queued=queued)
+    checkpoints = len(list((run.root / "checkpoints").glob("*.pt")))
+    return "\n".join([
+        f"run {run.root} (grid {spec.name!r})",
+        f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
+        f"{len(queued)} in {len(active)} queued/running job(s), {len(status.todo)} to do",
+        f"checkpoints of cells in flight: {checkpoints}",
+        f"gradients stored: {len(status.gradients_stored)} of {len(status.plan.gradient_cells)}",
+    ])
+
+
+def cancel_run(run_dir: Path) -> str:
+    run = _require_run(run_dir)
+    active = active_records(run)
+    slurm = [JobHandle(kind="slurm", job_id=r.job_id, index=0) for r in active if r.kind == "slurm"]
+    cancel_jobs(slurm)
+    for r in active:
+        if r.kind == "local":
+            os.kill(int(r.job_id), signal.SIGTERM)
+    return f"cancelled {len(active)} job(s); committed cells are kept, `gi-eval run` resumes"
+
+
+def tables_text(run_dir: Path) -> str:
+    from pipelines.report import write_tables
+
+    path = write_tables(_require_run(run_dir))
+    return path.read_text() + f"\nwritten: {path} and {path.with_suffix('.csv')}"
+
+
+def _require_run(run_dir: Path) -> RunDir:
+    if not (run_dir / "grid.yaml").is_file():
+        raise ConfigError(f"run_dir: {run_dir} is not a run directory (no grid.yaml); "
+                          "start one with `gi-eval run SPEC`")
+    return open_run(run_dir)
+
+
+__all__ = ["ExecutorConfig", "cancel_run", "plan_report", "run_grid", "status_report", "tables_text"]
