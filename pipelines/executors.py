@@ -220,12 +220,19 @@ def _sbatch_parameters(config: ExecutorConfig, *, name: str) -> dict[str, Any]:
     optional = {
         "partition": config.partition,
         "gpus_per_task": config.gpus_per_task,
-        "mem": config.mem_gb,  # submitit converts GB to an sbatch --mem string
+        # SlurmExecutor passes `mem` to sbatch verbatim (only AutoExecutor converts mem_gb):
+        # a bare float such as 2.0 is an "Invalid --mem specification".
+        "mem": None if config.mem_gb is None else _sbatch_mem(config.mem_gb),
         "account": config.account,
         "qos": config.qos,
     }
     params.update({key: value for key, value in optional.items() if value is not None})
     return params
+
+
+def _sbatch_mem(mem_gb: float) -> str:
+    """GB as an sbatch --mem value: whole GB as "2GB", fractions in MB ("1536MB")."""
+    return f"{int(mem_gb)}GB" if mem_gb == int(mem_gb) else f"{int(mem_gb * 1024)}MB"
 
 
 def _submit_batch(

@@ -127,12 +127,6 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
         raise StorageError(f"metrics rows do not fit the schema: {e}") from e
 
 
-def read_table(path: Path) -> pa.Table:
-    """One part or compacted file, checked against SCHEMA (the method column is not in it)."""
-    table = pq.read_table(path, schema=SCHEMA)
-    return table
-
-
 def _single_cell(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     if not rows:
         raise StorageError("a metrics part needs at least one row")

@@ -97,9 +97,11 @@ def write_gradient(path: Path, grad: StoredGradient) -> None:
         "param_names": list(grad.param_names),
         "param_shapes": [list(s) for s in grad.param_shapes],
         "bn_channels": bn_channels,
+        "gradient_size": _size(grad.gradient),
     }
     arrays: dict[str, np.ndarray] = {
-        "gradient": to_numpy(grad.gradient, np.float32),
+        **_gradient_arrays(to_numpy(grad.gradient, np.float32),
+                           None if grad.mask is None else to_numpy(grad.mask, np.bool_)),
         "images": to_numpy(grad.images, np.float32),
         "labels": to_numpy(grad.labels, np.int64),
     }
@@ -108,9 +110,6 @@ def write_gradient(path: Path, grad: StoredGradient) -> None:
         means = np.concatenate([to_numpy(m, np.float32).ravel() for m, _ in grad.bn_stats])
         variances = np.concatenate([to_numpy(v, np.float32).ravel() for _, v in grad.bn_stats])
         arrays["bn"] = np.stack([means, variances])
-    if grad.mask is not None:
-        # Bit-packed: 1/8 of the bytes of a bool array (1.4 MB instead of 11 MB for ResNet18).
-        arrays["mask_bits"] = np.packbits(to_numpy(grad.mask, np.bool_))
     _write_group(path, attrs, arrays)
 
 
@@ -122,14 +121,15 @@ def read_gradient(path: Path) -> StoredGradient:
         splits = np.cumsum(np.asarray(sizes, dtype=np.int64))[:-1]
         bn = tuple(zip(np.split(arrays["bn"][0], splits), np.split(arrays["bn"][1], splits),
                        strict=True))
+    mask = _unpack_mask(arrays.get("mask_bits"), int(attrs.pop("gradient_size")))
     return StoredGradient(
-        gradient=arrays["gradient"],
+        gradient=_dense_gradient(arrays, mask),
         param_names=tuple(attrs.pop("param_names")),
         param_shapes=tuple(tuple(s) for s in attrs.pop("param_shapes")),
         images=arrays["images"],
         labels=arrays["labels"],
         bn_stats=bn,
-        mask=_unpack_mask(arrays.get("mask_bits"), arrays["gradient"].size),
+        mask=mask,
         attrs={k: v for k, v in attrs.items() if k != "format"},
     )
 
@@ -177,6 +177,30 @@ def read_reconstruction(path: Path) -> StoredReconstruction:
     )
 
 
+def _gradient_arrays(gradient: np.ndarray, mask: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The stored form of a (possibly sparsified) flat gradient.
+
+    With a sparsity mask the gradient is zero outside it, so (mask, kept values) is exact and
+    ~7x smaller than the dense vector for p=0.9 — and far faster to write than compressing
+    the zeros. The mask is bit-packed (1.4 MB instead of 11 MB of bools for ResNet18).
+    """
+    if mask is None:
+        return {"gradient": gradient}
+    bits = np.packbits(mask)
+    if np.any(gradient[~mask]):  # not a masked gradient after all: keep it dense, exactly
+        return {"gradient": gradient, "mask_bits": bits}
+    return {"gradient_kept": gradient[mask], "mask_bits": bits}
+
+
+def _dense_gradient(arrays: dict[str, np.ndarray], mask: np.ndarray | None) -> np.ndarray:
+    if "gradient" in arrays:
+        return arrays["gradient"]
+    assert mask is not None, "a kept-values gradient is always stored with its mask"
+    dense = np.zeros(mask.shape, np.float32)
+    dense[mask] = arrays["gradient_kept"]
+    return dense
+
+
 def _unpack_mask(bits: np.ndarray | None, n: int) -> np.ndarray | None:
     return None if bits is None else np.unpackbits(bits, count=n).astype(np.bool_)
 
@@ -221,7 +245,7 @@ def _write_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
 
 
 def _chunks(name: str, shape: Sequence[int]) -> tuple[int, ...]:
-    if name == "gradient":
+    if name in ("gradient", "gradient_kept"):
         return (max(1, min(shape[0], GRADIENT_CHUNK)),)
     return tuple(max(1, s) for s in shape)  # small arrays: one chunk each
 

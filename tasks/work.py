@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,9 @@ from storage.run import RunDir, open_run
 from storage.zarr_store import StoredGradient, StoredReconstruction, read_gradient, write_gradient, write_reconstruction
 
 log = logging.getLogger(__name__)
-CHECKPOINT_EVERY_S = 120.0  # periodic saves also cover SIGTERM preemption and node failures
+# Periodic saves also cover SIGTERM preemption and node failures. GI_CHECKPOINT_EVERY_S (read in
+# the job process; sbatch and local jobs inherit the submitting environment) overrides it.
+CHECKPOINT_EVERY_S = float(os.environ.get("GI_CHECKPOINT_EVERY_S", "120"))
 
 
 class Preemption(Protocol):

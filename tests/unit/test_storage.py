@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,26 @@ def test_gradient_accepts_torch_tensors_and_no_bn_no_mask(run: storage.RunDir) -
     back = storage.read_gradient(run.gradient_path("g2"))
     assert np.array_equal(back.gradient, grad.gradient)
     assert back.bn_stats == () and back.mask is None
+
+
+def test_masked_gradient_is_stored_compactly_and_restored(run: storage.RunDir) -> None:
+    grad = make_gradient()
+    signed = grad.gradient.copy()
+    signed[~grad.mask] = -0.0  # what `g * mask` gives for negative g: equal to 0.0
+    storage.write_gradient(run.gradient_path("m"), replace(grad, gradient=signed))
+    with storage.open_group(run.gradient_path("m")) as group:
+        assert set(group.array_keys()) >= {"gradient_kept", "mask_bits"}
+        assert "gradient" not in group.array_keys()
+    back = storage.read_gradient(run.gradient_path("m"))
+    assert np.array_equal(back.gradient, signed) and np.array_equal(back.mask, grad.mask)
+    # A mask that does not explain the zeros: stored densely, still exact.
+    loose = replace(grad, mask=np.roll(grad.mask, 1))
+    storage.write_gradient(run.gradient_path("d"), loose)
+    with storage.open_group(run.gradient_path("d")) as group:
+        assert "gradient" in group.array_keys()
+    again = storage.read_gradient(run.gradient_path("d"))
+    assert np.array_equal(again.gradient, grad.gradient)
+    assert np.array_equal(again.mask, loose.mask)
 
 
 def test_gradient_with_wrong_index_is_refused(run: storage.RunDir) -> None:
