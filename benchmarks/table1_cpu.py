@@ -1,7 +1,7 @@
 """Table 1 of Jeon et al. (NeurIPS 2021, "GIAS") at CPU scale.
 
-    python benchmarks/table1_cpu.py            # the recorded run (~20-25 min on 2 shared cores, 1 thread)
-    python benchmarks/table1_cpu.py --quick    # tiny budget, smoke test (< 1 min), writes to a temp dir
+    python benchmarks/table1_cpu.py          # the recorded run (~20-25 min, 2 shared cores)
+    python benchmarks/table1_cpu.py --quick  # tiny budget smoke test (< 1 min), to a temp dir
 
 Real LFW faces (32 px, gray replicated to RGB, every face its own class), an untrained victim, the
 pretrained DigiFace-1M DCGAN as the generative prior, B = 4, and the six columns of the paper's
@@ -21,6 +21,7 @@ and <out>.png (ground truth + every method on the first batches).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import os
@@ -116,7 +117,8 @@ class Run:
 
 
 def make_case(victim: torch.nn.Module, batch: int) -> Case:
-    indices = batch_indices(DATASET, batch_size=BATCH_SIZE, batch_index=batch, image_size=IMAGE_SIZE)
+    indices = batch_indices(DATASET, batch_size=BATCH_SIZE, batch_index=batch,
+                            image_size=IMAGE_SIZE)
     images, labels = load_images(DATASET, indices, image_size=IMAGE_SIZE)
     target = client_gradient(victim, images, labels)
     problem = InversionProblem(victim, target, labels, (3, IMAGE_SIZE, IMAGE_SIZE),
@@ -200,8 +202,9 @@ def summarise(runs: list[Run]) -> dict[str, dict[str, tuple[float, float, float]
 def table_markdown(summary: dict[str, dict[str, tuple[float, float, float]]]) -> str:
     head = "| | " + " | ".join(LABELS[m] for m in METHODS) + " |"
     lines = [head, "|---" * (len(METHODS) + 1) + "|"]
-    for metric, name, fmt, arrow in (("psnr", "PSNR", "{:.2f}", "↑"), ("ssim", "SSIM", "{:.3f}", "↑"),
-                                     ("lpips", "LPIPS", "{:.3f}", "↓")):
+    rows = (("psnr", "PSNR", "{:.2f}", "↑"), ("ssim", "SSIM", "{:.3f}", "↑"),
+            ("lpips", "LPIPS", "{:.3f}", "↓"))
+    for metric, name, fmt, arrow in rows:
         means = [summary[m][metric][0] for m in METHODS]
         bests = [summary[m][metric][2] for m in METHODS]
         top = max(means) if arrow == "↑" else min(means)
@@ -301,7 +304,7 @@ def parse(argv: list[str] | None = None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny budget smoke test (< 1 min)")
     p.add_argument("--batches", type=int, default=5, help="table batches 0..n-1 (default 5)")
-    p.add_argument("--iterations", type=int, default=80, help="N, iterations per stage")
+    p.add_argument("--iterations", type=int, default=130, help="N, iterations per stage")
     p.add_argument("--restarts", type=int, default=2, help="paper: 4; 2 to fit 2 shared cores")
     p.add_argument("--split", choices=("paper", "equal"), default="paper",
                    help="GI-z/w budget: 'paper' = N (z) + N (w); 'equal' = N/2 + N/2")
@@ -367,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
                            seed=s.args.seed + s.sweep_batch)
         sweep_seconds = time.perf_counter() - t
         chosen = min(sweep, key=lambda r: r.final_cost).w_lr
-        budget = Budget(**{**budget.__dict__, "w_lr": chosen})
+        budget = dataclasses.replace(budget, w_lr=chosen)
         log.info("sweep: η_w = %g chosen by final cost", chosen)
 
     cases = [make_case(victim, b) for b in s.batches]
