@@ -1,6 +1,6 @@
 """ms/iteration of GI-x with R restarts in one vectorised pass vs a plain per-restart loop.
 
-    .venv/bin/python benchmarks/restarts_speed.py [--iterations 20] [--out docs/results/restarts_speed.md]
+    .venv/bin/python benchmarks/restarts_speed.py [--iterations 20] [--out FILE.md]
 
 Both variants run the same engine; the loop variant calls GI-x once per restart (R = 1 each),
 which is what per-restart Python loops in published code do. Reported as a ratio measured in one
@@ -31,8 +31,9 @@ def problem_for(arch: str, *, batch: int, size: int) -> InversionProblem:
     return InversionProblem(model, client_gradient(model, images, labels), labels, (3, size, size))
 
 
-def ms_per_iteration(problem: InversionProblem, *, restarts: int, iterations: int,
-                     vectorised: bool) -> float:
+def ms_per_iteration(
+    problem: InversionProblem, *, restarts: int, iterations: int, vectorised: bool
+) -> float:
     init = initial_images(problem, restarts=restarts, seed=0)
     config = GIXConfig(iterations=iterations, restarts=restarts if vectorised else 1)
     reconstruct(problem, GIXConfig(iterations=2, restarts=restarts), init=init)  # warm-up
@@ -60,19 +61,22 @@ def main() -> None:
         vec = ms_per_iteration(problem, vectorised=True, **kw)
         loop = ms_per_iteration(problem, vectorised=False, **kw)
         rows.append(f"| {arch} | {vec:.0f} | {loop:.0f} | {loop / vec:.2f}x |")
-    text = "\n".join([
-        "# GI-x: vectorised restarts vs a per-restart loop",
-        "",
-        f"Command: `.venv/bin/python benchmarks/restarts_speed.py --iterations {args.iterations}`",
-        f"Setting: B = {args.batch}, R = {args.restarts}, {args.size} px LFW faces, Adam, "
-        f"cosine distance + TV; CPU: {platform.processor() or platform.machine()}, "
-        f"torch threads = {torch.get_num_threads()}, torch {torch.__version__}.",
-        "",
-        "| victim | vectorised ms/iteration | loop ms/iteration | loop / vectorised |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# GI-x: vectorised restarts vs a per-restart loop",
+            "",
+            "Command: `.venv/bin/python benchmarks/restarts_speed.py "
+            f"--iterations {args.iterations}`",
+            f"Setting: B = {args.batch}, R = {args.restarts}, {args.size} px LFW faces, Adam, "
+            f"cosine distance + TV; CPU: {platform.processor() or platform.machine()}, "
+            f"torch threads = {torch.get_num_threads()}, torch {torch.__version__}.",
+            "",
+            "| victim | vectorised ms/iteration | loop ms/iteration | loop / vectorised |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

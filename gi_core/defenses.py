@@ -44,8 +44,13 @@ class Defense:
 def _validate(d: Defense) -> None:
     if d.kind not in DEFENSE_KINDS:
         raise ConfigError(f"defense.kind: unknown {d.kind!r}; known: {', '.join(DEFENSE_KINDS)}")
-    needed = {"none": (), "sparsity": ("p",), "noise": ("sigma",), "dp": ("clip", "sigma"),
-              "quantize": ("bits",)}[d.kind]
+    needed = {
+        "none": (),
+        "sparsity": ("p",),
+        "noise": ("sigma",),
+        "dp": ("clip", "sigma"),
+        "quantize": ("bits",),
+    }[d.kind]
     for name in ("p", "sigma", "clip", "bits"):
         value = getattr(d, name)
         if (value is None) == (name in needed):
@@ -88,7 +93,9 @@ def apply_defense(
         masks = [topk_mask(g, p=float(defense.p or 0.0)) for g in grads]
         return DefendedGradient([g * m for g, m in zip(grads, masks, strict=True)], masks)
     if defense.kind == "noise":
-        return DefendedGradient(add_noise(grads, std=float(defense.sigma or 0.0), generator=generator))
+        return DefendedGradient(
+            add_noise(grads, std=float(defense.sigma or 0.0), generator=generator)
+        )
     return DefendedGradient([quantize(g, bits=int(defense.bits or 32)) for g in grads])
 
 
@@ -124,7 +131,7 @@ def _dp(
     N(0, (sigma·clip/B)²). With BN, each example is normalised by its own statistics."""
     clip, sigma, batch = float(d.clip or 0.0), float(d.sigma or 0.0), images.shape[0]
     per_example = per_example_gradients(victim, images, labels)
-    norms = torch.sqrt(sum(g.reshape(batch, -1).pow(2).sum(1) for g in per_example))
+    norms = torch.cat([g.reshape(batch, -1) for g in per_example], dim=1).norm(dim=1)  # (B,)
     scale = (clip / (norms + 1e-12)).clamp(max=1.0)
     clipped = [g * scale.view(-1, *[1] * (g.dim() - 1)) for g in per_example]
     mean = [g.mean(0) for g in clipped]

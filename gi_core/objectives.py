@@ -29,12 +29,12 @@ def gradient_distance(
     if masks is not None:
         pred = [p * m for p, m in zip(pred, masks, strict=True)]
     if kind == "cosine":
-        dot = sum((p * t).sum() for p, t in zip(pred, target, strict=True))
-        pn = torch.sqrt(sum(p.pow(2).sum() for p in pred))
-        tn = torch.sqrt(sum(t.pow(2).sum() for t in target))
+        dot = torch.stack([(p * t).sum() for p, t in zip(pred, target, strict=True)]).sum()
+        pn = torch.stack([p.pow(2).sum() for p in pred]).sum().sqrt()
+        tn = torch.stack([t.pow(2).sum() for t in target]).sum().sqrt()
         return 1.0 - dot / (pn * tn + 1e-12)
     if kind == "l2":
-        return sum((p - t).pow(2).sum() for p, t in zip(pred, target, strict=True))
+        return torch.stack([(p - t).pow(2).sum() for p, t in zip(pred, target, strict=True)]).sum()
     raise ConfigError(f"distance: unknown {kind!r}; known: {', '.join(DISTANCES)}")
 
 
@@ -51,8 +51,11 @@ def bn_regulariser(
 ) -> Tensor:
     """Yin et al. (2021): Σ_l ‖μ_l − μ*_l‖₂ + ‖σ²_l − σ²*_l‖₂ over the BN layers."""
     if len(stats) != len(target) or not stats:
-        raise ConfigError(f"bn: the victim has {len(stats)} BN layers, the target has {len(target)}")
-    return sum(
+        raise ConfigError(
+            f"bn: the victim has {len(stats)} BN layers, the target has {len(target)}"
+        )
+    terms = [
         torch.linalg.vector_norm(m - tm) + torch.linalg.vector_norm(v - tv)
         for (m, v), (tm, tv) in zip(stats, target, strict=True)
-    )
+    ]
+    return torch.stack(terms).sum()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
-
 from gi_core.attacks import InversionProblem, reconstruct
 from gi_core.datasets import load_images
 from gi_core.gradients import client_gradient
@@ -31,9 +29,12 @@ def _time_cell(cell: InversionCell) -> float:
     victim = victim_for(g)
     device = next(victim.parameters()).device
     images, labels = images.to(device), labels.to(device)
-    problem = InversionProblem(victim, client_gradient(victim, images, labels), labels,
-                               tuple(images.shape[1:]))  # type: ignore[arg-type]
-    short = {f.name: STEPS for f in dataclasses.fields(cell.config) if f.name.endswith("iterations")}
+    problem = InversionProblem(
+        victim, client_gradient(victim, images, labels), labels, tuple(images.shape[1:])
+    )  # type: ignore[arg-type]
+    short = {
+        f.name: STEPS for f in dataclasses.fields(cell.config) if f.name.endswith("iterations")
+    }
     config = dataclasses.replace(cell.config, **short, bn=0.0)  # type: ignore[type-var]
     start = time.perf_counter()
     reconstruct(cell.method, problem, config, seed=0, generator=_generator_for(cell))

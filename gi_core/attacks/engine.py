@@ -178,7 +178,9 @@ class _Run:
             resumed = state is not None and index == first
             if not resumed:
                 variables = stage.start(_detached(variables))
-            result = self._run_stage(index, variables, start_it if resumed else 0, state if resumed else None)
+            result = self._run_stage(
+                index, variables, start_it if resumed else 0, state if resumed else None
+            )
             if isinstance(result, AttackResult):
                 return result
             variables = result
@@ -188,8 +190,9 @@ class _Run:
         self, index: int, variables: Variables, start_it: int, state: dict[str, Any] | None
     ) -> Variables | AttackResult:
         stage = self.stages[index]
-        variables = {k: v.detach().clone().requires_grad_(k in stage.trainable)
-                     for k, v in variables.items()}
+        variables = {
+            k: v.detach().clone().requires_grad_(k in stage.trainable) for k, v in variables.items()
+        }
         opt = torch.optim.Adam([variables[k] for k in stage.trainable], lr=stage.lr)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(stage.iterations), gamma=0.1)
         if state is not None:
@@ -210,8 +213,13 @@ class _Run:
                 self.progress(Progress(stage.name, offset + it + 1, self.total, best, export))
         return {k: v.detach() for k, v in variables.items()}
 
-    def _step(self, stage: Stage, variables: Variables, opt: torch.optim.Optimizer,
-              sched: torch.optim.lr_scheduler.LRScheduler) -> Tensor:
+    def _step(
+        self,
+        stage: Stage,
+        variables: Variables,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler,
+    ) -> Tensor:
         opt.zero_grad(set_to_none=True)
         costs = self.cost(stage.render(variables))
         costs.sum().backward()
@@ -231,9 +239,14 @@ class _Run:
         best = int(torch.where(finite, final, torch.inf).argmin()) if status == "ok" else -1
         chosen = images[best] if best >= 0 else torch.nan_to_num(images[0], nan=0.0).clamp(0, 1)
         return AttackResult(
-            images=chosen, restart_images=images, restart_costs=final, best_restart=best,
-            loss_curve=self._curve(final), curve_iterations=torch.tensor(self.curve_at + [self.total]),
-            status=status, iterations=self.total,
+            images=chosen,
+            restart_images=images,
+            restart_costs=final,
+            best_restart=best,
+            loss_curve=self._curve(final),
+            curve_iterations=torch.tensor(self.curve_at + [self.total]),
+            status=status,
+            iterations=self.total,
         )
 
     def _curve(self, last: Tensor) -> Tensor:
@@ -245,15 +258,26 @@ class _Run:
             images = stage.render(variables).detach()
         empty = torch.full((images.shape[0],), torch.nan)
         return AttackResult(
-            images=images[0], restart_images=images, restart_costs=empty, best_restart=-1,
+            images=images[0],
+            restart_images=images,
+            restart_costs=empty,
+            best_restart=-1,
             loss_curve=torch.stack(self.curve).cpu() if self.curve else empty[None],
-            curve_iterations=torch.tensor(self.curve_at), status="interrupted",
-            iterations=done, state=state,
+            curve_iterations=torch.tensor(self.curve_at),
+            status="interrupted",
+            iterations=done,
+            state=state,
         )
 
 
-def _exporter(run: _Run, index: int, it: int, variables: Variables, opt: torch.optim.Optimizer,
-              sched: torch.optim.lr_scheduler.LRScheduler) -> Callable[[], dict[str, Any]]:
+def _exporter(
+    run: _Run,
+    index: int,
+    it: int,
+    variables: Variables,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+) -> Callable[[], dict[str, Any]]:
     """A closure that snapshots the loop at the boundary *before* iteration `it` of a stage."""
 
     def export() -> dict[str, Any]:

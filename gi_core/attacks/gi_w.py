@@ -58,9 +58,18 @@ def reconstruct(
     gen = require_generator(generator, "gi-w")
     if config.start == "untrained":
         gen = untrained_copy(gen, seed=seed)
-    z = init if init is not None else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
+    z = (
+        init
+        if init is not None
+        else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
+    )
     stage = per_image_stage(gen, name="w", iterations=config.w_iterations, lr=config.w_lr)
     return optimise(
-        [stage], make_cost(problem, config), {"z": z},
-        curve_every=config.curve_every, state=state, progress=progress, should_stop=should_stop,
+        [stage],
+        make_cost(problem, config),
+        {"z": z},
+        curve_every=config.curve_every,
+        state=state,
+        progress=progress,
+        should_stop=should_stop,
     )

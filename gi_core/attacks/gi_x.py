@@ -39,14 +39,18 @@ class GIXConfig(BaseConfig):
         super().__post_init__()
         _check(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
         _check(self.lr > 0, "lr", "must be > 0", self.lr)
-        _check(self.parametrisation in PARAMETRISATIONS, "parametrisation",
-               f"must be one of {PARAMETRISATIONS}", self.parametrisation)
+        _check(
+            self.parametrisation in PARAMETRISATIONS,
+            "parametrisation",
+            f"must be one of {PARAMETRISATIONS}",
+            self.parametrisation,
+        )
 
 
 def initial_images(
     problem: InversionProblem, *, restarts: int, seed: int, device: torch.device | None = None
 ) -> Tensor:
-    """(R, B, C, H, W) uniform in [0, 1], drawn on the CPU so a seed means the same on any device."""
+    """(R, B, C, H, W) uniform in [0, 1], drawn on the CPU (a seed means the same anywhere)."""
     gen = torch.Generator().manual_seed(seed)
     shape = (restarts, problem.batch_size, *problem.image_shape)
     return torch.rand(shape, generator=gen).to(device or problem.labels.device)
@@ -56,7 +60,10 @@ def pixel_stage(config: GIXConfig, *, name: str = "x", iterations: int | None = 
     """A stage that optimises pixels, in the configured parametrisation."""
     if config.parametrisation == "sigmoid":
         return Stage(
-            name, iterations or config.iterations, config.lr, ("u",),
+            name,
+            iterations or config.iterations,
+            config.lr,
+            ("u",),
             render=lambda v: torch.sigmoid(v["u"]),
             start=lambda v: {"u": torch.logit(v["x"].clamp(1e-4, 1 - 1e-4))},
         )
@@ -64,8 +71,14 @@ def pixel_stage(config: GIXConfig, *, name: str = "x", iterations: int | None = 
     def box(v: Variables) -> None:
         v["x"].clamp_(0.0, 1.0)
 
-    return Stage(name, iterations or config.iterations, config.lr, ("x",),
-                 render=lambda v: v["x"], project=box)
+    return Stage(
+        name,
+        iterations or config.iterations,
+        config.lr,
+        ("x",),
+        render=lambda v: v["x"],
+        project=box,
+    )
 
 
 def reconstruct(
@@ -84,6 +97,11 @@ def reconstruct(
     if init is None:
         init = initial_images(problem, restarts=config.restarts, seed=seed)
     return optimise(
-        [pixel_stage(config)], make_cost(problem, config), {"x": init},
-        curve_every=config.curve_every, state=state, progress=progress, should_stop=should_stop,
+        [pixel_stage(config)],
+        make_cost(problem, config),
+        {"x": init},
+        curve_every=config.curve_every,
+        state=state,
+        progress=progress,
+        should_stop=should_stop,
     )

@@ -33,8 +33,17 @@ def reconstruct(
     """`init` (R, B, d) overrides the random latents."""
     config = config or GIZConfig()
     gen = require_generator(generator, "gi-z")
-    z = init if init is not None else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
+    z = (
+        init
+        if init is not None
+        else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
+    )
     return optimise(
-        [latent_stage(gen, config)], make_cost(problem, config), {"z": z},
-        curve_every=config.curve_every, state=state, progress=progress, should_stop=should_stop,
+        [latent_stage(gen, config)],
+        make_cost(problem, config),
+        {"z": z},
+        curve_every=config.curve_every,
+        state=state,
+        progress=progress,
+        should_stop=should_stop,
     )

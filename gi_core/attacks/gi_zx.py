@@ -54,7 +54,11 @@ def reconstruct(
 ) -> AttackResult:
     config = config or GIZXConfig()
     gen = require_generator(generator, "gi-z/x")
-    z = init if init is not None else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
+    z = (
+        init
+        if init is not None
+        else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
+    )
 
     def from_latents(v: Variables) -> Variables:
         with torch.no_grad():
@@ -63,9 +67,21 @@ def reconstruct(
     def box(v: Variables) -> None:
         v["x"].clamp_(0.0, 1.0)
 
-    pixels = Stage("x", config.x_iterations, config.x_lr, ("x",), render=lambda v: v["x"],
-                   start=from_latents, project=box)
+    pixels = Stage(
+        "x",
+        config.x_iterations,
+        config.x_lr,
+        ("x",),
+        render=lambda v: v["x"],
+        start=from_latents,
+        project=box,
+    )
     return optimise(
-        [latent_stage(gen, config), pixels], make_cost(problem, config), {"z": z},
-        curve_every=config.curve_every, state=state, progress=progress, should_stop=should_stop,
+        [latent_stage(gen, config), pixels],
+        make_cost(problem, config),
+        {"z": z},
+        curve_every=config.curve_every,
+        state=state,
+        progress=progress,
+        should_stop=should_stop,
     )

@@ -10,7 +10,14 @@ from typing import Any
 
 from torch import Tensor
 
-from gi_core.attacks.engine import AttackResult, InversionProblem, Progress, _check, make_cost, optimise
+from gi_core.attacks.engine import (
+    AttackResult,
+    InversionProblem,
+    Progress,
+    _check,
+    make_cost,
+    optimise,
+)
 from gi_core.attacks.prior import (
     LatentConfig,
     initial_latents,
@@ -46,12 +53,21 @@ def reconstruct(
     """`init` (R, B, d) overrides the random latents of the first stage."""
     config = config or GIASConfig()
     gen = require_generator(generator, "gi-z/w")
-    z = init if init is not None else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
+    z = (
+        init
+        if init is not None
+        else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
+    )
     stages = [
         latent_stage(gen, config),
         per_image_stage(gen, name="w", iterations=config.w_iterations, lr=config.w_lr),
     ]
     return optimise(
-        stages, make_cost(problem, config), {"z": z},
-        curve_every=config.curve_every, state=state, progress=progress, should_stop=should_stop,
+        stages,
+        make_cost(problem, config),
+        {"z": z},
+        curve_every=config.curve_every,
+        state=state,
+        progress=progress,
+        should_stop=should_stop,
     )

@@ -41,8 +41,9 @@ def require_generator(generator: Generator | None, method: str) -> Generator:
     return generator.eval()
 
 
-def initial_latents(generator: Generator, problem: InversionProblem, *, restarts: int,
-                    seed: int) -> Tensor:
+def initial_latents(
+    generator: Generator, problem: InversionProblem, *, restarts: int, seed: int
+) -> Tensor:
     """(R, B, d) standard-normal latents from a CPU torch.Generator seeded by `seed`."""
     rng = torch.Generator().manual_seed(seed)
     return generator.sample_latents(restarts, problem.batch_size, generator=rng)
@@ -55,8 +56,13 @@ def render_latents(generator: Generator, z: Tensor) -> Tensor:
 
 
 def latent_stage(generator: Generator, config: LatentConfig) -> Stage:
-    return Stage("z", config.z_iterations, config.z_lr, ("z",),
-                 render=lambda v: render_latents(generator, v["z"]))
+    return Stage(
+        "z",
+        config.z_iterations,
+        config.z_lr,
+        ("z",),
+        render=lambda v: render_latents(generator, v["z"]),
+    )
 
 
 def per_image_stage(generator: Generator, *, name: str, iterations: int, lr: float) -> Stage:

@@ -30,17 +30,38 @@ class Method:
 
 _METHODS = [
     Method("gi-x", "gi_x", "GIXConfig", "Geiping et al. 2020 (Inverting Gradients)", False),
-    Method("gi-x+bn", "gi_x", "GIXConfig", "Yin et al. 2021 (See through Gradients)", False,
-           {"bn": BN_WEIGHT}),
+    Method(
+        "gi-x+bn",
+        "gi_x",
+        "GIXConfig",
+        "Yin et al. 2021 (See through Gradients)",
+        False,
+        {"bn": BN_WEIGHT},
+    ),
     Method("gi-z", "gi_z", "GIZConfig", "Jeon et al. 2021, latent search (GI-z)", True),
-    Method("gi-w", "gi_w", "GIWConfig", "Jeon et al. 2021, generator-parameter search (GI-w)", True),
+    Method(
+        "gi-w", "gi_w", "GIWConfig", "Jeon et al. 2021, generator-parameter search (GI-w)", True
+    ),
     Method("gi-z/w", "gias", "GIASConfig", "Jeon et al. 2021, GIAS (GI-z/w)", True),
-    Method("gi-z/x", "gi_zx", "GIZXConfig", "Jeon et al. 2021, latent then pixel search (GI-z/x)",
-           True),
-    Method("gi-z+bn", "gi_z", "GIZConfig", "Jeon et al. 2021 GI-z + BN prior of Yin et al.", True,
-           {"bn": BN_WEIGHT}),
-    Method("gi-z/w+bn", "gias", "GIASConfig", "Jeon et al. 2021 GIAS + BN prior of Yin et al.",
-           True, {"bn": BN_WEIGHT}),
+    Method(
+        "gi-z/x", "gi_zx", "GIZXConfig", "Jeon et al. 2021, latent then pixel search (GI-z/x)", True
+    ),
+    Method(
+        "gi-z+bn",
+        "gi_z",
+        "GIZConfig",
+        "Jeon et al. 2021 GI-z + BN prior of Yin et al.",
+        True,
+        {"bn": BN_WEIGHT},
+    ),
+    Method(
+        "gi-z/w+bn",
+        "gias",
+        "GIASConfig",
+        "Jeon et al. 2021 GIAS + BN prior of Yin et al.",
+        True,
+        {"bn": BN_WEIGHT},
+    ),
 ]
 METHODS: dict[str, Method] = {}
 for _m in _METHODS:

@@ -54,8 +54,12 @@ def test_expansion_counts_and_gradient_sharing() -> None:
 
 
 def test_batches_are_disjoint_and_duplicates_collapse() -> None:
-    plan = plan_of(methods=["gi-x", "gi-x"], seeds=[0, 0], batch_sizes=[4, 4],
-                   defenses=[{"kind": "none"}, {"kind": "none"}])
+    plan = plan_of(
+        methods=["gi-x", "gi-x"],
+        seeds=[0, 0],
+        batch_sizes=[4, 4],
+        defenses=[{"kind": "none"}, {"kind": "none"}],
+    )
     assert len(plan.gradient_cells) == 2 and len(plan.inversion_cells) == 2
     a, b = (set(g.indices) for g in plan.gradient_cells)
     assert len(a) == len(b) == 4 and not a & b
@@ -66,25 +70,43 @@ def test_ids_ignore_order_spelling_and_execution_settings() -> None:
     reordered = {k: v for k, v in reversed(list(spec_dict().items()))}
     reordered["methods"] = ["gi-x", {"params": {"restarts": 2}, "name": "gi-z/w"}]
     assert ids(expand(parse_spec(reordered))) == reference
-    assert ids(plan_of(
-        name="other", execution={"executor": "slurm", "cells_per_job": 9},
-        storage={"keep_restarts": True},
-        defenses=[{"kind": "none"}, {"kind": "sparsity", "p": ["5e-1", 0.90]}],
-    )) == reference
+    assert (
+        ids(
+            plan_of(
+                name="other",
+                execution={"executor": "slurm", "cells_per_job": 9},
+                storage={"keep_restarts": True},
+                defenses=[{"kind": "none"}, {"kind": "sparsity", "p": ["5e-1", 0.90]}],
+            )
+        )
+        == reference
+    )
     # Defaults are part of the config, so spelling them out changes nothing.
-    assert ids(plan_of(methods=[{"name": "gi-x", "params": {"iterations": 4000, "lr": 1e-1}},
-                                {"name": "gi-z/w", "params": {"restarts": 2}}])) == reference
+    assert (
+        ids(
+            plan_of(
+                methods=[
+                    {"name": "gi-x", "params": {"iterations": 4000, "lr": 1e-1}},
+                    {"name": "gi-z/w", "params": {"restarts": 2}},
+                ]
+            )
+        )
+        == reference
+    )
 
 
-@pytest.mark.parametrize("change", [
-    {"seeds": [1]},
-    {"victim": {"arch": "lenet", "seed": 1}},
-    {"victim": {"arch": "lenet", "width": 8}},
-    {"data": {"dataset": "synthetic", "image_size": 32, "num_batches": 2}},
-    {"generator": {"kind": "dcgan64"}},
-    {"methods": ["gi-x", {"name": "gi-z/w", "params": {"restarts": 3}}]},
-    {"budgets": {"iterations_scale": 0.5}},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"seeds": [1]},
+        {"victim": {"arch": "lenet", "seed": 1}},
+        {"victim": {"arch": "lenet", "width": 8}},
+        {"data": {"dataset": "synthetic", "image_size": 32, "num_batches": 2}},
+        {"generator": {"kind": "dcgan64"}},
+        {"methods": ["gi-x", {"name": "gi-z/w", "params": {"restarts": 3}}]},
+        {"budgets": {"iterations_scale": 0.5}},
+    ],
+)
 def test_every_result_field_changes_the_ids(change: dict[str, Any]) -> None:
     # Compared on the gi-z/w cells, which every change above affects (gi-x ignores the
     # generator and gi-z/w's params; see the next test).
@@ -97,15 +119,22 @@ def test_every_result_field_changes_the_ids(change: dict[str, Any]) -> None:
 
 def test_generator_only_changes_generator_methods() -> None:
     a, b = plan_of(), plan_of(generator={"kind": "dcgan64"})
-    same = {c.method for c, d in zip(a.inversion_cells, b.inversion_cells, strict=True)
-            if c.id == d.id}
+    same = {
+        c.method for c, d in zip(a.inversion_cells, b.inversion_cells, strict=True) if c.id == d.id
+    }
     assert same == {"gi-x"}
     assert all(c.generator is None for c in a.inversion_cells if c.method == "gi-x")
 
 
 def test_defense_levels_and_metric_axes() -> None:
-    plan = plan_of(defenses=[{"kind": "none"}, {"kind": "dp", "clip": 2, "sigma": [0.1, 0.2]},
-                             {"kind": "quantize", "bits": 8}], batch_sizes=[1])
+    plan = plan_of(
+        defenses=[
+            {"kind": "none"},
+            {"kind": "dp", "clip": 2, "sigma": [0.1, 0.2]},
+            {"kind": "quantize", "bits": 8},
+        ],
+        batch_sizes=[1],
+    )
     levels = [(g.defense.kind, g.defense.level) for g in plan.gradient_cells[:4]]
     assert levels == [("none", 0.0), ("dp", 0.1), ("dp", 0.2), ("quantize", 8.0)]
     assert plan.gradient_cells[1].defense.clip == 2.0
@@ -150,19 +179,28 @@ def test_ids_are_stable_across_processes() -> None:
     here = [c.id for c in plan.gradient_cells] + ids(plan)
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONHASHSEED": "12345"}  # different set/dict hashing than ours
-    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(spec_dict())], cwd=root,
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps(spec_dict())],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert json.loads(out.stdout) == here
     assert all(len(i) == 16 and int(i, 16) >= 0 for i in here)
 
 
 def test_hundred_thousand_cells_expand_quickly() -> None:
-    spec = parse_spec(spec_dict(
-        data={"dataset": "synthetic", "image_size": 16, "num_batches": 50},
-        methods=["gi-x", "gi-x+bn", "gi-z", "gi-w", "gi-z/w", "gi-z/x", "gi-z+bn", "gi-z/w+bn"],
-        defenses=[{"kind": "sparsity", "p": [i / 25 for i in range(25)]}],
-        batch_sizes=[1], seeds=list(range(10)),
-    ))
+    spec = parse_spec(
+        spec_dict(
+            data={"dataset": "synthetic", "image_size": 16, "num_batches": 50},
+            methods=["gi-x", "gi-x+bn", "gi-z", "gi-w", "gi-z/w", "gi-z/x", "gi-z+bn", "gi-z/w+bn"],
+            defenses=[{"kind": "sparsity", "p": [i / 25 for i in range(25)]}],
+            batch_sizes=[1],
+            seeds=list(range(10)),
+        )
+    )
     start = time.perf_counter()
     plan = expand(spec)
     elapsed = time.perf_counter() - start

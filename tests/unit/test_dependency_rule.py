@@ -34,13 +34,19 @@ def test_only_storage_imports_zarr_and_pyarrow() -> None:
 
 
 def test_only_the_executor_adapter_imports_submitit() -> None:
-    users = {p.relative_to(ROOT).as_posix() for package in ("gi_core", "storage", "tasks", "pipelines")
-             for p, n in _imports(package).items() if "submitit" in n}
+    users = {
+        p.relative_to(ROOT).as_posix()
+        for package in ("gi_core", "storage", "tasks", "pipelines")
+        for p, n in _imports(package).items()
+        if "submitit" in n
+    }
     assert users <= {"pipelines/executors.py"}, users
 
 
 def test_gi_core_attacks_import_without_orchestration_modules() -> None:
-    code = ("import sys; from gi_core.attacks import gias, registry; import gi_core.metrics, "
-            "gi_core.datasets; bad = {m for m in sys.modules if m.split('.')[0] in "
-            f"{sorted(ORCHESTRATION)!r}}}; assert not bad, bad")
+    code = (
+        "import sys; from gi_core.attacks import gias, registry; import gi_core.metrics, "
+        "gi_core.datasets; bad = {m for m in sys.modules if m.split('.')[0] in "
+        f"{sorted(ORCHESTRATION)!r}}}; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

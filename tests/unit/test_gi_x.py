@@ -21,7 +21,9 @@ def _problem(arch: str = "lenet", batch: int = 1, size: int = 16, bn: bool = Fal
     y = torch.arange(batch)
     model = build_victim(arch, num_classes=10, image_size=size, width=4, seed=0)
     stats = bn_statistics(model, x) if bn else None
-    return InversionProblem(model, client_gradient(model, x, y), y, (3, size, size), bn_target=stats), x
+    return InversionProblem(
+        model, client_gradient(model, x, y), y, (3, size, size), bn_target=stats
+    ), x
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,12 +53,17 @@ def test_vectorised_restarts_equal_separate_runs() -> None:
     init = initial_images(problem, restarts=3, seed=7)
     together = gi_x(problem, config, init=init)
     for r in range(3):
-        alone = gi_x(problem, GIXConfig(iterations=12, restarts=1, tv=1e-2, curve_every=4),
-                     init=init[r : r + 1])
-        torch.testing.assert_close(together.restart_images[r], alone.restart_images[0],
-                                   rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(together.restart_costs[r], alone.restart_costs[0],
-                                   rtol=1e-4, atol=1e-6)
+        alone = gi_x(
+            problem,
+            GIXConfig(iterations=12, restarts=1, tv=1e-2, curve_every=4),
+            init=init[r : r + 1],
+        )
+        torch.testing.assert_close(
+            together.restart_images[r], alone.restart_images[0], rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(
+            together.restart_costs[r], alone.restart_costs[0], rtol=1e-4, atol=1e-6
+        )
 
 
 def test_a_nan_restart_is_never_chosen_and_all_nan_is_diverged() -> None:
@@ -67,21 +74,23 @@ def test_a_nan_restart_is_never_chosen_and_all_nan_is_diverged() -> None:
     assert torch.isnan(result.restart_costs[0])
     assert result.best_restart in (1, 2) and result.status == "ok"
     assert torch.isfinite(result.images).all()
-    assert float(result.restart_costs[result.best_restart]) == float(
-        result.restart_costs[1:].min())
-    all_nan = gi_x(problem, GIXConfig(iterations=3, restarts=2), init=torch.full_like(init[:2], torch.nan))
+    assert float(result.restart_costs[result.best_restart]) == float(result.restart_costs[1:].min())
+    all_nan = gi_x(
+        problem, GIXConfig(iterations=3, restarts=2), init=torch.full_like(init[:2], torch.nan)
+    )
     assert all_nan.status == "diverged" and all_nan.best_restart == -1
 
 
 @pytest.mark.parametrize("parametrisation", ["box", "sigmoid"])
 def test_export_restore_continue_is_bit_exact(parametrisation: str) -> None:
     problem, _ = _problem("convnet", batch=2, bn=True)
-    config = method_config("gi-x+bn", {"iterations": 16, "restarts": 2, "curve_every": 3,
-                                       "parametrisation": parametrisation})
+    config = method_config(
+        "gi-x+bn",
+        {"iterations": 16, "restarts": 2, "curve_every": 3, "parametrisation": parametrisation},
+    )
     full = reconstruct("gi-x+bn", problem, config, seed=3)
     calls = iter(range(100))
-    stopped = reconstruct("gi-x+bn", problem, config, seed=3,
-                          should_stop=lambda: next(calls) == 7)
+    stopped = reconstruct("gi-x+bn", problem, config, seed=3, should_stop=lambda: next(calls) == 7)
     assert stopped.status == "interrupted" and stopped.iterations == 7
     buffer = io.BytesIO()
     torch.save(stopped.state, buffer)

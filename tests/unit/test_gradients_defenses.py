@@ -76,7 +76,7 @@ def test_sparsity_keeps_exactly_k_largest_and_exposes_mask(batch) -> None:
     out = apply_defense(Defense("sparsity", p=0.9), model, x, y, generator=torch.Generator())
     assert out.masks is not None
     for g, d, m in zip(full, out.grads, out.masks, strict=True):
-        k = max(1, math.floor(g.numel() * (Fraction(1) - Fraction('0.9'))))
+        k = max(1, math.floor(g.numel() * (Fraction(1) - Fraction("0.9"))))
         assert int(m.sum()) == k
         assert torch.equal(d, g * m)
         # every kept magnitude >= every dropped magnitude
@@ -89,8 +89,9 @@ def test_noise_has_the_requested_std(batch) -> None:
     x, y = batch
     model = build_victim("resnet18", num_classes=10, image_size=16, seed=0)
     clean = client_gradient(model, x, y)
-    out = apply_defense(Defense("noise", sigma=0.05), model, x, y,
-                        generator=torch.Generator().manual_seed(1))
+    out = apply_defense(
+        Defense("noise", sigma=0.05), model, x, y, generator=torch.Generator().manual_seed(1)
+    )
     diff = torch.cat([(d - c).reshape(-1) for d, c in zip(out.grads, clean, strict=True)])
     assert abs(float(diff.std()) - 0.05) < 0.05 * 0.01
     assert abs(float(diff.mean())) < 1e-3
@@ -103,14 +104,17 @@ def test_dp_clips_per_example_norms_and_reports_epsilon(batch) -> None:
     per_example = per_example_gradients(model, x, y)
     norms = torch.sqrt(sum(g.reshape(4, -1).pow(2).sum(1) for g in per_example))
     assert bool((norms > clip).all())  # so clipping really happens in this test
-    out = apply_defense(Defense("dp", clip=clip, sigma=0.0), model, x, y, generator=torch.Generator())
+    out = apply_defense(
+        Defense("dp", clip=clip, sigma=0.0), model, x, y, generator=torch.Generator()
+    )
     mean_norm = float(torch.sqrt(sum(g.pow(2).sum() for g in out.grads)))
     assert mean_norm <= clip + 1e-9
     expected = [(g * (clip / norms).view(-1, *[1] * (g.dim() - 1))).mean(0) for g in per_example]
     for a, b in zip(out.grads, expected, strict=True):
         torch.testing.assert_close(a, b)
-    noisy = apply_defense(Defense("dp", clip=clip, sigma=1.0), model, x, y,
-                          generator=torch.Generator().manual_seed(0))
+    noisy = apply_defense(
+        Defense("dp", clip=clip, sigma=1.0), model, x, y, generator=torch.Generator().manual_seed(0)
+    )
     assert noisy.info["epsilon"] == pytest.approx(dp_epsilon(1.0)) and noisy.info["delta"] == 1e-5
     assert dp_epsilon(2.0) < dp_epsilon(1.0) < math.inf
 
@@ -120,17 +124,22 @@ def test_quantize_uses_at_most_2_pow_bits_levels() -> None:
     q = quantize(g, bits=3)
     assert q.unique().numel() <= 8
     assert float((q - g).abs().max()) <= float(g.max() - g.min()) / 7 / 2 + 1e-6
-    assert float(q.min()) == pytest.approx(float(g.min())) and float(q.max()) == pytest.approx(float(g.max()))
+    assert float(q.min()) == pytest.approx(float(g.min())) and float(q.max()) == pytest.approx(
+        float(g.max())
+    )
 
 
-@pytest.mark.parametrize("kwargs, field", [
-    ({"kind": "sparsity", "p": 1.0}, "defense.p"),
-    ({"kind": "noise", "sigma": -1.0}, "defense.sigma"),
-    ({"kind": "noise"}, "defense.sigma"),
-    ({"kind": "quantize", "bits": 0}, "defense.bits"),
-    ({"kind": "blur"}, "defense.kind"),
-    ({"kind": "none", "p": 0.5}, "defense.p"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"kind": "sparsity", "p": 1.0}, "defense.p"),
+        ({"kind": "noise", "sigma": -1.0}, "defense.sigma"),
+        ({"kind": "noise"}, "defense.sigma"),
+        ({"kind": "quantize", "bits": 0}, "defense.bits"),
+        ({"kind": "blur"}, "defense.kind"),
+        ({"kind": "none", "p": 0.5}, "defense.p"),
+    ],
+)
 def test_bad_defense_names_the_field(kwargs, field) -> None:
     with pytest.raises(ConfigError, match=field):
         Defense(**kwargs)
@@ -142,4 +151,6 @@ def test_cosine_distance_is_zero_at_the_true_gradient_and_masks_apply() -> None:
     assert float(gradient_distance(a, [-t for t in a])) == pytest.approx(2.0)
     assert float(gradient_distance(a, a, kind="l2")) == 0.0
     masks = [torch.zeros(3, 4), torch.ones(5)]
-    assert float(gradient_distance(a, [torch.zeros(3, 4), a[1]], masks=masks)) == pytest.approx(0.0, abs=1e-6)
+    assert float(gradient_distance(a, [torch.zeros(3, 4), a[1]], masks=masks)) == pytest.approx(
+        0.0, abs=1e-6
+    )

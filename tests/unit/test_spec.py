@@ -32,8 +32,10 @@ storage: {keep_restarts: false}
 
 def base(**over: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
-        "name": "t", "data": {"dataset": "synthetic", "num_batches": 2},
-        "victim": {"arch": "lenet"}, "methods": ["gi-x"],
+        "name": "t",
+        "data": {"dataset": "synthetic", "num_batches": 2},
+        "victim": {"arch": "lenet"},
+        "methods": ["gi-x"],
     }
     return {**spec, **over}
 
@@ -67,21 +69,33 @@ def test_defaults_and_frozen() -> None:
 
 def test_canonical_json_is_independent_of_spelling() -> None:
     a = spec_from_yaml(SMOKE)
-    reordered = SMOKE.replace("{kind: dp, clip: 1.0, sigma: 1e-1}",
-                              "{sigma: 0.1, kind: dp, clip: 1}")
+    reordered = SMOKE.replace(
+        "{kind: dp, clip: 1.0, sigma: 1e-1}", "{sigma: 0.1, kind: dp, clip: 1}"
+    )
     b = spec_from_yaml(reordered)
     assert a.canonical_json() == b.canonical_json()
     assert GridSpec.model_validate_json(a.model_dump_json()).canonical_json() == a.canonical_json()
 
 
 def test_every_structural_error_is_named_at_once() -> None:
-    errs = errors_of(base(
-        defenses=[{"kind": "none"}, {"kind": "sparsity", "p": 1.2}, {"kind": "dp", "sigma": 0.1},
-                  {"kind": "quantize", "bits": [8, 40]}, {"kind": "noise", "sigma": -1},
-                  {"kind": "none", "p": 0.5}, {"kind": "blur"}],
-        execution={"executor": "pbs"}, data={"dataset": "mnist", "image_size": 8},
-        batch_sizes=[0], unknown_key=1, name="a/b",
-    ))
+    errs = errors_of(
+        base(
+            defenses=[
+                {"kind": "none"},
+                {"kind": "sparsity", "p": 1.2},
+                {"kind": "dp", "sigma": 0.1},
+                {"kind": "quantize", "bits": [8, 40]},
+                {"kind": "noise", "sigma": -1},
+                {"kind": "none", "p": 0.5},
+                {"kind": "blur"},
+            ],
+            execution={"executor": "pbs"},
+            data={"dataset": "mnist", "image_size": 8},
+            batch_sizes=[0],
+            unknown_key=1,
+            name="a/b",
+        )
+    )
     assert "defenses[1].p: must be in [0, 1) (got 1.2)" in errs
     assert "defenses[2]: dp needs 'clip'" in errs
     assert "defenses[3].bits: must be in 1..32 (got 40)" in errs
@@ -97,15 +111,28 @@ def test_every_structural_error_is_named_at_once() -> None:
 
 
 def test_methods_are_validated_with_the_registry() -> None:
-    errs = errors_of(base(methods=[
-        "gi-x", "gi-y", {"name": "gi-x", "params": {"iterations": 0}},
-        {"name": "gi-x", "params": {"lr": 0.1, "colour": 3}}, {"name": "gi-x", "prams": {}},
-    ]))
+    errs = errors_of(
+        base(
+            methods=[
+                "gi-x",
+                "gi-y",
+                {"name": "gi-x", "params": {"iterations": 0}},
+                {"name": "gi-x", "params": {"lr": 0.1, "colour": 3}},
+                {"name": "gi-x", "prams": {}},
+            ]
+        )
+    )
     assert errs[0].startswith("methods[4].prams:")  # structural errors come first
-    spec_errs = errors_of(base(methods=[
-        "gi-x", "gi-y", {"name": "gi-x", "params": {"iterations": 0}},
-        {"name": "gi-x", "params": {"lr": 0.1, "colour": 3}},
-    ]))
+    spec_errs = errors_of(
+        base(
+            methods=[
+                "gi-x",
+                "gi-y",
+                {"name": "gi-x", "params": {"iterations": 0}},
+                {"name": "gi-x", "params": {"lr": 0.1, "colour": 3}},
+            ]
+        )
+    )
     assert spec_errs[0].startswith("methods[1].name: unknown method 'gi-y'; known: gi-x,")
     assert spec_errs[1] == "methods[2].params.iterations: must be >= 1 (got 0)"
     assert spec_errs[2].startswith("methods[3].params.colour: not a parameter of gi-x")
@@ -115,16 +142,21 @@ def test_methods_are_validated_with_the_registry() -> None:
 def test_generator_required_only_by_generator_methods() -> None:
     assert parse_spec(base(methods=["gi-x", "gi-x+bn"])).generator is None
     errs = errors_of(base(methods=["gi-x", "gi-z/w", "gi-z/w+bn"]))
-    assert errs == ["generator: required by gi-z/w, gi-z/w+bn (write e.g. generator: "
-                    "{kind: dcgan32})"]
+    assert errs == [
+        "generator: required by gi-z/w, gi-z/w+bn (write e.g. generator: {kind: dcgan32})"
+    ]
 
 
 def test_missing_checkpoints_are_named(tmp_path: Path) -> None:
     real = tmp_path / "victim.pt"
     real.write_bytes(b"x")
     assert parse_spec(base(victim={"arch": "lenet", "checkpoint": str(real)})).victim.checkpoint
-    errs = errors_of(base(victim={"arch": "lenet", "checkpoint": str(tmp_path / "no.pt")},
-                          generator={"kind": "dcgan32", "checkpoint": "/no/g.pt"}))
+    errs = errors_of(
+        base(
+            victim={"arch": "lenet", "checkpoint": str(tmp_path / "no.pt")},
+            generator={"kind": "dcgan32", "checkpoint": "/no/g.pt"},
+        )
+    )
     assert errs[0].startswith("victim.checkpoint: no such file")
     assert errs[1].startswith("generator.checkpoint: no such file '/no/g.pt'")
 

@@ -30,14 +30,33 @@ def make_rows(cell_id: str, method: str, batch: int = 3, **over: Any) -> list[di
     rows = []
     for j in range(batch):
         row: dict[str, Any] = {
-            "cell_id": cell_id, "gradient_id": "g" + cell_id, "method": method,
-            "dataset": "synthetic", "image_size": 32, "victim": "lenet", "victim_seed": 0,
-            "generator": None if method == "gi-x" else "dcgan32", "defense": "sparsity",
-            "defense_level": 0.9, "batch_size": batch, "batch_index": 1, "seed": 0,
-            "image_index": j, "sample_index": 10 + j, "label": j % 2, "psnr": 10.5 + j,
-            "ssim": 0.25, "lpips": None, "best_psnr_in_batch": j == batch - 1,
-            "best_ssim_in_batch": j == 0, "best_lpips_in_batch": None, "final_cost": -0.75,
-            "status": "ok", "iterations": 100, "wall_seconds": 1.5, "device": "cpu",
+            "cell_id": cell_id,
+            "gradient_id": "g" + cell_id,
+            "method": method,
+            "dataset": "synthetic",
+            "image_size": 32,
+            "victim": "lenet",
+            "victim_seed": 0,
+            "generator": None if method == "gi-x" else "dcgan32",
+            "defense": "sparsity",
+            "defense_level": 0.9,
+            "batch_size": batch,
+            "batch_index": 1,
+            "seed": 0,
+            "image_index": j,
+            "sample_index": 10 + j,
+            "label": j % 2,
+            "psnr": 10.5 + j,
+            "ssim": 0.25,
+            "lpips": None,
+            "best_psnr_in_batch": j == batch - 1,
+            "best_ssim_in_batch": j == 0,
+            "best_lpips_in_batch": None,
+            "final_cost": -0.75,
+            "status": "ok",
+            "iterations": 100,
+            "wall_seconds": 1.5,
+            "device": "cpu",
         }
         rows.append({**row, **over})
     return rows
@@ -49,12 +68,19 @@ def make_gradient(n_bn: int = 2, mask: bool = True) -> storage.StoredGradient:
     n = sum(int(np.prod(s)) for s in shapes)
     g = rng.standard_normal(n).astype(np.float32)
     g[::3] = 0.0
-    bn = tuple((rng.standard_normal(c).astype(np.float32), rng.random(c).astype(np.float32))
-               for c in (4, 6)[:n_bn])
+    bn = tuple(
+        (rng.standard_normal(c).astype(np.float32), rng.random(c).astype(np.float32))
+        for c in (4, 6)[:n_bn]
+    )
     return storage.StoredGradient(
-        gradient=g, param_names=("conv.weight", "conv.bias", "fc.weight"), param_shapes=shapes,
-        images=rng.random((2, 3, 8, 8)).astype(np.float32), labels=np.array([3, 1]),
-        bn_stats=bn, mask=(g != 0) if mask else None, attrs={"cell": {"id": "abc", "p": 0.1}},
+        gradient=g,
+        param_names=("conv.weight", "conv.bias", "fc.weight"),
+        param_shapes=shapes,
+        images=rng.random((2, 3, 8, 8)).astype(np.float32),
+        labels=np.array([3, 1]),
+        bn_stats=bn,
+        mask=(g != 0) if mask else None,
+        attrs={"cell": {"id": "abc", "p": 0.1}},
     )
 
 
@@ -62,10 +88,17 @@ def make_reconstruction(restarts: int = 2) -> storage.StoredReconstruction:
     rng = np.random.default_rng(1)
     all_images = rng.random((restarts, 2, 3, 8, 8)).astype(np.float32)
     return storage.StoredReconstruction(
-        images=all_images[1], restart_images=all_images, restart_costs=np.array([-0.5, -0.9]),
+        images=all_images[1],
+        restart_images=all_images,
+        restart_costs=np.array([-0.5, -0.9]),
         loss_curve=rng.standard_normal((5, restarts)).astype(np.float32),
-        curve_iterations=np.arange(0, 50, 10), status="ok", iterations=50, wall_seconds=2.25,
-        device="cuda:0", best_restart=1, attrs={"cell": {"id": "c1"}},
+        curve_iterations=np.arange(0, 50, 10),
+        status="ok",
+        iterations=50,
+        wall_seconds=2.25,
+        device="cuda:0",
+        best_restart=1,
+        attrs={"cell": {"id": "c1"}},
     )
 
 
@@ -115,8 +148,10 @@ def test_gradient_round_trip_is_exact(run: storage.RunDir) -> None:
 def test_gradient_accepts_torch_tensors_and_no_bn_no_mask(run: storage.RunDir) -> None:
     grad = make_gradient(n_bn=0, mask=False)
     as_torch = storage.StoredGradient(
-        gradient=torch.from_numpy(grad.gradient), param_names=grad.param_names,
-        param_shapes=grad.param_shapes, images=torch.from_numpy(grad.images),
+        gradient=torch.from_numpy(grad.gradient),
+        param_names=grad.param_names,
+        param_shapes=grad.param_shapes,
+        images=torch.from_numpy(grad.images),
         labels=torch.tensor([3, 1]),
     )
     storage.write_gradient(run.gradient_path("g2"), as_torch)
@@ -147,9 +182,13 @@ def test_masked_gradient_is_stored_compactly_and_restored(run: storage.RunDir) -
 
 def test_gradient_with_wrong_index_is_refused(run: storage.RunDir) -> None:
     grad = make_gradient()
-    bad = storage.StoredGradient(gradient=grad.gradient[:-1], param_names=grad.param_names,
-                                 param_shapes=grad.param_shapes, images=grad.images,
-                                 labels=grad.labels)
+    bad = storage.StoredGradient(
+        gradient=grad.gradient[:-1],
+        param_names=grad.param_names,
+        param_shapes=grad.param_shapes,
+        images=grad.images,
+        labels=grad.labels,
+    )
     with pytest.raises(StorageError, match="parameter index"):
         storage.write_gradient(run.gradient_path("bad"), bad)
     assert not run.gradient_path("bad").exists()
@@ -165,7 +204,12 @@ def test_reconstruction_round_trip_is_exact(run: storage.RunDir, keep: bool) -> 
     for name in ("images", "restart_costs", "loss_curve", "curve_iterations"):
         assert np.array_equal(getattr(rec, name), getattr(back, name)), name
     assert (back.status, back.iterations, back.wall_seconds, back.device, back.best_restart) == (
-        "ok", 50, 2.25, "cuda:0", 1)
+        "ok",
+        50,
+        2.25,
+        "cuda:0",
+        1,
+    )
     assert back.attrs == {"cell": {"id": "c1"}}
     if keep:
         assert back.restart_images is not None
@@ -234,12 +278,15 @@ def test_plain_readers_get_correct_methods(run: storage.RunDir) -> None:
         commit(run, f"c{i}", m)
     df = pd.read_parquet(run.metrics_dir)
     assert sorted(df.groupby("method", observed=True).size().items()) == sorted(
-        (m, 3) for m in METHODS)
+        (m, 3) for m in METHODS
+    )
     table = ds.dataset(run.metrics_dir, format="parquet", partitioning="hive").to_table()
     assert set(table.column("method").to_pylist()) == set(METHODS)
     duckdb = pytest.importorskip("duckdb")
-    got = duckdb.sql(f"select method, count(*) from read_parquet('{run.metrics_dir}/**/*.parquet',"
-                     " hive_partitioning=true) group by all").fetchall()
+    got = duckdb.sql(
+        f"select method, count(*) from read_parquet('{run.metrics_dir}/**/*.parquet',"
+        " hive_partitioning=true) group by all"
+    ).fetchall()
     assert sorted(got) == sorted((m, 3) for m in METHODS)
 
 
@@ -252,8 +299,7 @@ def test_schema_is_identical_across_part_files(run: storage.RunDir) -> None:
     assert schemas[0].equals(schemas[1]) and schemas[0].equals(SCHEMA)
 
 
-def test_group_without_marker_is_not_committed_and_rerun_commits_once(
-        run: storage.RunDir) -> None:
+def test_group_without_marker_is_not_committed_and_rerun_commits_once(run: storage.RunDir) -> None:
     path = run.reconstruction_path("c1")
     storage.write_reconstruction(path, make_reconstruction(), keep_restarts=False)
     # Crash here: group written, marker not. A torn temp part may also be left behind.
@@ -360,9 +406,13 @@ def test_scan_reads_names_not_contents(run: storage.RunDir) -> None:
 
 
 def test_checkpoint_round_trip_and_delete(run: storage.RunDir) -> None:
-    state = {"iteration": 7, "stage": "z", "vars": {"z": torch.randn(2, 3)},
-             "opt": [{"step": torch.tensor(3.0)}, 1.5], "rng": torch.randint(0, 255, (5,),
-                                                                           dtype=torch.uint8)}
+    state = {
+        "iteration": 7,
+        "stage": "z",
+        "vars": {"z": torch.randn(2, 3)},
+        "opt": [{"step": torch.tensor(3.0)}, 1.5],
+        "rng": torch.randint(0, 255, (5,), dtype=torch.uint8),
+    }
     path = run.checkpoint_path("c1")
     assert storage.load_checkpoint(path) is None
     storage.save_checkpoint(path, state)
