@@ -23,7 +23,7 @@ from pipelines.planner import (
 )
 from pipelines.spec import spec_from_yaml
 from storage.run import RunDir, open_run
-from tasks.jobs import active_records
+from tasks.jobs import active_records, job_cell_counts
 
 
 def _existing_run(path: Path) -> RunDir | None:
@@ -44,12 +44,19 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
         f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
         f"{len(queued)} in queue, {len(todo)} to do",
         f"gradients: {len(status.plan.gradient_cells)} total, {len(status.gradients_todo)} to generate",
-        "estimate: " + (f"~{seconds / 3600:.2f} CPU/GPU-hours of attack time "
-                        f"({'stored timings' if stored_timings(run) else 'calibration on this machine'})"
+        "estimate: " + (f"~{_duration(seconds)} of attack time in total "
+                        f"({'stored timings' if stored_timings(run) else 'calibration on this machine'}"
+                        ", divide by the number of parallel jobs)"
                         if seconds is not None else "n/a (no stored timings; pass --calibrate)"),
         f"submission ({spec.execution.executor}): {shape.describe()}",
     ]
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def calibration(spec: object, status: object) -> dict[str, float]:
@@ -95,9 +102,9 @@ def _progress(spec: object, run_path: Path) -> Iterator[None]:
             while not stop.wait(1.0):
                 if (run_path / "grid.yaml").is_file():
                     run = open_run(run_path)
-                    running = sum(len(r.cells) for r in active_records(run))
+                    running, failed = job_cell_counts(run)
                     bar.update(task, completed=len(run.committed_cells()),
-                               extra=f"{running} in jobs")
+                               extra=f"{running} running, {failed} failed")
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()
@@ -115,10 +122,12 @@ def status_report(run_dir: Path) -> str:
     queued = {c for r in active for c in r.cells}
     status = grid_status(spec, run, queued=queued)
     checkpoints = len(list((run.root / "checkpoints").glob("*.pt")))
+    _, failed = job_cell_counts(run)
     return "\n".join([
         f"run {run.root} (grid {spec.name!r})",
         f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
         f"{len(queued)} in {len(active)} queued/running job(s), {len(status.todo)} to do",
+        f"failed (their jobs ended without a commit; `gi-eval run` retries them): {failed}",
         f"checkpoints of cells in flight: {checkpoints}",
         f"gradients stored: {len(status.gradients_stored)} of {len(status.plan.gradient_cells)}",
     ])

@@ -50,12 +50,22 @@ def read_records(run: RunDir) -> list[JobRecord]:
     return records
 
 
-def active_records(run: RunDir) -> list[JobRecord]:
+def active_records(run: RunDir, records: list[JobRecord] | None = None) -> list[JobRecord]:
     """Records whose job is still queued or running (Slurm: squeue; local: the pid is alive)."""
-    records = read_records(run)
+    records = read_records(run) if records is None else records
     slurm = queued_job_ids({r.job_id for r in records if r.kind == "slurm"})
     return [r for r in records
             if (r.kind == "slurm" and r.job_id in slurm) or (r.kind == "local" and _alive(r.job_id))]
+
+
+def job_cell_counts(run: RunDir) -> tuple[int, int]:
+    """(cells in queued/running jobs, failed cells: their jobs ended without committing them)."""
+    records = read_records(run)
+    active = active_records(run, records)
+    running = {c for r in active for c in r.cells}
+    done = run.committed_cells() | run.stored_gradients()
+    ended = {c for r in records for c in r.cells} - running
+    return len(running - done), len(ended - done)
 
 
 def _alive(pid: str) -> bool:
