@@ -17,6 +17,7 @@ they come sorted ascending, and the orchestration matches reconstructions to the
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -70,3 +71,24 @@ def label_accuracy(recovered: Tensor, true: Tensor) -> float:
     found = Counter(recovered.flatten().tolist())
     wanted = Counter(true.flatten().tolist())
     return sum((found & wanted).values()) / true.numel()
+
+
+def last_layer_gradient(grads: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The final linear layer's (weight (K, F), bias (K,) or None) in a gradient list in
+    parameter order (torchvision ResNets and this project's victims end with their classifier)."""
+    if len(grads) >= 2 and grads[-1].ndim == 1 and grads[-2].ndim == 2:
+        if grads[-2].shape[0] == grads[-1].shape[0]:
+            return grads[-2], grads[-1]
+    if grads and grads[-1].ndim == 2:
+        return grads[-1], None
+    raise ConfigError("labels: the victim does not end with a linear layer; use labels: given")
+
+
+def attack_labels(grads: Sequence[Tensor], true: Tensor, *, mode: str) -> tuple[Tensor, float]:
+    """Labels the attacker uses and their accuracy: `given` returns the true labels (1.0)."""
+    if mode == "given":
+        return true, 1.0
+    weight, bias = last_layer_gradient(grads)
+    method: LabelMethod = "idlg" if mode == "idlg" else "yin"
+    recovered = recover_labels(weight, batch_size=len(true), method=method, last_bias_grad=bias)
+    return recovered.to(true.device), label_accuracy(recovered, true)

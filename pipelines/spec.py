@@ -229,11 +229,15 @@ def _method_problems(spec: GridSpec) -> list[str]:
                             f"known: {', '.join(METHOD_NAMES)}")
             continue
         try:
-            method_config(m.name, m.params)
+            config = method_config(m.name, m.params)
         except (ConfigError, TypeError) as e:
             msg = str(e)
             problems.append(f"methods[{i}].{msg}" if msg.startswith("params.")
                             else f"methods[{i}].params: {msg}")
+            continue
+        if config.labels == "idlg" and any(b != 1 for b in spec.batch_sizes):
+            problems.append(f"methods[{i}].params.labels: idlg recovers the label of a single "
+                            "image; use batch_sizes: [1] or labels: yin")
     return problems
 
 

@@ -49,6 +49,8 @@ _PER_IMAGE = [
     ("image_index", pa.int64()),  # position in the batch, 0..B-1
     ("sample_index", pa.int64()),  # index into the data set
     ("label", pa.int64()),
+    ("labels", pa.string()),  # how the attacker got its labels: given | idlg | yin
+    ("label_accuracy", pa.float64()),  # fraction of the batch's labels it had right (1.0: given)
     ("psnr", pa.float64()),
     ("ssim", pa.float64()),
     ("lpips", pa.float64()),

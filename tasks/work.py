@@ -8,6 +8,7 @@ what is missing.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -25,6 +26,7 @@ from gi_core.defenses import apply_defense
 from gi_core.errors import ExecutionError
 from gi_core.generators import Generator, build_generator, load_generator_checkpoint
 from gi_core.gradients import ParamIndex, bn_statistics
+from gi_core.labels import attack_labels
 from gi_core.metrics import evaluate_batch, lpips_model
 from gi_core.victims import build_victim
 from pipelines.cells import GradientCell, InversionCell
@@ -143,6 +145,8 @@ def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_res
     start, dev = time.perf_counter(), device()
     stored = read_gradient(run.gradient_path(cell.gradient_id))
     problem = _problem(stored, victim_for(cell.gradient), dev)
+    labels, label_acc = attack_labels(problem.target, problem.labels, mode=cell.config.labels)
+    problem = dataclasses.replace(problem, labels=labels)
     generator = _generator_for(cell)
     checkpoint_path = run.checkpoint_path(cell.id)
     state = load_checkpoint(checkpoint_path)
@@ -151,11 +155,13 @@ def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_res
         progress=_checkpointer(checkpoint_path, preemption),
     )
     truth = torch.as_tensor(stored.images, device=dev)
-    scores = evaluate_batch(result.images, truth, labels=problem.labels, lpips=lpips_model())
+    # given labels keep positions; recovered ones are a sorted set: match by Hungarian assignment
+    known = problem.labels if cell.config.labels == "given" else None
+    scores = evaluate_batch(result.images, truth, labels=known, lpips=lpips_model())
     wall = time.perf_counter() - start
     write_reconstruction(run.reconstruction_path(cell.id), _stored_result(cell, result, wall, dev),
                          keep_restarts=keep_restarts)
-    run.commit_metrics(_rows(cell, stored, result, scores, wall, dev))
+    run.commit_metrics(_rows(cell, stored, result, scores, wall, dev, label_acc))
     delete_checkpoint(checkpoint_path)
     return 1
 
@@ -205,12 +211,13 @@ def _stored_result(cell: InversionCell, result: Any, wall: float, dev: torch.dev
 
 
 def _rows(cell: InversionCell, stored: StoredGradient, result: Any, scores: Any, wall: float,
-          dev: torch.device) -> list[dict[str, Any]]:
+          dev: torch.device, label_acc: float) -> list[dict[str, Any]]:
     axes = cell.metric_axes()
     cost = float(result.restart_costs[result.best_restart]) if result.best_restart >= 0 else float("nan")
     return [
         {**axes, "image_index": i, "sample_index": int(cell.gradient.indices[i]),
-         "label": int(stored.labels[i]), "psnr": float(scores.psnr[i]), "ssim": float(scores.ssim[i]),
+         "label": int(stored.labels[i]), "labels": cell.config.labels,
+         "label_accuracy": label_acc, "psnr": float(scores.psnr[i]), "ssim": float(scores.ssim[i]),
          "lpips": float(scores.lpips[i]), "best_psnr_in_batch": bool(scores.best_psnr[i]),
          "best_ssim_in_batch": bool(scores.best_ssim[i]),
          "best_lpips_in_batch": bool(scores.best_lpips[i]), "final_cost": cost,

@@ -26,6 +26,7 @@ from gi_core.gradients import BNStats, gradient_fn, prepare_victim, victim_param
 from gi_core.objectives import DISTANCES, bn_regulariser, gradient_distance, total_variation
 
 Variables = dict[str, Tensor]
+LABEL_MODES = ("given", "idlg", "yin")
 CostFn = Callable[[Tensor], Tensor]  # images (R, B, C, H, W) in [0, 1] -> costs (R,)
 
 
@@ -56,6 +57,7 @@ class BaseConfig:
     tv: float = 1e-4
     bn: float = 0.0
     curve_every: int = 10
+    labels: str = "given"  # given (the paper's threat model) | idlg (B = 1) | yin (unique labels)
 
     def __post_init__(self) -> None:
         for name in ("restarts", "curve_every"):
@@ -63,6 +65,7 @@ class BaseConfig:
         for name in ("tv", "bn"):
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _check(self.distance in DISTANCES, "distance", f"must be one of {DISTANCES}", self.distance)
+        _check(self.labels in LABEL_MODES, "labels", f"must be one of {LABEL_MODES}", self.labels)
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:

@@ -51,7 +51,7 @@ def _rows(cell_id: str, gid: str, method: str) -> list[dict[str, object]]:
         "cell_id": cell_id, "gradient_id": gid, "method": method, "dataset": "synthetic",
         "image_size": 8, "victim": "lenet", "victim_seed": 0, "generator": None,
         "defense": "none", "defense_level": 0.0, "batch_size": BATCH, "batch_index": 0,
-        "seed": 0, "image_index": j, "sample_index": j, "label": j, "psnr": _value(cell_id),
+        "seed": 0, "image_index": j, "sample_index": j, "label": j, "labels": "given", "label_accuracy": 1.0, "psnr": _value(cell_id),
         "ssim": 0.5, "lpips": 0.25, "best_psnr_in_batch": j == 0, "best_ssim_in_batch": j == 0,
         "best_lpips_in_batch": j == 0, "final_cost": -1.0, "status": "ok", "iterations": 20,
         "wall_seconds": 0.1, "device": "cpu",

@@ -71,3 +71,21 @@ def test_label_accuracy_is_order_free_multiset_overlap() -> None:
     assert label_accuracy(t([5]), t([5, 6])) == 0.5
     with pytest.raises(ConfigError):
         label_accuracy(t([1]), t([], dtype=torch.int64))
+
+
+def test_attack_labels_from_a_victims_gradient() -> None:
+    from gi_core.gradients import client_gradient
+    from gi_core.labels import attack_labels
+    from gi_core.victims import build_victim
+
+    model = build_victim("convnet", num_classes=10, image_size=16, width=4, seed=0)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([7, 2, 5])
+    grads = client_gradient(model, x, y)
+    given, acc = attack_labels(grads, y, mode="given")
+    assert torch.equal(given, y) and acc == 1.0
+    recovered, acc = attack_labels(grads, y, mode="yin")
+    assert recovered.tolist() == sorted(recovered.tolist()) and len(recovered) == 3
+    assert acc == label_accuracy(recovered, y) and acc >= 2 / 3
+    one, acc1 = attack_labels(client_gradient(model, x[:1], y[:1]), y[:1], mode="idlg")
+    assert one.tolist() == [7] and acc1 == 1.0

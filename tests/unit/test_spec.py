@@ -176,3 +176,15 @@ def test_yaml_errors_are_config_errors(tmp_path: Path) -> None:
         spec_from_yaml("- a\n- b\n")
     with pytest.raises(ConfigError, match="cannot read"):
         load_spec(tmp_path / "missing.yaml")
+
+
+def test_label_recovery_mode_is_checked_against_batch_sizes() -> None:
+    idlg = {"name": "gi-x", "params": {"labels": "idlg"}}
+    errs = errors_of(base(methods=[idlg], batch_sizes=[1, 4]))
+    assert errs == [
+        "methods[0].params.labels: idlg recovers the label of a single image; "
+        "use batch_sizes: [1] or labels: yin"
+    ]
+    assert parse_spec(base(methods=[idlg], batch_sizes=[1])).batch_sizes == (1,)
+    bad = errors_of(base(methods=[{"name": "gi-x", "params": {"labels": "guess"}}]))
+    assert bad[0].startswith("methods[0].params.labels: must be one of")

@@ -46,6 +46,8 @@ def make_rows(cell_id: str, method: str, batch: int = 3, **over: Any) -> list[di
             "image_index": j,
             "sample_index": 10 + j,
             "label": j % 2,
+            "labels": "given",
+            "label_accuracy": 1.0,
             "psnr": 10.5 + j,
             "ssim": 0.25,
             "lpips": None,
