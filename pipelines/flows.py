@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
@@ -26,18 +28,29 @@ EXECUTORS = ("inline", "local", "slurm")
 ARRAY_ELEMENTS = 1000  # elements per Prefect task (= per job array, below Slurm's MaxArraySize)
 
 
+@dataclass(frozen=True)
+class Work:
+    """The missing work of a grid, shaped for submission."""
+
+    run_dir: str
+    gradients: list[Chunk]
+    inversions: list[Chunk]
+    executor: ExecutorConfig
+    array_timeout_s: float | None
+
+
 @task(name="plan", cache_policy=NO_CACHE)
-def plan(spec_path: str, executor: str | None, out: str | None) -> tuple[str, list[Chunk],
-                                                                          list[Chunk], ExecutorConfig]:
+def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
     """Validate the spec, open the run, and shape the missing work into chunks."""
     spec, text = read_spec(spec_path)
     run = prepare_run(spec, text, out)
     queued = {cell for r in active_records(run) for cell in r.cells}
     status = grid_status(spec, run, queued=queued)
-    per_job, keep = spec.execution.cells_per_job, spec.storage.keep_restarts
-    grads = gradient_chunks(run, status.gradients_todo, per_job=per_job)
-    cells = inversion_chunks(run, status.todo, per_job=per_job, keep_restarts=keep)
-    return str(run.root), grads, cells, executor_config(spec, executor)
+    ex, keep = spec.execution, spec.storage.keep_restarts
+    grads = gradient_chunks(run, status.gradients_todo, per_job=ex.cells_per_job)
+    cells = inversion_chunks(run, status.todo, per_job=ex.cells_per_job, keep_restarts=keep)
+    timeout = ex.array_timeout_h * 3600 if ex.array_timeout_h else None
+    return Work(str(run.root), grads, cells, executor_config(spec, executor), timeout)
 
 
 @task(name="tables", cache_policy=NO_CACHE)
@@ -48,14 +61,15 @@ def tables(run_dir: str) -> str:
 @flow(name="evaluation-grid", log_prints=False)
 def evaluation_grid(spec_path: str, executor: str | None = None, out: str | None = None) -> str:
     """plan -> generate missing gradients -> invert missing cells (metrics per cell) -> tables."""
-    run_dir, gradient_work, inversion_work, config = plan(spec_path, executor, out)
-    for i, group in enumerate(batched(gradient_work, ARRAY_ELEMENTS)):
-        run_array(run_dir, list(group), config, f"gradients-{i}")
-    arrays = [run_array.submit(run_dir, list(group), config, f"inversions-{i}")
-              for i, group in enumerate(batched(inversion_work, ARRAY_ELEMENTS))]
+    work = plan(spec_path, executor, out)
+    array = run_array.with_options(timeout_seconds=work.array_timeout_s)
+    for i, group in enumerate(batched(work.gradients, ARRAY_ELEMENTS)):
+        array(work.run_dir, list(group), work.executor, f"gradients-{i}")
+    arrays = [array.submit(work.run_dir, list(group), work.executor, f"inversions-{i}")
+              for i, group in enumerate(batched(work.inversions, ARRAY_ELEMENTS))]
     for future in arrays:
         future.result()
-    return tables(run_dir)
+    return tables(work.run_dir)
 
 
 def executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:

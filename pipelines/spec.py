@@ -162,6 +162,9 @@ class ExecutionSpec(_Model):
     executor: Literal["inline", "local", "slurm"] = "local"
     cells_per_job: int = Field(default=4, ge=1)
     max_parallel: int = Field(default=2, ge=1)
+    # Prefect task timeout of one job array (submission to last commit); on timeout the array's
+    # jobs are cancelled and the run fails (committed cells stay). None: wait as long as it takes.
+    array_timeout_h: float | None = Field(default=None, gt=0)
     slurm: SlurmSpec = SlurmSpec()  # frozen, so one shared default is safe
 
 

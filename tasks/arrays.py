@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from gi_core.errors import ExecutionError
 from pipelines.executors import ExecutorConfig, Resumable, cancel_jobs, submit_array, wait_for_jobs
@@ -55,7 +57,14 @@ def run_array_now(run_dir: str, chunks: Sequence[Chunk], executor: ExecutorConfi
     return sum(len(c.cells) for c in todo)
 
 
-@task(name="run-cell-array", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def _missing_cells(task: Any, task_run: Any, state: State) -> bool:
+    """Retry only when cells are missing after the jobs ended — not after a timeout or a
+    cancellation, whose jobs were cancelled on purpose."""
+    return isinstance(state.result(raise_on_failure=False), ExecutionError)
+
+
+@task(name="run-cell-array", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=_missing_cells)
 def run_array(run_dir: str, chunks: list[Chunk], executor: ExecutorConfig, name: str) -> int:
     """One job array of `chunks` (each element runs its K cells in sequence)."""
     return run_array_now(run_dir, chunks, executor, name)
