@@ -38,7 +38,9 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
     todo = status.todo
     timings = stored_timings(run) or (calibration(spec, status) if calibrate and todo else {})
     seconds = estimate_seconds(todo, timings)
-    shape = submission_shape(len(todo), per_job=spec.execution.cells_per_job)
+    per_job = spec.execution.cells_per_job
+    grad_shape = submission_shape(len(status.gradients_todo), per_job=per_job)
+    shape = submission_shape(len(todo), per_job=per_job)
     lines = [
         f"grid {spec.name!r} -> {run_dir_for(spec, out)}",
         f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
@@ -48,7 +50,9 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
                         f"({'stored timings' if stored_timings(run) else 'calibration on this machine'}"
                         ", divide by the number of parallel jobs)"
                         if seconds is not None else "n/a (no stored timings; pass --calibrate)"),
-        f"submission ({spec.execution.executor}): {shape.describe()}",
+        f"submission ({spec.execution.executor}): gradients {grad_shape.describe()}; "
+        f"inversions {shape.describe()}; {grad_shape.sbatch_calls + shape.sbatch_calls} "
+        "sbatch call(s) in all",
     ]
     return "\n".join(lines)
 

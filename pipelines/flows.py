@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 from gi_core.errors import ConfigError
 from pipelines.executors import ExecutorConfig
 from pipelines.planner import (
+    ARRAY_ELEMENTS,
     batched,
     gradient_chunks,
     grid_status,
@@ -25,7 +26,6 @@ from tasks.jobs import active_records
 from tasks.work import Chunk
 
 EXECUTORS = ("inline", "local", "slurm")
-ARRAY_ELEMENTS = 1000  # elements per Prefect task (= per job array, below Slurm's MaxArraySize)
 
 
 @dataclass(frozen=True)

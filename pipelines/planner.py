@@ -17,7 +17,9 @@ from tasks.work import Chunk
 
 T = TypeVar("T")
 DEFAULT_RUNS = Path("runs")
-SLURM_MAX_ARRAY = 1001  # assumed for the submission-shape estimate when Slurm is not reachable
+# Elements per job array = per Prefect task run; below Slurm's default MaxArraySize (1001), and the
+# executor adapter splits further if a cluster's MaxArraySize is smaller.
+ARRAY_ELEMENTS = 1000
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class SubmissionShape:
                 f"{self.cells_per_element} cells per element, {self.sbatch_calls} sbatch call(s)")
 
 
-def submission_shape(n_cells: int, *, per_job: int, max_array: int = SLURM_MAX_ARRAY) -> SubmissionShape:
+def submission_shape(n_cells: int, *, per_job: int, max_array: int = ARRAY_ELEMENTS) -> SubmissionShape:
     """One sbatch per job array; an array holds at most `max_array` elements of K cells."""
     elements = math.ceil(n_cells / per_job) if n_cells else 0
     arrays = math.ceil(elements / max_array) if elements else 0
