@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from gi_core.errors import ConfigError
 from pipelines.cells import GradientCell, InversionCell, Plan, expand
 from pipelines.spec import GridSpec, spec_from_yaml
-from storage.run import RunDir, create_run, open_run
+from storage.run import RunDir, create_run, open_run, update_spec
 from tasks.work import Chunk
 
 T = TypeVar("T")
@@ -67,7 +67,9 @@ def prepare_run(spec: GridSpec, text: str, out: Path | str | None) -> RunDir:
         if frozen.name != spec.name:
             raise ConfigError(f"--out: {path} holds the run of grid {frozen.name!r}, not "
                               f"{spec.name!r}; choose another --out")
-        return open_run(path)
+        run = open_run(path)
+        update_spec(run, text)  # an extended grid resumes: committed cells keep their ids
+        return run
     return create_run(path, text)
 
 

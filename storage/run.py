@@ -15,6 +15,7 @@ the cell uncommitted; the rerun overwrites the group and commits once.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,19 @@ def create_run(path: Path | str, spec_text: str) -> RunDir:
     for sub in _SUBDIRS:
         (run.root / sub).mkdir(parents=True, exist_ok=True)
     return run
+
+
+def update_spec(run: RunDir, spec_text: str) -> None:
+    """Adopt an edited spec for an existing run (e.g. new methods or seeds): cell ids are content
+    hashes, so committed cells stay valid. The previous grid.yaml is kept as
+    history/grid-<time>.yaml."""
+    if _yaml_data(run.spec_text()) == _yaml_data(spec_text):
+        return
+    history = run.root / "history"
+    history.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    write_bytes_atomic(history / f"grid-{stamp}-{os.getpid()}.yaml", run.spec_text().encode())
+    write_bytes_atomic(run.grid_path, spec_text.encode())
 
 
 def open_run(path: Path | str) -> RunDir:
