@@ -73,9 +73,13 @@ class GradientCell:
     def from_dict(cls, d: Mapping[str, Any]) -> GradientCell:
         """Inverse of to_dict/describe; raises ConfigError if a stored id no longer matches."""
         cell = cls(
-            dataset=d["dataset"], image_size=d["image_size"], batch_size=d["batch_size"],
-            batch_index=d["batch_index"], indices=tuple(d["indices"]),
-            victim=VictimSpec.model_validate(d["victim"]), defense=Defense(**d["defense"]),
+            dataset=d["dataset"],
+            image_size=d["image_size"],
+            batch_size=d["batch_size"],
+            batch_index=d["batch_index"],
+            indices=tuple(d["indices"]),
+            victim=VictimSpec.model_validate(d["victim"]),
+            defense=Defense(**d["defense"]),
         )
         _check_id(cell.id, d)
         return cell
@@ -196,10 +200,20 @@ def _gradient_cells(spec: GridSpec) -> list[GradientCell]:
     cells = []
     for batch_size in spec.batch_sizes:
         for batch_index in range(d.num_batches):
-            indices = tuple(batch_indices(d.dataset, batch_size=batch_size,
-                                          batch_index=batch_index, image_size=d.image_size))
-            cells += [GradientCell(d.dataset, d.image_size, batch_size, batch_index, indices,
-                                   spec.victim, defense) for defense in defenses]
+            indices = tuple(
+                batch_indices(
+                    d.dataset,
+                    batch_size=batch_size,
+                    batch_index=batch_index,
+                    image_size=d.image_size,
+                )
+            )
+            cells += [
+                GradientCell(
+                    d.dataset, d.image_size, batch_size, batch_index, indices, spec.victim, defense
+                )
+                for defense in defenses
+            ]
     return cells
 
 
@@ -242,8 +256,9 @@ def _is_iteration_count(name: str) -> bool:
 def _defense_dict(defense: Defense) -> dict[str, Any]:
     d = dataclasses.asdict(defense)
     # Levels are floats in the spec; normalise anyway so a hand-made Defense(p=1) hashes alike.
-    return {k: float(v) if k in ("p", "sigma", "clip") and v is not None else v
-            for k, v in d.items()}
+    return {
+        k: float(v) if k in ("p", "sigma", "clip") and v is not None else v for k, v in d.items()
+    }
 
 
 def _unique(cells: Any) -> list[Any]:
@@ -256,5 +271,7 @@ def _unique(cells: Any) -> list[Any]:
 def _check_id(actual: str, d: Mapping[str, Any]) -> None:
     stored = d.get("id")
     if stored is not None and stored != actual:
-        raise ConfigError(f"stored cell id {stored} != recomputed {actual}: the cell schema or "
-                         "a method's defaults changed since it was written")
+        raise ConfigError(
+            f"stored cell id {stored} != recomputed {actual}: the cell schema or "
+            "a method's defaults changed since it was written"
+        )

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gi_core.errors import ConfigError
-from pipelines.executors import ExecutorConfig, cancel_jobs, JobHandle
+from pipelines.executors import ExecutorConfig, JobHandle, cancel_jobs
 from pipelines.planner import (
     estimate_seconds,
     grid_status,
@@ -45,11 +45,16 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
         f"grid {spec.name!r} -> {run_dir_for(spec, out)}",
         f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
         f"{len(queued)} in queue, {len(todo)} to do",
-        f"gradients: {len(status.plan.gradient_cells)} total, {len(status.gradients_todo)} to generate",
-        "estimate: " + (f"~{_duration(seconds)} of attack time in total "
-                        f"({'stored timings' if stored_timings(run) else 'calibration on this machine'}"
-                        ", divide by the number of parallel jobs)"
-                        if seconds is not None else "n/a (no stored timings; pass --calibrate)"),
+        f"gradients: {len(status.plan.gradient_cells)} total, "
+        f"{len(status.gradients_todo)} to generate",
+        "estimate: "
+        + (
+            f"~{_duration(seconds)} of attack time in total "
+            f"({'stored timings' if stored_timings(run) else 'calibration on this machine'}"
+            ", divide by the number of parallel jobs)"
+            if seconds is not None
+            else "n/a (no stored timings; pass --calibrate)"
+        ),
         f"submission ({spec.execution.executor}): gradients {grad_shape.describe()}; "
         f"inversions {shape.describe()}; {grad_shape.sbatch_calls + shape.sbatch_calls} "
         "sbatch call(s) in all",
@@ -91,14 +96,25 @@ def run_grid(spec_path: Path, *, executor: str | None, out: Path | None, verbose
 @contextmanager
 def _progress(spec: object, run_path: Path) -> Iterator[None]:
     """A rich progress bar fed by polling the run directory's commit markers (any executor)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
     from pipelines.cells import expand
 
     total = len(expand(spec).inversion_cells)  # type: ignore[arg-type]
     stop = threading.Event()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[extra]}"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[extra]}"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, transient=True, disable=not os.isatty(1)) as bar:
         task = bar.add_task("cells", total=total, extra="")
 
@@ -107,8 +123,11 @@ def _progress(spec: object, run_path: Path) -> Iterator[None]:
                 if (run_path / "grid.yaml").is_file():
                     run = open_run(run_path)
                     running, failed = job_cell_counts(run)
-                    bar.update(task, completed=len(run.committed_cells()),
-                               extra=f"{running} running, {failed} failed")
+                    bar.update(
+                        task,
+                        completed=len(run.committed_cells()),
+                        extra=f"{running} running, {failed} failed",
+                    )
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()
@@ -127,14 +146,17 @@ def status_report(run_dir: Path) -> str:
     status = grid_status(spec, run, queued=queued)
     checkpoints = len(list((run.root / "checkpoints").glob("*.pt")))
     _, failed = job_cell_counts(run)
-    return "\n".join([
-        f"run {run.root} (grid {spec.name!r})",
-        f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
-        f"{len(queued)} in {len(active)} queued/running job(s), {len(status.todo)} to do",
-        f"failed (their jobs ended without a commit; `gi-eval run` retries them): {failed}",
-        f"checkpoints of cells in flight: {checkpoints}",
-        f"gradients stored: {len(status.gradients_stored)} of {len(status.plan.gradient_cells)}",
-    ])
+    return "\n".join(
+        [
+            f"run {run.root} (grid {spec.name!r})",
+            f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
+            f"{len(queued)} in {len(active)} queued/running job(s), {len(status.todo)} to do",
+            f"failed (their jobs ended without a commit; `gi-eval run` retries them): {failed}",
+            f"checkpoints of cells in flight: {checkpoints}",
+            f"gradients stored: {len(status.gradients_stored)} of "
+            f"{len(status.plan.gradient_cells)}",
+        ]
+    )
 
 
 def cancel_run(run_dir: Path) -> str:
@@ -157,9 +179,18 @@ def tables_text(run_dir: Path) -> str:
 
 def _require_run(run_dir: Path) -> RunDir:
     if not (run_dir / "grid.yaml").is_file():
-        raise ConfigError(f"run_dir: {run_dir} is not a run directory (no grid.yaml); "
-                          "start one with `gi-eval run SPEC`")
+        raise ConfigError(
+            f"run_dir: {run_dir} is not a run directory (no grid.yaml); "
+            "start one with `gi-eval run SPEC`"
+        )
     return open_run(run_dir)
 
 
-__all__ = ["ExecutorConfig", "cancel_run", "plan_report", "run_grid", "status_report", "tables_text"]
+__all__ = [
+    "ExecutorConfig",
+    "cancel_run",
+    "plan_report",
+    "run_grid",
+    "status_report",
+    "tables_text",
+]

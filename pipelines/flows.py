@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from gi_core.errors import ConfigError
-from pipelines.executors import ExecutorConfig
+from pipelines.executors import ExecutorConfig, threads_per_job
 from pipelines.planner import (
     ARRAY_ELEMENTS,
     batched,
@@ -21,7 +22,7 @@ from pipelines.planner import (
 from pipelines.report import write_tables
 from pipelines.spec import GridSpec
 from storage.run import open_run
-from tasks.arrays import run_array
+from tasks.arrays import POLL_S, run_array
 from tasks.jobs import active_records
 from tasks.work import Chunk
 
@@ -37,6 +38,7 @@ class Work:
     inversions: list[Chunk]
     executor: ExecutorConfig
     array_timeout_s: float | None
+    queued: int  # cells left to jobs of an earlier run that are still queued or running
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -46,11 +48,22 @@ def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
     run = prepare_run(spec, text, out)
     queued = {cell for r in active_records(run) for cell in r.cells}
     status = grid_status(spec, run, queued=queued)
-    ex, keep = spec.execution, spec.storage.keep_restarts
-    grads = gradient_chunks(run, status.gradients_todo, per_job=ex.cells_per_job)
-    cells = inversion_chunks(run, status.todo, per_job=ex.cells_per_job, keep_restarts=keep)
+    ex, config = spec.execution, executor_config(spec, executor)
+    per_job, threads = ex.cells_per_job, threads_per_job(config)
+    grads = gradient_chunks(run, status.gradients_todo, per_job=per_job, threads=threads)
+    cells = inversion_chunks(
+        run, status.todo, per_job=per_job, threads=threads, keep_restarts=spec.storage.keep_restarts
+    )
     timeout = ex.array_timeout_h * 3600 if ex.array_timeout_h else None
-    return Work(str(run.root), grads, cells, executor_config(spec, executor), timeout)
+    return Work(str(run.root), grads, cells, config, timeout, len(queued))
+
+
+@task(name="wait-for-earlier-jobs", cache_policy=NO_CACHE)
+def wait_for_earlier_jobs(run_dir: str) -> None:
+    """Wait until the jobs of an earlier (killed) `gi-eval run` have left the queue."""
+    run = open_run(run_dir)
+    while active_records(run):
+        time.sleep(POLL_S)
 
 
 @task(name="tables", cache_policy=NO_CACHE)
@@ -62,14 +75,24 @@ def tables(run_dir: str) -> str:
 def evaluation_grid(spec_path: str, executor: str | None = None, out: str | None = None) -> str:
     """plan -> generate missing gradients -> invert missing cells (metrics per cell) -> tables."""
     work = plan(spec_path, executor, out)
+    run_work(work)
+    if work.queued:  # an earlier run's jobs still hold cells: let them finish, then redo misses
+        wait_for_earlier_jobs(work.run_dir)
+        run_work(plan(spec_path, executor, out))
+    return tables(work.run_dir)
+
+
+def run_work(work: Work) -> None:
+    """Gradient arrays first (the inversions read them), then the inversion arrays at once."""
     array = run_array.with_options(timeout_seconds=work.array_timeout_s)
     for i, group in enumerate(batched(work.gradients, ARRAY_ELEMENTS)):
         array(work.run_dir, list(group), work.executor, f"gradients-{i}")
-    arrays = [array.submit(work.run_dir, list(group), work.executor, f"inversions-{i}")
-              for i, group in enumerate(batched(work.inversions, ARRAY_ELEMENTS))]
+    arrays = [
+        array.submit(work.run_dir, list(group), work.executor, f"inversions-{i}")
+        for i, group in enumerate(batched(work.inversions, ARRAY_ELEMENTS))
+    ]
     for future in arrays:
         future.result()
-    return tables(work.run_dir)
 
 
 def executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
@@ -78,8 +101,15 @@ def executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
         raise ConfigError(f"executor: unknown {override!r}; choose one of {', '.join(EXECUTORS)}")
     ex, slurm = spec.execution, spec.execution.slurm
     return ExecutorConfig(
-        kind=override or ex.executor, timeout_min=slurm.timeout_min, partition=slurm.partition,
-        cpus_per_task=slurm.cpus_per_task, gpus_per_task=slurm.gpus_per_task or None,
-        mem_gb=slurm.mem_gb, array_parallelism=slurm.array_parallelism, account=slurm.account,
-        qos=slurm.qos, additional_parameters=dict(slurm.additional), max_parallel=ex.max_parallel,
+        kind=override or ex.executor,
+        timeout_min=slurm.timeout_min,
+        partition=slurm.partition,
+        cpus_per_task=slurm.cpus_per_task,
+        gpus_per_task=slurm.gpus_per_task or None,
+        mem_gb=slurm.mem_gb,
+        array_parallelism=slurm.array_parallelism,
+        account=slurm.account,
+        qos=slurm.qos,
+        additional_parameters=dict(slurm.additional),
+        max_parallel=ex.max_parallel,
     )

@@ -39,8 +39,11 @@ class GridStatus:
     @property
     def gradients_todo(self) -> list[GradientCell]:
         needed = {c.gradient_id for c in self.todo}
-        return [g for g in self.plan.gradient_cells
-                if g.id in needed and g.id not in self.gradients_stored]
+        return [
+            g
+            for g in self.plan.gradient_cells
+            if g.id in needed and g.id not in self.gradients_stored
+        ]
 
     @property
     def done(self) -> int:
@@ -65,8 +68,10 @@ def prepare_run(spec: GridSpec, text: str, out: Path | str | None) -> RunDir:
     if (path / "grid.yaml").is_file():
         frozen = spec_from_yaml((path / "grid.yaml").read_text())
         if frozen.name != spec.name:
-            raise ConfigError(f"--out: {path} holds the run of grid {frozen.name!r}, not "
-                              f"{spec.name!r}; choose another --out")
+            raise ConfigError(
+                f"--out: {path} holds the run of grid {frozen.name!r}, not "
+                f"{spec.name!r}; choose another --out"
+            )
         run = open_run(path)
         update_spec(run, text)  # an extended grid resumes: committed cells keep their ids
         return run
@@ -77,26 +82,41 @@ def grid_status(spec: GridSpec, run: RunDir | None, *, queued: Iterable[str] = (
     plan = expand(spec)
     if run is None:
         return GridStatus(plan, frozenset(), frozenset(), frozenset())
-    return GridStatus(plan, frozenset(run.committed_cells()), frozenset(run.stored_gradients()),
-                      frozenset(queued))
+    return GridStatus(
+        plan, frozenset(run.committed_cells()), frozenset(run.stored_gradients()), frozenset(queued)
+    )
 
 
 def batched(items: Sequence[T], size: int) -> list[tuple[T, ...]]:
     return [tuple(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def inversion_chunks(run: RunDir, cells: Sequence[InversionCell], *, per_job: int,
-                     keep_restarts: bool) -> list[Chunk]:
+def inversion_chunks(
+    run: RunDir,
+    cells: Sequence[InversionCell],
+    *,
+    per_job: int,
+    keep_restarts: bool,
+    threads: int | None = None,
+) -> list[Chunk]:
     """K cells per element, grouped so that one element loads one victim and one generator."""
     ordered = sorted(cells, key=_loading_key)
-    return [Chunk(str(run.root), "inversions", tuple(c.describe() for c in group), keep_restarts)
-            for group in batched(ordered, per_job)]
+    return [
+        Chunk(
+            str(run.root), "inversions", tuple(c.describe() for c in group), keep_restarts, threads
+        )
+        for group in batched(ordered, per_job)
+    ]
 
 
-def gradient_chunks(run: RunDir, cells: Sequence[GradientCell], *, per_job: int) -> list[Chunk]:
+def gradient_chunks(
+    run: RunDir, cells: Sequence[GradientCell], *, per_job: int, threads: int | None = None
+) -> list[Chunk]:
     ordered = sorted(cells, key=lambda g: json.dumps(g.victim.model_dump(), sort_keys=True))
-    return [Chunk(str(run.root), "gradients", tuple(c.describe() for c in group))
-            for group in batched(ordered, per_job)]
+    return [
+        Chunk(str(run.root), "gradients", tuple(c.describe() for c in group), False, threads)
+        for group in batched(ordered, per_job)
+    ]
 
 
 def _loading_key(cell: InversionCell) -> tuple[str, str, str]:
@@ -113,11 +133,15 @@ class SubmissionShape:
     sbatch_calls: int
 
     def describe(self) -> str:
-        return (f"{self.arrays} job array(s), {self.elements} elements, <= "
-                f"{self.cells_per_element} cells per element, {self.sbatch_calls} sbatch call(s)")
+        return (
+            f"{self.arrays} job array(s), {self.elements} elements, <= "
+            f"{self.cells_per_element} cells per element, {self.sbatch_calls} sbatch call(s)"
+        )
 
 
-def submission_shape(n_cells: int, *, per_job: int, max_array: int = ARRAY_ELEMENTS) -> SubmissionShape:
+def submission_shape(
+    n_cells: int, *, per_job: int, max_array: int = ARRAY_ELEMENTS
+) -> SubmissionShape:
     """One sbatch per job array; an array holds at most `max_array` elements of K cells."""
     elements = math.ceil(n_cells / per_job) if n_cells else 0
     arrays = math.ceil(elements / max_array) if elements else 0

@@ -32,8 +32,7 @@ from gi_core.datasets import dataset_info, max_batches
 from gi_core.defenses import DEFENSE_KINDS, Defense
 from gi_core.errors import ConfigError
 
-DATASET_KINDS = ("lfw-faces", "natural-photos", "synthetic", "imagefolder:<path>",
-                 "cifar10:<root>")
+DATASET_KINDS = ("lfw-faces", "natural-photos", "synthetic", "imagefolder:<path>", "cifar10:<root>")
 
 
 def _as_tuple(value: Any) -> Any:
@@ -51,7 +50,7 @@ class _Model(BaseModel):
 
 class DataSpec(_Model):
     dataset: str
-    image_size: int = Field(default=32, ge=16)
+    image_size: int = Field(default=32, ge=32)  # LPIPS (AlexNet) needs >= 32 px
     num_batches: int = Field(default=1, ge=1)
 
     @field_validator("dataset")
@@ -115,8 +114,11 @@ class DefenseSpec(_Model):
     def _fields_of_kind(self) -> DefenseSpec:
         needed = _DEFENSE_FIELDS[self.kind]
         wrong = [f"{self.kind} needs {n!r}" for n in needed if getattr(self, n) is None]
-        wrong += [f"{self.kind} does not take {n!r}" for n in ("p", "sigma", "clip", "bits")
-                  if n not in needed and getattr(self, n) is not None]
+        wrong += [
+            f"{self.kind} does not take {n!r}"
+            for n in ("p", "sigma", "clip", "bits")
+            if n not in needed and getattr(self, n) is not None
+        ]
         if wrong:
             raise ValueError("; ".join(wrong))
         return self
@@ -135,7 +137,10 @@ class DefenseSpec(_Model):
 
 
 _DEFENSE_FIELDS: dict[str, tuple[str, ...]] = {
-    "none": (), "sparsity": ("p",), "noise": ("sigma",), "dp": ("clip", "sigma"),
+    "none": (),
+    "sparsity": ("p",),
+    "noise": ("sigma",),
+    "dp": ("clip", "sigma"),
     "quantize": ("bits",),
 }
 assert set(_DEFENSE_FIELDS) == set(DEFENSE_KINDS), "spec and gi_core disagree on defenses"
@@ -181,8 +186,7 @@ class GridSpec(_Model):
     data: DataSpec
     victim: VictimSpec
     generator: GeneratorSpec | None = None
-    methods: tuple[Annotated[MethodSpec, BeforeValidator(_method_item)], ...] = Field(
-        min_length=1)
+    methods: tuple[Annotated[MethodSpec, BeforeValidator(_method_item)], ...] = Field(min_length=1)
     defenses: tuple[DefenseSpec, ...] = Field(default=(DefenseSpec(kind="none"),), min_length=1)
     batch_sizes: Ints = Field(default=(1,), min_length=1)
     seeds: Ints = Field(default=(0,), min_length=1)
@@ -228,35 +232,48 @@ def _method_problems(spec: GridSpec) -> list[str]:
     problems = []
     for i, m in enumerate(spec.methods):
         if m.name not in METHOD_NAMES:
-            problems.append(f"methods[{i}].name: unknown method {m.name!r}; "
-                            f"known: {', '.join(METHOD_NAMES)}")
+            problems.append(
+                f"methods[{i}].name: unknown method {m.name!r}; known: {', '.join(METHOD_NAMES)}"
+            )
             continue
         try:
             config = method_config(m.name, m.params)
         except (ConfigError, TypeError) as e:
             msg = str(e)
-            problems.append(f"methods[{i}].{msg}" if msg.startswith("params.")
-                            else f"methods[{i}].params: {msg}")
+            problems.append(
+                f"methods[{i}].{msg}"
+                if msg.startswith("params.")
+                else f"methods[{i}].params: {msg}"
+            )
             continue
         if config.labels == "idlg" and any(b != 1 for b in spec.batch_sizes):
-            problems.append(f"methods[{i}].params.labels: idlg recovers the label of a single "
-                            "image; use batch_sizes: [1] or labels: yin")
+            problems.append(
+                f"methods[{i}].params.labels: idlg recovers the label of a single "
+                "image; use batch_sizes: [1] or labels: yin"
+            )
     return problems
 
 
 def _generator_problems(spec: GridSpec) -> list[str]:
     needing = [m.name for m in spec.methods if m.name in METHOD_NAMES and uses_generator(m.name)]
     if needing and spec.generator is None:
-        return [f"generator: required by {', '.join(dict.fromkeys(needing))} "
-                "(write e.g. generator: {kind: dcgan32})"]
+        return [
+            f"generator: required by {', '.join(dict.fromkeys(needing))} "
+            "(write e.g. generator: {kind: dcgan32})"
+        ]
     return []
 
 
 def _checkpoint_problems(spec: GridSpec) -> list[str]:
-    paths = {"victim.checkpoint": spec.victim.checkpoint,
-             "generator.checkpoint": spec.generator.checkpoint if spec.generator else None}
-    return [f"{field}: no such file {path!r}" for field, path in paths.items()
-            if path is not None and not Path(path).is_file()]
+    paths = {
+        "victim.checkpoint": spec.victim.checkpoint,
+        "generator.checkpoint": spec.generator.checkpoint if spec.generator else None,
+    }
+    return [
+        f"{field}: no such file {path!r}"
+        for field, path in paths.items()
+        if path is not None and not Path(path).is_file()
+    ]
 
 
 def _data_problems(spec: GridSpec) -> list[str]:
@@ -286,8 +303,9 @@ def _each(values: Any, ok: Any, rule: str) -> Any:
 def canonical_json(obj: Any) -> str:
     """Stable JSON: sorted keys, no whitespace, floats by shortest repr (so 0.1 == 1e-1 once
     parsed), NaN/inf refused. The basis of every cell id."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False)
+    return json.dumps(
+        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+    )
 
 
 def parse_spec(data: Mapping[str, Any]) -> GridSpec:

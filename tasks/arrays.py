@@ -33,14 +33,17 @@ def pending(run: RunDir, chunk: Chunk) -> Chunk:
     return replace(chunk, cells=keep)
 
 
-def run_array_now(run_dir: str, chunks: Sequence[Chunk], executor: ExecutorConfig, name: str) -> int:
+def run_array_now(
+    run_dir: str, chunks: Sequence[Chunk], executor: ExecutorConfig, name: str
+) -> int:
     """Body of the task (also callable without Prefect): returns the number of cells run."""
     run = open_run(run_dir)
     todo = [c for c in (pending(run, ch) for ch in chunks) if c.cells]
     if not todo:
         return 0
-    handles = submit_array(Resumable(run_chunk), todo, config=executor, log_dir=run.logs_dir,
-                           name=name)
+    handles = submit_array(
+        Resumable(run_chunk), todo, config=executor, log_dir=run.logs_dir, name=name
+    )
     record_jobs(run, name, handles, todo)
     try:
         wait_for_jobs(handles, poll_s=POLL_S)
@@ -63,8 +66,13 @@ def _missing_cells(task: Any, task_run: Any, state: State) -> bool:
     return isinstance(state.result(raise_on_failure=False), ExecutionError)
 
 
-@task(name="run-cell-array", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=_missing_cells)
+@task(
+    name="run-cell-array",
+    retries=2,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=_missing_cells,
+)
 def run_array(run_dir: str, chunks: list[Chunk], executor: ExecutorConfig, name: str) -> int:
     """One job array of `chunks` (each element runs its K cells in sequence)."""
     return run_array_now(run_dir, chunks, executor, name)

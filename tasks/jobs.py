@@ -30,10 +30,13 @@ def jobs_dir(run: RunDir) -> Path:
     return run.root / "jobs"
 
 
-def record_jobs(run: RunDir, name: str, handles: Sequence[JobHandle], chunks: Sequence[Chunk]) -> None:
+def record_jobs(
+    run: RunDir, name: str, handles: Sequence[JobHandle], chunks: Sequence[Chunk]
+) -> None:
     records = [
         {"kind": h.kind, "job_id": h.job_id, "cells": [c["id"] for c in chunks[h.index].cells]}
-        for h in handles if h.kind != "inline"
+        for h in handles
+        if h.kind != "inline"
     ]
     if records:
         stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -54,8 +57,11 @@ def active_records(run: RunDir, records: list[JobRecord] | None = None) -> list[
     """Records whose job is still queued or running (Slurm: squeue; local: the pid is alive)."""
     records = read_records(run) if records is None else records
     slurm = queued_job_ids({r.job_id for r in records if r.kind == "slurm"})
-    return [r for r in records
-            if (r.kind == "slurm" and r.job_id in slurm) or (r.kind == "local" and _alive(r.job_id))]
+    return [
+        r
+        for r in records
+        if (r.kind == "slurm" and r.job_id in slurm) or (r.kind == "local" and _alive(r.job_id))
+    ]
 
 
 def job_cell_counts(run: RunDir) -> tuple[int, int]:

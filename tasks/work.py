@@ -32,7 +32,13 @@ from gi_core.victims import build_victim
 from pipelines.cells import GradientCell, InversionCell
 from storage.checkpoints import delete_checkpoint, load_checkpoint, save_checkpoint
 from storage.run import RunDir, open_run
-from storage.zarr_store import StoredGradient, StoredReconstruction, read_gradient, write_gradient, write_reconstruction
+from storage.zarr_store import (
+    StoredGradient,
+    StoredReconstruction,
+    read_gradient,
+    write_gradient,
+    write_reconstruction,
+)
 
 log = logging.getLogger(__name__)
 # Periodic saves also cover SIGTERM preemption and node failures. GI_CHECKPOINT_EVERY_S (read in
@@ -63,11 +69,14 @@ class Chunk:
     kind: str  # "gradients" | "inversions"
     cells: tuple[dict[str, Any], ...]  # cell.describe() dicts: small and picklable
     keep_restarts: bool = False
+    threads: int | None = None  # torch threads of the job (None: leave the process default)
 
 
 def run_chunk(chunk: Chunk, preemption: Preemption | None = None) -> int:
     """Run every cell of the chunk that is not committed yet; returns how many it ran."""
     run, preemption = open_run(chunk.run_dir), preemption or NoPreemption()
+    if chunk.threads is not None:
+        torch.set_num_threads(chunk.threads)
     ran, failed = 0, []
     for d in chunk.cells:
         try:
@@ -77,16 +86,19 @@ def run_chunk(chunk: Chunk, preemption: Preemption | None = None) -> int:
             log.exception("cell %s failed", d["id"])
             failed.append(d["id"])
     if failed:
-        raise ExecutionError(f"{len(failed)} cell(s) failed: {', '.join(failed)} (tracebacks in "
-                             "this job's log); the other cells of the chunk are committed")
+        raise ExecutionError(
+            f"{len(failed)} cell(s) failed: {', '.join(failed)} (tracebacks in "
+            "this job's log); the other cells of the chunk are committed"
+        )
     return ran
 
 
 def _run_cell(run: RunDir, chunk: Chunk, d: dict[str, Any], preemption: Preemption) -> int:
     if chunk.kind == "gradients":
         return generate_gradient(run, GradientCell.from_dict(d))
-    return invert(run, InversionCell.from_dict(d), preemption=preemption,
-                  keep_restarts=chunk.keep_restarts)
+    return invert(
+        run, InversionCell.from_dict(d), preemption=preemption, keep_restarts=chunk.keep_restarts
+    )
 
 
 def device() -> torch.device:
@@ -95,12 +107,19 @@ def device() -> torch.device:
 
 
 @functools.lru_cache(maxsize=8)
-def _victim(arch: str, width: int | None, seed: int, checkpoint: str | None, num_classes: int,
-            image_size: int) -> nn.Module:
+def _victim(
+    arch: str,
+    width: int | None,
+    seed: int,
+    checkpoint: str | None,
+    num_classes: int,
+    image_size: int,
+) -> nn.Module:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint else None
     extra = {"width": width} if width is not None else {}
-    model = build_victim(arch, num_classes=num_classes, image_size=image_size, seed=seed,
-                         state_dict=state, **extra)
+    model = build_victim(
+        arch, num_classes=num_classes, image_size=image_size, seed=seed, state_dict=state, **extra
+    )
     return model.to(device())
 
 
@@ -127,14 +146,21 @@ def generate_gradient(run: RunDir, cell: GradientCell) -> int:
     defended = apply_defense(cell.defense, victim, images, labels, generator=noise)
     index = ParamIndex.of(victim)
     mask = index.flatten(defended.masks).bool() if defended.masks is not None else None
-    write_gradient(run.gradient_path(cell.id), StoredGradient(
-        gradient=index.flatten(defended.grads).cpu().numpy(),
-        param_names=index.names, param_shapes=index.shapes,
-        images=images.cpu().numpy(), labels=labels.cpu().numpy(),
-        bn_stats=tuple((m.cpu().numpy(), v.cpu().numpy()) for m, v in bn_statistics(victim, images)),
-        mask=None if mask is None else mask.cpu().numpy(),
-        attrs={"cell": cell.describe(), "defense_info": _json_safe(defended.info)},
-    ))
+    write_gradient(
+        run.gradient_path(cell.id),
+        StoredGradient(
+            gradient=index.flatten(defended.grads).cpu().numpy(),
+            param_names=index.names,
+            param_shapes=index.shapes,
+            images=images.cpu().numpy(),
+            labels=labels.cpu().numpy(),
+            bn_stats=tuple(
+                (m.cpu().numpy(), v.cpu().numpy()) for m, v in bn_statistics(victim, images)
+            ),
+            mask=None if mask is None else mask.cpu().numpy(),
+            attrs={"cell": cell.describe(), "defense_info": _json_safe(defended.info)},
+        ),
+    )
     return 1
 
 
@@ -151,7 +177,12 @@ def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_res
     checkpoint_path = run.checkpoint_path(cell.id)
     state = load_checkpoint(checkpoint_path)
     result = reconstruct(
-        cell.method, problem, cell.config, seed=cell.seed, generator=generator, state=state,
+        cell.method,
+        problem,
+        cell.config,
+        seed=cell.seed,
+        generator=generator,
+        state=state,
         progress=_checkpointer(checkpoint_path, preemption),
     )
     truth = torch.as_tensor(stored.images, device=dev)
@@ -159,8 +190,11 @@ def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_res
     known = problem.labels if cell.config.labels == "given" else None
     scores = evaluate_batch(result.images, truth, labels=known, lpips=lpips_model())
     wall = time.perf_counter() - start
-    write_reconstruction(run.reconstruction_path(cell.id), _stored_result(cell, result, wall, dev),
-                         keep_restarts=keep_restarts)
+    write_reconstruction(
+        run.reconstruction_path(cell.id),
+        _stored_result(cell, result, wall, dev),
+        keep_restarts=keep_restarts,
+    )
     run.commit_metrics(_rows(cell, stored, result, scores, wall, dev, label_acc))
     delete_checkpoint(checkpoint_path)
     return 1
@@ -177,12 +211,22 @@ def _problem(stored: StoredGradient, victim: nn.Module, dev: torch.device) -> In
     grads = index.unflatten(torch.as_tensor(stored.gradient, device=dev))
     masks = None
     if stored.mask is not None:
-        masks = [m.to(torch.float32) for m in index.unflatten(torch.as_tensor(stored.mask, device=dev))]
+        masks = [
+            m.to(torch.float32) for m in index.unflatten(torch.as_tensor(stored.mask, device=dev))
+        ]
     labels = torch.as_tensor(stored.labels, device=dev)
-    stats = [(torch.as_tensor(m, device=dev), torch.as_tensor(v, device=dev)) for m, v in stored.bn_stats]
+    stats = [
+        (torch.as_tensor(m, device=dev), torch.as_tensor(v, device=dev)) for m, v in stored.bn_stats
+    ]
     shape = tuple(stored.images.shape[1:])
-    return InversionProblem(victim, grads, labels, shape, masks=masks,  # type: ignore[arg-type]
-                            bn_target=stats or None)
+    return InversionProblem(
+        victim,
+        grads,
+        labels,
+        shape,
+        masks=masks,  # type: ignore[arg-type]
+        bn_target=stats or None,
+    )
 
 
 def _checkpointer(path: Any, preemption: Preemption) -> Callable[[Progress], None]:
@@ -200,29 +244,59 @@ def _checkpointer(path: Any, preemption: Preemption) -> Callable[[Progress], Non
     return on_progress
 
 
-def _stored_result(cell: InversionCell, result: Any, wall: float, dev: torch.device) -> StoredReconstruction:
+def _stored_result(
+    cell: InversionCell, result: Any, wall: float, dev: torch.device
+) -> StoredReconstruction:
     return StoredReconstruction(
-        images=result.images.cpu().numpy(), restart_costs=result.restart_costs.double().numpy(),
-        loss_curve=result.loss_curve.float().numpy(), curve_iterations=result.curve_iterations.numpy(),
-        status=result.status, iterations=result.iterations, wall_seconds=wall, device=str(dev),
-        best_restart=result.best_restart, restart_images=result.restart_images.cpu().numpy(),
+        images=result.images.cpu().numpy(),
+        restart_costs=result.restart_costs.double().numpy(),
+        loss_curve=result.loss_curve.float().numpy(),
+        curve_iterations=result.curve_iterations.numpy(),
+        status=result.status,
+        iterations=result.iterations,
+        wall_seconds=wall,
+        device=str(dev),
+        best_restart=result.best_restart,
+        restart_images=result.restart_images.cpu().numpy(),
         attrs={"cell": cell.describe()},
     )
 
 
-def _rows(cell: InversionCell, stored: StoredGradient, result: Any, scores: Any, wall: float,
-          dev: torch.device, label_acc: float) -> list[dict[str, Any]]:
+def _rows(
+    cell: InversionCell,
+    stored: StoredGradient,
+    result: Any,
+    scores: Any,
+    wall: float,
+    dev: torch.device,
+    label_acc: float,
+) -> list[dict[str, Any]]:
     axes = cell.metric_axes()
-    cost = float(result.restart_costs[result.best_restart]) if result.best_restart >= 0 else float("nan")
+    cost = (
+        float(result.restart_costs[result.best_restart])
+        if result.best_restart >= 0
+        else float("nan")
+    )
     return [
-        {**axes, "image_index": i, "sample_index": int(cell.gradient.indices[i]),
-         "label": int(stored.labels[i]), "labels": cell.config.labels,
-         "label_accuracy": label_acc, "psnr": float(scores.psnr[i]), "ssim": float(scores.ssim[i]),
-         "lpips": float(scores.lpips[i]), "best_psnr_in_batch": bool(scores.best_psnr[i]),
-         "best_ssim_in_batch": bool(scores.best_ssim[i]),
-         "best_lpips_in_batch": bool(scores.best_lpips[i]), "final_cost": cost,
-         "status": result.status, "iterations": result.iterations, "wall_seconds": wall,
-         "device": str(dev)}
+        {
+            **axes,
+            "image_index": i,
+            "sample_index": int(cell.gradient.indices[i]),
+            "label": int(stored.labels[i]),
+            "labels": cell.config.labels,
+            "label_accuracy": label_acc,
+            "psnr": float(scores.psnr[i]),
+            "ssim": float(scores.ssim[i]),
+            "lpips": float(scores.lpips[i]),
+            "best_psnr_in_batch": bool(scores.best_psnr[i]),
+            "best_ssim_in_batch": bool(scores.best_ssim[i]),
+            "best_lpips_in_batch": bool(scores.best_lpips[i]),
+            "final_cost": cost,
+            "status": result.status,
+            "iterations": result.iterations,
+            "wall_seconds": wall,
+            "device": str(dev),
+        }
         for i in range(len(stored.labels))
     ]
 

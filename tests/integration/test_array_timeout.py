@@ -15,7 +15,7 @@ from tasks.jobs import active_records, read_records
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = """
 name: timeout
-data: {{dataset: lfw-faces, image_size: 16, num_batches: 1}}
+data: {{dataset: lfw-faces, image_size: 32, num_batches: 1}}
 victim: {{arch: convnet, width: 4, seed: 0}}
 methods:
   - {{name: gi-x, params: {{iterations: 1000000, restarts: 1}}}}

@@ -21,7 +21,7 @@ from storage.metrics import ROW_COLUMNS
 def spec_dict(**over: Any) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": "t",
-        "data": {"dataset": "synthetic", "image_size": 16, "num_batches": 2},
+        "data": {"dataset": "synthetic", "image_size": 32, "num_batches": 2},
         "victim": {"arch": "lenet", "seed": 0},
         "generator": {"kind": "dcgan32"},
         "methods": ["gi-x", {"name": "gi-z/w", "params": {"restarts": 2}}],
@@ -101,7 +101,7 @@ def test_ids_ignore_order_spelling_and_execution_settings() -> None:
         {"seeds": [1]},
         {"victim": {"arch": "lenet", "seed": 1}},
         {"victim": {"arch": "lenet", "width": 8}},
-        {"data": {"dataset": "synthetic", "image_size": 32, "num_batches": 2}},
+        {"data": {"dataset": "synthetic", "image_size": 64, "num_batches": 2}},
         {"generator": {"kind": "dcgan64"}},
         {"methods": ["gi-x", {"name": "gi-z/w", "params": {"restarts": 3}}]},
         {"budgets": {"iterations_scale": 0.5}},
@@ -194,7 +194,7 @@ def test_ids_are_stable_across_processes() -> None:
 def test_hundred_thousand_cells_expand_quickly() -> None:
     spec = parse_spec(
         spec_dict(
-            data={"dataset": "synthetic", "image_size": 16, "num_batches": 50},
+            data={"dataset": "synthetic", "image_size": 32, "num_batches": 50},
             methods=["gi-x", "gi-x+bn", "gi-z", "gi-w", "gi-z/w", "gi-z/x", "gi-z+bn", "gi-z/w+bn"],
             defenses=[{"kind": "sparsity", "p": [i / 25 for i in range(25)]}],
             batch_sizes=[1],
