@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gi_core.errors import ConfigError
-from pipelines.executors import ExecutorConfig, JobHandle, cancel_jobs
+from pipelines.executors import ExecutorConfig, JobHandle, cancel_jobs, kill_local_job
 from pipelines.planner import (
     estimate_seconds,
     grid_status,
@@ -166,7 +165,7 @@ def cancel_run(run_dir: Path) -> str:
     cancel_jobs(slurm)
     for r in active:
         if r.kind == "local":
-            os.kill(int(r.job_id), signal.SIGTERM)
+            kill_local_job(r.job_id)
     return f"cancelled {len(active)} job(s); committed cells are kept, `gi-eval run` resumes"
 
 

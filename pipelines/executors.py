@@ -353,8 +353,40 @@ def cancel_jobs(handles: Sequence[JobHandle]) -> None:
     local = {h.job_id: h for h in handles if h.kind == "local"}
     for handle in local.values():
         if not _local_done(handle):
-            assert handle.job is not None  # checked by _local_done
-            handle.job.cancel()
+            kill_local_job(handle.job_id)
+
+
+def kill_local_job(job_id: str) -> None:
+    """Kill a local job's controller and its task processes (SIGKILL).
+
+    submitit's own cancel() sends SIGINT to the controller, which a process started in the
+    background of a non-interactive shell ignores (inherited SIG_IGN), and the controller
+    forwards SIGTERM to tasks that submitit tells to ignore it. Killing the tree is what works;
+    an interrupted cell resumes from its last checkpoint when it is run again.
+    """
+    pid = int(job_id)
+    for child in _children(pid):
+        _kill(child)
+    _kill(pid)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def threads_per_job(config: ExecutorConfig) -> int | None:
