@@ -135,6 +135,28 @@ def make_cost(problem: InversionProblem, config: BaseConfig) -> CostFn:
     return vmap(one)
 
 
+def run_stages(
+    stages: Sequence[Stage],
+    problem: InversionProblem,
+    config: BaseConfig,
+    initial: Variables,
+    *,
+    state: dict[str, Any] | None,
+    progress: Callable[[Progress], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> AttackResult:
+    """`optimise` with the cost of `problem` under `config`: the body of every attack."""
+    return optimise(
+        stages,
+        make_cost(problem, config),
+        initial,
+        curve_every=config.curve_every,
+        state=state,
+        progress=progress,
+        should_stop=should_stop,
+    )
+
+
 def milestones(iterations: int) -> list[int]:
     return [iterations * k // 8 for k in (3, 5, 7)]
 

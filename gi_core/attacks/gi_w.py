@@ -15,11 +15,10 @@ from gi_core.attacks.engine import (
     InversionProblem,
     Progress,
     _check,
-    make_cost,
-    optimise,
+    run_stages,
 )
 from gi_core.attacks.prior import (
-    initial_latents,
+    latents_for,
     per_image_stage,
     require_generator,
     untrained_copy,
@@ -58,18 +57,8 @@ def reconstruct(
     gen = require_generator(generator, "gi-w")
     if config.start == "untrained":
         gen = untrained_copy(gen, seed=seed)
-    z = (
-        init
-        if init is not None
-        else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
-    )
+    z = latents_for(gen, problem, config, seed=seed, init=init)
     stage = per_image_stage(gen, name="w", iterations=config.w_iterations, lr=config.w_lr)
-    return optimise(
-        [stage],
-        make_cost(problem, config),
-        {"z": z},
-        curve_every=config.curve_every,
-        state=state,
-        progress=progress,
-        should_stop=should_stop,
+    return run_stages(
+        [stage], problem, config, {"z": z}, state=state, progress=progress, should_stop=should_stop
     )

@@ -22,8 +22,7 @@ from gi_core.attacks.engine import (
     Stage,
     Variables,
     _check,
-    make_cost,
-    optimise,
+    run_stages,
 )
 
 PARAMETRISATIONS = ("box", "sigmoid")
@@ -96,11 +95,11 @@ def reconstruct(
     config = config or GIXConfig()
     if init is None:
         init = initial_images(problem, restarts=config.restarts, seed=seed)
-    return optimise(
+    return run_stages(
         [pixel_stage(config)],
-        make_cost(problem, config),
+        problem,
+        config,
         {"x": init},
-        curve_every=config.curve_every,
         state=state,
         progress=progress,
         should_stop=should_stop,

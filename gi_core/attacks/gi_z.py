@@ -9,8 +9,8 @@ from typing import Any
 
 from torch import Tensor
 
-from gi_core.attacks.engine import AttackResult, InversionProblem, Progress, make_cost, optimise
-from gi_core.attacks.prior import LatentConfig, initial_latents, latent_stage, require_generator
+from gi_core.attacks.engine import AttackResult, InversionProblem, Progress, run_stages
+from gi_core.attacks.prior import LatentConfig, latent_stage, latents_for, require_generator
 from gi_core.generators import Generator
 
 
@@ -33,16 +33,12 @@ def reconstruct(
     """`init` (R, B, d) overrides the random latents."""
     config = config or GIZConfig()
     gen = require_generator(generator, "gi-z")
-    z = (
-        init
-        if init is not None
-        else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
-    )
-    return optimise(
+    z = latents_for(gen, problem, config, seed=seed, init=init)
+    return run_stages(
         [latent_stage(gen, config)],
-        make_cost(problem, config),
+        problem,
+        config,
         {"z": z},
-        curve_every=config.curve_every,
         state=state,
         progress=progress,
         should_stop=should_stop,

@@ -17,13 +17,12 @@ from gi_core.attacks.engine import (
     Stage,
     Variables,
     _check,
-    make_cost,
-    optimise,
+    run_stages,
 )
 from gi_core.attacks.prior import (
     LatentConfig,
-    initial_latents,
     latent_stage,
+    latents_for,
     render_latents,
     require_generator,
 )
@@ -54,11 +53,7 @@ def reconstruct(
 ) -> AttackResult:
     config = config or GIZXConfig()
     gen = require_generator(generator, "gi-z/x")
-    z = (
-        init
-        if init is not None
-        else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
-    )
+    z = latents_for(gen, problem, config, seed=seed, init=init)
 
     def from_latents(v: Variables) -> Variables:
         with torch.no_grad():
@@ -76,11 +71,11 @@ def reconstruct(
         start=from_latents,
         project=box,
     )
-    return optimise(
+    return run_stages(
         [latent_stage(gen, config), pixels],
-        make_cost(problem, config),
+        problem,
+        config,
         {"z": z},
-        curve_every=config.curve_every,
         state=state,
         progress=progress,
         should_stop=should_stop,

@@ -15,13 +15,12 @@ from gi_core.attacks.engine import (
     InversionProblem,
     Progress,
     _check,
-    make_cost,
-    optimise,
+    run_stages,
 )
 from gi_core.attacks.prior import (
     LatentConfig,
-    initial_latents,
     latent_stage,
+    latents_for,
     per_image_stage,
     require_generator,
 )
@@ -53,21 +52,11 @@ def reconstruct(
     """`init` (R, B, d) overrides the random latents of the first stage."""
     config = config or GIASConfig()
     gen = require_generator(generator, "gi-z/w")
-    z = (
-        init
-        if init is not None
-        else initial_latents(gen, problem, restarts=config.restarts, seed=seed)
-    )
+    z = latents_for(gen, problem, config, seed=seed, init=init)
     stages = [
         latent_stage(gen, config),
         per_image_stage(gen, name="w", iterations=config.w_iterations, lr=config.w_lr),
     ]
-    return optimise(
-        stages,
-        make_cost(problem, config),
-        {"z": z},
-        curve_every=config.curve_every,
-        state=state,
-        progress=progress,
-        should_stop=should_stop,
+    return run_stages(
+        stages, problem, config, {"z": z}, state=state, progress=progress, should_stop=should_stop
     )

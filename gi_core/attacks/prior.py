@@ -49,6 +49,20 @@ def initial_latents(
     return generator.sample_latents(restarts, problem.batch_size, generator=rng)
 
 
+def latents_for(
+    generator: Generator,
+    problem: InversionProblem,
+    config: BaseConfig,
+    *,
+    seed: int,
+    init: Tensor | None,
+) -> Tensor:
+    """`init` (R, B, d) when given, else seeded random latents for every restart."""
+    if init is not None:
+        return init
+    return initial_latents(generator, problem, restarts=config.restarts, seed=seed)
+
+
 def render_latents(generator: Generator, z: Tensor) -> Tensor:
     """G(z) for z (R, B, d) -> images (R, B, C, H, W) in [0, 1], one shared generator."""
     images = generator(z.flatten(0, 1))
