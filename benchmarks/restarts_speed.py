@@ -22,7 +22,6 @@ from gi_core.datasets import batch_indices, dataset_info, load_images
 from gi_core.gradients import client_gradient
 from gi_core.victims import build_victim
 
-
 READING = """Reading: both variants do the same arithmetic; vectorising saves per-call overhead
 (Python, dispatch, small kernels), which dominates small victims. A CPU ResNet18 step is
 compute-bound already (each convolution saturates the cores), so there the batched form gains

@@ -89,7 +89,8 @@ def run_grid(spec_path: Path, *, executor: str | None, out: Path | None, verbose
     with _progress(spec, run_path):
         table_path = evaluation_grid(str(spec_path), executor, str(run_path))
     wall = time.perf_counter() - start
-    return Path(table_path).read_text() + f"\n{run_path}: done in {wall:.1f} s\n"
+    figure = Path(table_path).with_name("reconstructions.png")
+    return Path(table_path).read_text() + f"\nfigure: {figure}\n{run_path}: done in {wall:.1f} s\n"
 
 
 @contextmanager
@@ -173,7 +174,8 @@ def tables_text(run_dir: Path) -> str:
     from pipelines.report import write_tables
 
     path = write_tables(_require_run(run_dir))
-    return path.read_text() + f"\nwritten: {path} and {path.with_suffix('.csv')}"
+    figure = path.with_name("reconstructions.png")
+    return path.read_text() + f"\nwritten: {path}, {path.with_suffix('.csv')} and {figure}"
 
 
 def _require_run(run_dir: Path) -> RunDir:

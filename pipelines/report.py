@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from storage.run import RunDir
+from storage.zarr_store import read_gradient, read_reconstruction
 
 AXES = ["method", "defense", "defense_level", "batch_size"]
 METRICS = ["psnr", "ssim", "lpips"]
@@ -49,10 +51,55 @@ def _std(value: float, digits: int) -> str:
 
 
 def write_tables(run: RunDir) -> Path:
-    """reports/table.md and table.csv; returns the markdown path."""
-    table = summary(run.metrics())
+    """reports/table.md, table.csv and reconstructions.png; returns the markdown path."""
+    df = run.metrics()
+    table = summary(df)
     run.reports_dir.mkdir(parents=True, exist_ok=True)
     table.to_csv(run.reports_dir / "table.csv", index=False)
     path = run.reports_dir / "table.md"
     path.write_text(markdown(table))
+    if not df.empty:
+        write_figure(run, df, run.reports_dir / "reconstructions.png")
     return path
+
+
+def write_figure(run: RunDir, df: pd.DataFrame, path: Path) -> None:
+    """Ground truth vs every committed reconstruction of the grid's first batch (smallest B,
+    batch 0, first seed): one row per method x defense level, one column per image."""
+    first = df[
+        (df["batch_size"] == df["batch_size"].min())
+        & (df["batch_index"] == 0)
+        & (df["seed"] == df["seed"].min())
+    ]
+    cells = first.drop_duplicates("cell_id").sort_values(["method", "defense", "defense_level"])
+    truth = read_gradient(run.gradient_path(cells["gradient_id"].iloc[0])).images
+    rows = [("ground truth", truth)] + [
+        (
+            f"{c.method}\n{c.defense} {c.defense_level:g}",
+            read_reconstruction(run.reconstruction_path(c.cell_id)).images,
+        )
+        for c in cells.itertuples()
+    ]
+    _image_grid(rows, path)
+
+
+def _image_grid(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_cols = rows[0][1].shape[0]
+    fig, axes = plt.subplots(
+        len(rows), n_cols, figsize=(1.4 * n_cols + 1, 1.4 * len(rows)), squeeze=False
+    )
+    for r, (label, images) in enumerate(rows):  # images: (B, C, H, W) in [0, 1]
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.imshow(np.clip(images[c].transpose(1, 2, 0), 0, 1))
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(label, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -199,6 +199,7 @@ def _assert_complete(r: Run) -> None:
     assert len(df) == len(cells) * TINY["batch_sizes"][0]
     assert set(df["status"]) == {"ok"}
     assert (run.reports_dir / "table.md").is_file()
+    assert (run.reports_dir / "reconstructions.png").stat().st_size > 1000
     assert not list((run.root / "checkpoints").glob("*.pt"))
 
 
