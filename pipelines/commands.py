@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gi_core.errors import ConfigError
-from pipelines.executors import ExecutorConfig, JobHandle, cancel_jobs, kill_local_job
+from pipelines.calibrate import seconds_per_iteration
+from pipelines.executors import JobHandle, cancel_jobs, kill_local_job
 from pipelines.planner import (
     estimate_seconds,
     grid_status,
@@ -35,7 +36,9 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
     queued = {c for r in active_records(run) for c in r.cells} if run else set()
     status = grid_status(spec, run, queued=queued)
     todo = status.todo
-    timings = stored_timings(run) or (calibration(spec, status) if calibrate and todo else {})
+    timings = stored_timings(run) or (
+        seconds_per_iteration(status.plan) if calibrate and todo else {}
+    )
     seconds = estimate_seconds(todo, timings)
     per_job = spec.execution.cells_per_job
     grad_shape = submission_shape(len(status.gradients_todo), per_job=per_job)
@@ -65,13 +68,6 @@ def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-def calibration(spec: object, status: object) -> dict[str, float]:
-    """Seconds per iteration of each method, timed on 3 iterations of the first cell."""
-    from pipelines.calibrate import seconds_per_iteration
-
-    return seconds_per_iteration(status.plan)  # type: ignore[attr-defined]
 
 
 def run_grid(spec_path: Path, *, executor: str | None, out: Path | None, verbose: bool) -> str:
@@ -185,13 +181,3 @@ def _require_run(run_dir: Path) -> RunDir:
             "start one with `gi-eval run SPEC`"
         )
     return open_run(run_dir)
-
-
-__all__ = [
-    "ExecutorConfig",
-    "cancel_run",
-    "plan_report",
-    "run_grid",
-    "status_report",
-    "tables_text",
-]
