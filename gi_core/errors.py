@@ -19,3 +19,7 @@ class StorageError(GIError):
 
 class ExecutionError(GIError):
     """A job failed or cells are missing after their jobs finished (a retry may fix it)."""
+
+
+class RunCancelled(GIError):
+    """`gi-eval cancel` stopped the run's jobs: nothing is retried; rerunning resumes."""

@@ -23,7 +23,7 @@ from pipelines.planner import (
 )
 from pipelines.spec import spec_from_yaml
 from storage.run import RunDir, open_run
-from tasks.jobs import active_records, job_cell_counts
+from tasks.jobs import active_records, job_cell_counts, request_cancel
 
 
 def _existing_run(path: Path) -> RunDir | None:
@@ -157,6 +157,7 @@ def status_report(run_dir: Path) -> str:
 
 def cancel_run(run_dir: Path) -> str:
     run = _require_run(run_dir)
+    request_cancel(run)  # first: a driving `gi-eval run` must stop, not resubmit
     active = active_records(run)
     slurm = [JobHandle(kind="slurm", job_id=r.job_id, index=0) for r in active if r.kind == "slurm"]
     cancel_jobs(slurm)

@@ -7,6 +7,7 @@ commit markers at the start of every attempt). A timeout or cancellation cancels
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -15,10 +16,10 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from gi_core.errors import ExecutionError
+from gi_core.errors import ExecutionError, RunCancelled
 from pipelines.executors import ExecutorConfig, Resumable, cancel_jobs, submit_array, wait_for_jobs
 from storage.run import RunDir, open_run
-from tasks.jobs import record_jobs
+from tasks.jobs import cancel_requested, record_jobs
 from tasks.work import Chunk, run_chunk
 
 POLL_S = 2.0
@@ -37,7 +38,7 @@ def run_array_now(
     run_dir: str, chunks: Sequence[Chunk], executor: ExecutorConfig, name: str
 ) -> int:
     """Body of the task (also callable without Prefect): returns the number of cells run."""
-    run = open_run(run_dir)
+    run, started = open_run(run_dir), time.time()
     todo = [c for c in (pending(run, ch) for ch in chunks) if c.cells]
     if not todo:
         return 0
@@ -51,6 +52,9 @@ def run_array_now(
         cancel_jobs(handles)
         raise
     missing = [c["id"] for ch in todo for c in pending(run, ch).cells]
+    if missing and cancel_requested(run, since=started):
+        raise RunCancelled(f"{run.root} was cancelled (gi-eval cancel): {len(missing)} cells not "
+                           "run; committed cells are kept, `gi-eval run` resumes")
     if missing:
         raise ExecutionError(
             f"{len(missing)} of {sum(len(c.cells) for c in todo)} {todo[0].kind} cells are not "

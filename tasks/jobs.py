@@ -18,6 +18,8 @@ from storage.atomic import write_bytes_atomic
 from storage.run import RunDir
 from tasks.work import Chunk
 
+CANCEL_MARKER = "CANCEL"
+
 
 @dataclass(frozen=True)
 class JobRecord:
@@ -28,6 +30,18 @@ class JobRecord:
 
 def jobs_dir(run: RunDir) -> Path:
     return run.root / "jobs"
+
+
+def request_cancel(run: RunDir) -> None:
+    """Mark the run cancelled, so that a `gi-eval run` still driving it stops, not retries."""
+    path = jobs_dir(run) / CANCEL_MARKER
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, str(time.time()).encode())
+
+
+def cancel_requested(run: RunDir, *, since: float) -> bool:
+    path = jobs_dir(run) / CANCEL_MARKER
+    return path.is_file() and float(path.read_text()) >= since
 
 
 def record_jobs(
