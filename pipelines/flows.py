@@ -39,11 +39,13 @@ class Work:
     executor: ExecutorConfig
     array_timeout_s: float | None
     queued: int  # cells left to jobs of an earlier run that are still queued or running
+    started: float  # planning time: a `gi-eval cancel` after it stops this run
 
 
 @task(name="plan", cache_policy=NO_CACHE)
 def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
     """Validate the spec, open the run, and shape the missing work into chunks."""
+    started = time.time()
     spec, text = read_spec(spec_path)
     run = prepare_run(spec, text, out)
     queued = {cell for r in active_records(run) for cell in r.cells}
@@ -55,7 +57,7 @@ def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
         run, status.todo, per_job=per_job, threads=threads, keep_restarts=spec.storage.keep_restarts
     )
     timeout = ex.array_timeout_h * 3600 if ex.array_timeout_h else None
-    return Work(str(run.root), grads, cells, config, timeout, len(queued))
+    return Work(str(run.root), grads, cells, config, timeout, len(queued), started)
 
 
 @task(name="wait-for-earlier-jobs", cache_policy=NO_CACHE)
@@ -75,20 +77,21 @@ def tables(run_dir: str) -> str:
 def evaluation_grid(spec_path: str, executor: str | None = None, out: str | None = None) -> str:
     """plan -> generate missing gradients -> invert missing cells (metrics per cell) -> tables."""
     work = plan(spec_path, executor, out)
-    run_work(work)
+    run_work(work, started=work.started)
     if work.queued:  # an earlier run's jobs still hold cells: let them finish, then redo misses
         wait_for_earlier_jobs(work.run_dir)
-        run_work(plan(spec_path, executor, out))
+        run_work(plan(spec_path, executor, out), started=work.started)
     return tables(work.run_dir)
 
 
-def run_work(work: Work) -> None:
-    """Gradient arrays first (the inversions read them), then the inversion arrays at once."""
+def run_work(work: Work, *, started: float) -> None:
+    """Gradient arrays first (the inversions read them), then the inversion arrays at once;
+    a `gi-eval cancel` after `started` stops them."""
     array = run_array.with_options(timeout_seconds=work.array_timeout_s)
     for i, group in enumerate(batched(work.gradients, ARRAY_ELEMENTS)):
-        array(work.run_dir, list(group), work.executor, f"gradients-{i}")
+        array(work.run_dir, list(group), work.executor, f"gradients-{i}", started)
     arrays = [
-        array.submit(work.run_dir, list(group), work.executor, f"inversions-{i}")
+        array.submit(work.run_dir, list(group), work.executor, f"inversions-{i}", started)
         for i, group in enumerate(batched(work.inversions, ARRAY_ELEMENTS))
     ]
     for future in arrays:

@@ -7,7 +7,6 @@ commit markers at the start of every attempt). A timeout or cancellation cancels
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -35,13 +34,23 @@ def pending(run: RunDir, chunk: Chunk) -> Chunk:
 
 
 def run_array_now(
-    run_dir: str, chunks: Sequence[Chunk], executor: ExecutorConfig, name: str
+    run_dir: str,
+    chunks: Sequence[Chunk],
+    executor: ExecutorConfig,
+    name: str,
+    *,
+    run_started: float,
 ) -> int:
-    """Body of the task (also callable without Prefect): returns the number of cells run."""
-    run, started = open_run(run_dir), time.time()
+    """Body of the task (also callable without Prefect): returns the number of cells run.
+
+    `run_started` is when the driving `gi-eval run` planned: a `gi-eval cancel` after it stops
+    this array (and every later one) instead of letting a retry resubmit the cells."""
+    run = open_run(run_dir)
     todo = [c for c in (pending(run, ch) for ch in chunks) if c.cells]
     if not todo:
         return 0
+    if cancel_requested(run, since=run_started):
+        raise _cancelled(run, sum(len(c.cells) for c in todo))
     handles = submit_array(
         Resumable(run_chunk), todo, config=executor, log_dir=run.logs_dir, name=name
     )
@@ -52,9 +61,8 @@ def run_array_now(
         cancel_jobs(handles)
         raise
     missing = [c["id"] for ch in todo for c in pending(run, ch).cells]
-    if missing and cancel_requested(run, since=started):
-        raise RunCancelled(f"{run.root} was cancelled (gi-eval cancel): {len(missing)} cells not "
-                           "run; committed cells are kept, `gi-eval run` resumes")
+    if missing and cancel_requested(run, since=run_started):
+        raise _cancelled(run, len(missing))
     if missing:
         raise ExecutionError(
             f"{len(missing)} of {sum(len(c.cells) for c in todo)} {todo[0].kind} cells are not "
@@ -62,6 +70,13 @@ def run_array_now(
             "resubmits only these"
         )
     return sum(len(c.cells) for c in todo)
+
+
+def _cancelled(run: RunDir, cells: int) -> RunCancelled:
+    return RunCancelled(
+        f"{run.root} was cancelled (gi-eval cancel): {cells} cells not run; "
+        "committed cells are kept, `gi-eval run` resumes"
+    )
 
 
 def _missing_cells(task: Any, task_run: Any, state: State) -> bool:
@@ -77,6 +92,8 @@ def _missing_cells(task: Any, task_run: Any, state: State) -> bool:
     cache_policy=NO_CACHE,
     retry_condition_fn=_missing_cells,
 )
-def run_array(run_dir: str, chunks: list[Chunk], executor: ExecutorConfig, name: str) -> int:
+def run_array(
+    run_dir: str, chunks: list[Chunk], executor: ExecutorConfig, name: str, run_started: float
+) -> int:
     """One job array of `chunks` (each element runs its K cells in sequence)."""
-    return run_array_now(run_dir, chunks, executor, name)
+    return run_array_now(run_dir, chunks, executor, name, run_started=run_started)

@@ -37,23 +37,38 @@ def _wait(predicate, *, timeout_s: float, what: str) -> None:
 
 
 @pytest.mark.slow
-def test_cancel_stops_jobs_and_the_driving_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("during", ["gradients", "inversions"])
+def test_cancel_stops_jobs_and_the_driving_run(tmp_path: Path, during: str) -> None:
     spec, out, log = tmp_path / "cancel.yaml", tmp_path / "run", tmp_path / "run.log"
     spec.write_text(SPEC)
     with log.open("w") as sink:  # a file, not a pipe: job processes inherit the handles
-        driver = subprocess.Popen(_gi_eval("run", str(spec), "--out", str(out)), cwd=ROOT,
-                                  stdout=sink, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            _gi_eval("run", str(spec), "--out", str(out)),
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        def inverting() -> bool:
+
+        def running() -> bool:
             if not (out / "grid.yaml").is_file():
                 return False
             run = open_run(out)
-            return any(not run.has_gradient(r.cells[0]) for r in active_records(run))
+            if during == "gradients":  # cancel before the inversion array is even submitted
+                return bool(active_records(run))
+            grads = run.stored_gradients()  # an active job whose cells are not gradient cells
+            return bool(grads) and any(set(r.cells).isdisjoint(grads) for r in active_records(run))
 
-        _wait(inverting, timeout_s=240, what="the inversion job to start")
+        _wait(running, timeout_s=240, what=f"the {during} job to start")
         records_before = len(read_records(open_run(out)))
-        cancel = subprocess.run(_gi_eval("cancel", str(out)), cwd=ROOT, capture_output=True,
-                                text=True, timeout=120, check=False)
+        cancel = subprocess.run(
+            _gi_eval("cancel", str(out)),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert cancel.returncode == 0, cancel.stderr
         assert driver.wait(timeout=120) == 1
         assert "cancelled" in log.read_text()
