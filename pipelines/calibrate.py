@@ -10,7 +10,7 @@ from gi_core.attacks import InversionProblem, reconstruct
 from gi_core.datasets import load_images
 from gi_core.gradients import client_gradient
 from pipelines.cells import InversionCell, Plan
-from tasks.work import _generator_for, victim_for
+from tasks.work import generator_for, victim_for
 
 STEPS = 3
 
@@ -37,5 +37,5 @@ def _time_cell(cell: InversionCell) -> float:
     }
     config = dataclasses.replace(cell.config, **short, bn=0.0)  # type: ignore[type-var]
     start = time.perf_counter()
-    reconstruct(cell.method, problem, config, seed=0, generator=_generator_for(cell))
+    reconstruct(cell.method, problem, config, seed=0, generator=generator_for(cell))
     return (time.perf_counter() - start) / (STEPS * len(short))

@@ -135,9 +135,5 @@ def demo(
     typer.echo(run_grid(GRIDS / "smoke.yaml", executor=executor, out=out, verbose=False))
 
 
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())

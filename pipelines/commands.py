@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gi_core.errors import ConfigError
 from pipelines.calibrate import seconds_per_iteration
+from pipelines.cells import expand
 from pipelines.executors import JobHandle, cancel_jobs, kill_local_job
 from pipelines.planner import (
     estimate_seconds,
@@ -36,9 +37,8 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
     queued = {c for r in active_records(run) for c in r.cells} if run else set()
     status = grid_status(spec, run, queued=queued)
     todo = status.todo
-    timings = stored_timings(run) or (
-        seconds_per_iteration(status.plan) if calibrate and todo else {}
-    )
+    stored = stored_timings(run)
+    timings = stored or (seconds_per_iteration(status.plan) if calibrate and todo else {})
     seconds = estimate_seconds(todo, timings)
     per_job = spec.execution.cells_per_job
     grad_shape = submission_shape(len(status.gradients_todo), per_job=per_job)
@@ -52,7 +52,7 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
         "estimate: "
         + (
             f"~{_duration(seconds)} of attack time in total "
-            f"({'stored timings' if stored_timings(run) else 'calibration on this machine'}"
+            f"({'stored timings' if stored else 'calibration on this machine'}"
             ", divide by the number of parallel jobs)"
             if seconds is not None
             else "n/a (no stored timings; pass --calibrate)"
@@ -76,13 +76,14 @@ def run_grid(spec_path: Path, *, executor: str | None, out: Path | None, verbose
     from pipelines.flows import evaluation_grid, executor_config
 
     executor_config(spec, executor)
-    grid_status(spec, None)  # expanding checks data set sizes, generator and method params
+    # expanding checks data set sizes, generator and method params; its ids feed the progress bar
+    cell_ids = {c.id for c in expand(spec).inversion_cells}
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
         logging.getLogger("prefect").setLevel(logging.WARNING)
     run_path = run_dir_for(spec, out)
     start = time.perf_counter()
-    with _progress(spec, run_path):
+    with _progress(cell_ids, run_path):
         table_path = evaluation_grid(str(spec_path), executor, str(run_path))
     wall = time.perf_counter() - start
     figure = Path(table_path).with_name("reconstructions.png")
@@ -90,7 +91,7 @@ def run_grid(spec_path: Path, *, executor: str | None, out: Path | None, verbose
 
 
 @contextmanager
-def _progress(spec: object, run_path: Path) -> Iterator[None]:
+def _progress(cell_ids: set[str], run_path: Path) -> Iterator[None]:
     """A rich progress bar fed by polling the run directory's commit markers (any executor)."""
     from rich.progress import (
         BarColumn,
@@ -100,9 +101,6 @@ def _progress(spec: object, run_path: Path) -> Iterator[None]:
         TimeRemainingColumn,
     )
 
-    from pipelines.cells import expand
-
-    total = len(expand(spec).inversion_cells)  # type: ignore[arg-type]
     stop = threading.Event()
     columns = [
         TextColumn("{task.description}"),
@@ -112,7 +110,7 @@ def _progress(spec: object, run_path: Path) -> Iterator[None]:
         TimeRemainingColumn(),
     ]
     with Progress(*columns, transient=True, disable=not os.isatty(1)) as bar:
-        task = bar.add_task("cells", total=total, extra="")
+        task = bar.add_task("cells", total=len(cell_ids), extra="")
 
         def poll() -> None:
             while not stop.wait(1.0):
@@ -121,7 +119,7 @@ def _progress(spec: object, run_path: Path) -> Iterator[None]:
                     running, failed = job_cell_counts(run)
                     bar.update(
                         task,
-                        completed=len(run.committed_cells()),
+                        completed=len(run.committed_cells() & cell_ids),
                         extra=f"{running} running, {failed} failed",
                     )
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -173,7 +174,7 @@ def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_res
     problem = _problem(stored, victim_for(cell.gradient), dev)
     labels, label_acc = attack_labels(problem.target, problem.labels, mode=cell.config.labels)
     problem = dataclasses.replace(problem, labels=labels)
-    generator = _generator_for(cell)
+    generator = generator_for(cell)
     checkpoint_path = run.checkpoint_path(cell.id)
     state = load_checkpoint(checkpoint_path)
     result = reconstruct(
@@ -200,7 +201,7 @@ def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_res
     return 1
 
 
-def _generator_for(cell: InversionCell) -> Generator | None:
+def generator_for(cell: InversionCell) -> Generator | None:
     if cell.generator is None:
         return None
     return _generator(cell.generator.kind, cell.generator.checkpoint, cell.gradient.image_size)
@@ -302,9 +303,7 @@ def _rows(
 
 
 def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and v != v else v) for k, v in info.items()}
-
-
-def run_chunks(chunks: Sequence[Chunk]) -> int:
-    """Inline helper: run several chunks in this process."""
-    return sum(run_chunk(c) for c in chunks)
+    """NaN and inf (e.g. epsilon of DP without noise) are not JSON: store them as null."""
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in info.items()
+    }
