@@ -9,7 +9,7 @@ import time
 from gi_core.attacks import InversionProblem, reconstruct
 from gi_core.datasets import load_images
 from gi_core.gradients import client_gradient
-from pipelines.cells import InversionCell, Plan
+from tasks.cells import InversionCell, Plan
 from tasks.work import generator_for, victim_for
 
 STEPS = 3

@@ -12,8 +12,6 @@ from pathlib import Path
 
 from gi_core.errors import ConfigError
 from pipelines.calibrate import seconds_per_iteration
-from pipelines.cells import expand
-from pipelines.executors import JobHandle, cancel_jobs, kill_local_job
 from pipelines.planner import (
     estimate_seconds,
     grid_status,
@@ -22,9 +20,11 @@ from pipelines.planner import (
     stored_timings,
     submission_shape,
 )
-from pipelines.spec import spec_from_yaml
 from storage.run import RunDir, open_run
+from tasks.cells import expand
+from tasks.executors import JobHandle, cancel_jobs, kill_local_job
 from tasks.jobs import active_records, job_cell_counts, request_cancel
+from tasks.spec import spec_from_yaml
 
 
 def _existing_run(path: Path) -> RunDir | None:

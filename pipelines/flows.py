@@ -9,7 +9,6 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from gi_core.errors import ConfigError
-from pipelines.executors import ExecutorConfig, threads_per_job
 from pipelines.planner import (
     ARRAY_ELEMENTS,
     batched,
@@ -20,10 +19,11 @@ from pipelines.planner import (
     read_spec,
 )
 from pipelines.report import write_tables
-from pipelines.spec import GridSpec
 from storage.run import open_run
 from tasks.arrays import POLL_S, run_array
+from tasks.executors import ExecutorConfig, threads_per_job
 from tasks.jobs import active_records
+from tasks.spec import GridSpec
 from tasks.work import Chunk
 
 EXECUTORS = ("inline", "local", "slurm")

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gi_core.errors import ConfigError
-from pipelines.cells import GradientCell, InversionCell, Plan, expand
-from pipelines.spec import GridSpec, spec_from_yaml
 from storage.run import RunDir, create_run, open_run, update_spec
+from tasks.cells import GradientCell, InversionCell, Plan, expand
+from tasks.spec import GridSpec, spec_from_yaml
 from tasks.work import Chunk
 
 T = TypeVar("T")

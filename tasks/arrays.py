@@ -16,8 +16,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
 from gi_core.errors import ExecutionError, RunCancelled
-from pipelines.executors import ExecutorConfig, Resumable, cancel_jobs, submit_array, wait_for_jobs
 from storage.run import RunDir, open_run
+from tasks.executors import ExecutorConfig, Resumable, cancel_jobs, submit_array, wait_for_jobs
 from tasks.jobs import cancel_requested, record_jobs
 from tasks.work import Chunk, run_chunk
 

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.executors import JobHandle, queued_job_ids
 from storage.atomic import write_bytes_atomic
 from storage.run import RunDir
+from tasks.executors import JobHandle, queued_job_ids
 from tasks.work import Chunk
 
 CANCEL_MARKER = "CANCEL"

@@ -30,7 +30,6 @@ from gi_core.gradients import ParamIndex, bn_statistics
 from gi_core.labels import attack_labels
 from gi_core.metrics import evaluate_batch, lpips_model
 from gi_core.victims import build_victim
-from pipelines.cells import GradientCell, InversionCell
 from storage.checkpoints import delete_checkpoint, load_checkpoint, save_checkpoint
 from storage.run import RunDir, open_run
 from storage.zarr_store import (
@@ -40,6 +39,7 @@ from storage.zarr_store import (
     write_gradient,
     write_reconstruction,
 )
+from tasks.cells import GradientCell, InversionCell
 
 log = logging.getLogger(__name__)
 # Periodic saves also cover SIGTERM preemption and node failures. GI_CHECKPOINT_EVERY_S (read in
@@ -48,7 +48,7 @@ CHECKPOINT_EVERY_S = float(os.environ.get("GI_CHECKPOINT_EVERY_S", "120"))
 
 
 class Preemption(Protocol):
-    """Deferred preemption (pipelines.executors.DeferredPreemption or `NoPreemption`)."""
+    """Deferred preemption (tasks.executors.DeferredPreemption or `NoPreemption`)."""
 
     requested: bool
 

@@ -1,4 +1,4 @@
-"""pipelines.executors on every executor kind, including a real Slurm cluster (marker `slurm`).
+"""tasks.executors on every executor kind, including a real Slurm cluster (marker `slurm`).
 
 The Slurm tests need `tests/cluster/start-slurm.sh` (or any cluster whose nodes see tmp_path).
 """
@@ -19,7 +19,7 @@ import pytest
 from submitit.helpers import Checkpointable, DelayedSubmission
 
 from gi_core.errors import ExecutionError
-from pipelines.executors import (
+from tasks.executors import (
     DeferredPreemption,
     ExecutorConfig,
     array_chunks,

@@ -34,9 +34,9 @@ import pytest
 import yaml
 
 from gi_core.errors import ConfigError
-from pipelines.cells import expand
-from pipelines.spec import load_spec, parse_spec
 from storage.run import RunDir, open_run
+from tasks.cells import expand
+from tasks.spec import load_spec, parse_spec
 
 if TYPE_CHECKING:
     from tests.integration.conftest import SlurmCluster

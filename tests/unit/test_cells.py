@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from gi_core.errors import ConfigError
-from pipelines.cells import GradientCell, InversionCell, Plan, expand
-from pipelines.spec import parse_spec
 from storage.metrics import ROW_COLUMNS
+from tasks.cells import GradientCell, InversionCell, Plan, expand
+from tasks.spec import parse_spec
 
 
 def spec_dict(**over: Any) -> dict[str, Any]:
@@ -167,8 +167,8 @@ def test_describe_round_trips_and_detects_changed_schemas() -> None:
 
 _CHILD = """
 import json, sys
-from pipelines.cells import expand
-from pipelines.spec import parse_spec
+from tasks.cells import expand
+from tasks.spec import parse_spec
 plan = expand(parse_spec(json.loads(sys.argv[1])))
 print(json.dumps([c.id for c in plan.gradient_cells] + [c.id for c in plan.inversion_cells]))
 """

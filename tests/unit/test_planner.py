@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from gi_core.errors import ConfigError
-from pipelines.cells import expand
 from pipelines.planner import inversion_chunks, prepare_run, submission_shape
-from pipelines.spec import parse_spec
+from tasks.cells import expand
+from tasks.spec import parse_spec
 
 LEVELS = [round(0.5 + i * 0.009, 3) for i in range(50)]
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from gi_core.errors import ConfigError
-from pipelines.spec import GridSpec, load_spec, parse_spec, spec_from_yaml
+from tasks.spec import GridSpec, load_spec, parse_spec, spec_from_yaml
 
 SMOKE = """
 name: smoke

@@ -23,7 +23,7 @@ from gi_core.attacks.registry import method_config, uses_generator
 from gi_core.datasets import batch_indices
 from gi_core.defenses import Defense
 from gi_core.errors import ConfigError
-from pipelines.spec import GeneratorSpec, GridSpec, MethodSpec, VictimSpec, canonical_json
+from tasks.spec import GeneratorSpec, GridSpec, MethodSpec, VictimSpec, canonical_json
 
 # Bump when the meaning of a stored cell changes without its fields changing (e.g. a fix in
 # how gradients are computed): every id changes, so a resumed run recomputes everything.
