@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +190,8 @@ def test_ids_are_stable_across_processes() -> None:
     assert all(len(i) == 16 and int(i, 16) >= 0 for i in here)
 
 
-def test_hundred_thousand_cells_expand_quickly() -> None:
+def test_hundred_thousand_cells_expand() -> None:
+    # Expansion speed is a benchmark target (benchmarks/performance.py), never a test assertion.
     spec = parse_spec(
         spec_dict(
             data={"dataset": "synthetic", "image_size": 32, "num_batches": 50},
@@ -201,9 +201,6 @@ def test_hundred_thousand_cells_expand_quickly() -> None:
             seeds=list(range(10)),
         )
     )
-    start = time.perf_counter()
     plan = expand(spec)
-    elapsed = time.perf_counter() - start
     assert len(plan.inversion_cells) == 100_000 and len(plan.gradient_cells) == 1250
     assert len({c.id for c in plan.inversion_cells}) == 100_000
-    assert elapsed < 5.0, f"expansion took {elapsed:.1f} s"
