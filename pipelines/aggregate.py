@@ -1,0 +1,293 @@
+"""Statistics of a run's per-image metrics: the numbers behind every table and figure.
+
+The unit of replication is one *batch attack*: a gradient cell x seed. Its value is the mean of
+the metric over the batch's images (or the best-in-batch image's value), and bootstrap
+confidence intervals resample these unit values, never single images (images of one batch are
+not independent). Only cells with status ``ok`` and a finite metric enter a mean; diverged cells
+are counted in their own column (``diverged``), so a failing method cannot hide behind NaN.
+
+    summary(df)                              # mean, 95 % CI, n per method/variant x setting
+    paired(df, {"method": "gi-z/w"}, {"method": "gi-x"})   # same gradients: diff, CI, Wilcoxon p
+
+Configurations are grouped by ``method`` + ``variant`` (``method`` alone when the metrics have
+no ``variant`` column) plus the setting axes ``defense``, ``defense_level``, ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips")
+HIGHER_IS_BETTER: dict[str, bool] = {
+    "psnr": True,
+    "ssim": True,
+    "lpips": False,
+    "label_accuracy": True,
+}
+SETTING_AXES: tuple[str, ...] = ("defense", "defense_level", "batch_size")
+UNIT: tuple[str, ...] = ("gradient_id", "seed")
+CONFIDENCE = 0.95
+N_RESAMPLES = 9999
+SUMMARY_COLUMNS = ("metric", "mean", "ci_low", "ci_high", "n", "images", "diverged", "best")
+
+Selector = Mapping[str, Any] | str
+
+
+def config_columns(df: pd.DataFrame) -> list[str]:
+    """What identifies a method configuration: method + variant (method until variant exists)."""
+    return ["method", "variant"] if "variant" in df.columns else ["method"]
+
+
+def default_by(df: pd.DataFrame) -> list[str]:
+    """Configuration columns plus the setting axes present in `df`."""
+    return config_columns(df) + [a for a in SETTING_AXES if a in df.columns]
+
+
+def higher_is_better(metric: str) -> bool:
+    return HIGHER_IS_BETTER.get(metric, True)
+
+
+def unit_values(
+    df: pd.DataFrame,
+    metric: str,
+    *,
+    by: Sequence[str] = (),
+    best_in_batch: bool = False,
+) -> pd.DataFrame:
+    """One row per (by..., gradient_id, seed) of usable cells, with the unit's `metric` value.
+
+    `best_in_batch` keeps only the image flagged ``best_<metric>_in_batch`` (the paper's
+    "best" rows); otherwise the value is the mean over the batch's images.
+    """
+    rows = usable(df, metric)
+    if best_in_batch:
+        rows = rows[rows[f"best_{metric}_in_batch"].astype(bool)]
+    keys = [*by, *UNIT]
+    return rows.groupby(keys, dropna=False, sort=True)[metric].mean().rename("value").reset_index()
+
+
+def usable(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Rows of ok cells with a finite metric (diverged and interrupted cells are counted apart)."""
+    ok = df["status"].eq("ok") if "status" in df.columns else pd.Series(True, index=df.index)
+    return df[ok & np.isfinite(df[metric].astype(float))]
+
+
+def bootstrap_ci(
+    values: np.ndarray, *, confidence: float = CONFIDENCE, seed: int = 0
+) -> tuple[float, float]:
+    """BCa bootstrap CI of the mean (scipy.stats.bootstrap).
+
+    NaN for a single unit (no spread to resample); a point interval for constant values, where
+    BCa is undefined; the percentile method if BCa still degenerates.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.size < 2:
+        return (float("nan"), float("nan"))
+    if np.all(values == values[0]):
+        return (float(values[0]), float(values[0]))
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BCa warns on degenerate resamples; we fall back
+            res = stats.bootstrap(
+                (values,),
+                np.mean,
+                confidence_level=confidence,
+                n_resamples=N_RESAMPLES,
+                method=method,
+                rng=np.random.default_rng(seed),
+            )
+        low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if np.isfinite(low) and np.isfinite(high):
+            return (low, high)
+    return (float("nan"), float("nan"))
+
+
+def summary(
+    df: pd.DataFrame,
+    by: Sequence[str] | None = None,
+    metrics: Sequence[str] = METRICS,
+    *,
+    best_in_batch: bool = False,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Long table, one row per group x metric: mean, ci_low, ci_high, n (units), images,
+    diverged (units whose cell was not ok), best (the best mean among configurations sharing the
+    same setting, i.e. the `by` columns that are not configuration columns).
+
+    `by` defaults to default_by(df). The mean is over units (gradient cell x seed), each unit
+    the mean of its batch's images (or its best image with `best_in_batch`).
+    """
+    by = list(default_by(df) if by is None else by)
+    if df.empty:
+        return pd.DataFrame(columns=[*by, *SUMMARY_COLUMNS])
+    out = [_metric_summary(df, by, m, best_in_batch=best_in_batch, confidence=confidence,
+                           seed=seed) for m in metrics]
+    table = pd.concat(out, ignore_index=True)
+    table["best"] = _best_flags(table, by)
+    return table[[*by, *SUMMARY_COLUMNS]]
+
+
+def _metric_summary(
+    df: pd.DataFrame, by: list[str], metric: str, *, best_in_batch: bool, confidence: float,
+    seed: int,
+) -> pd.DataFrame:
+    groups = df.groupby(by, dropna=False, sort=True)
+    units = unit_values(df, metric, by=by, best_in_batch=best_in_batch)
+    per_group = dict(iter(units.groupby(by, dropna=False, sort=True)))
+    rows = []
+    for key, group in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        values = per_group.get(key, pd.DataFrame({"value": []}))["value"].to_numpy(float)
+        low, high = bootstrap_ci(values, confidence=confidence, seed=seed)
+        rows.append({
+            **dict(zip(by, key, strict=True)),
+            "metric": metric,
+            "mean": float(values.mean()) if values.size else float("nan"),
+            "ci_low": low,
+            "ci_high": high,
+            "n": int(values.size),
+            "images": int(usable(group, metric).shape[0]),
+            "diverged": _bad_units(group),
+        })
+    return pd.DataFrame(rows)
+
+
+def _bad_units(group: pd.DataFrame) -> int:
+    if "status" not in group.columns:
+        return 0
+    bad = group[~group["status"].eq("ok")]
+    return int(bad.drop_duplicates(list(UNIT)).shape[0])
+
+
+def _best_flags(table: pd.DataFrame, by: list[str]) -> pd.Series:
+    """True where a row's mean is the best of its metric within its setting (ties all best)."""
+    setting = [c for c in by if c not in ("method", "variant")]
+    flags = pd.Series(False, index=table.index)
+    for (metric, *_), rows in table.groupby(["metric", *setting], dropna=False, sort=False):
+        means = rows["mean"]
+        if means.notna().any():
+            target = means.max() if higher_is_better(str(metric)) else means.min()
+            flags[rows.index] = np.isclose(means, target, rtol=0, atol=1e-12)
+    return flags
+
+
+@dataclass(frozen=True)
+class PairedResult:
+    """a − b on the units both configurations attacked (identical gradients and seeds)."""
+
+    metric: str
+    mean_diff: float
+    ci_low: float
+    ci_high: float
+    p_wilcoxon: float
+    n: int  # units in both, ok in both
+    dropped: int  # units in both where either cell was not ok
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def select(df: pd.DataFrame, which: Selector) -> pd.DataFrame:
+    """Rows of one configuration: a method name, or a mapping column -> value."""
+    criteria = {"method": which} if isinstance(which, str) else dict(which)
+    mask = pd.Series(True, index=df.index)
+    for column, value in criteria.items():
+        if column not in df.columns:
+            raise KeyError(f"no column {column!r} in the metrics (have {list(df.columns)})")
+        mask &= df[column].isna() if value is None else df[column].eq(value)
+    return df[mask]
+
+
+def paired(
+    df: pd.DataFrame,
+    a: Selector,
+    b: Selector,
+    *,
+    on: Sequence[str] = UNIT,
+    metric: str = "psnr",
+    best_in_batch: bool = False,
+    confidence: float = CONFIDENCE,
+    seed: int = 0,
+) -> PairedResult:
+    """Paired difference a − b of per-unit values over units present and ok in both.
+
+    CI: bootstrap of the mean difference; p: two-sided Wilcoxon signed-rank test
+    (scipy.stats.wilcoxon; 1.0 when every difference is zero, NaN with no units).
+    """
+    rows_a, rows_b = select(df, a), select(df, b)
+    va = _units_on(rows_a, metric, on, best_in_batch)
+    vb = _units_on(rows_b, metric, on, best_in_batch)
+    both = set(rows_a.set_index(list(on)).index) & set(rows_b.set_index(list(on)).index)
+    joined = va.rename(columns={"value": "value_a"}).join(
+        vb.rename(columns={"value": "value_b"}), how="inner"
+    )
+    diff = (joined["value_a"] - joined["value_b"]).to_numpy(float)
+    low, high = bootstrap_ci(diff, confidence=confidence, seed=seed)
+    return PairedResult(
+        metric=metric,
+        mean_diff=float(diff.mean()) if diff.size else float("nan"),
+        ci_low=low,
+        ci_high=high,
+        p_wilcoxon=_wilcoxon(diff),
+        n=int(diff.size),
+        dropped=len(both) - int(diff.size),
+    )
+
+
+def _units_on(rows: pd.DataFrame, metric: str, on: Sequence[str], best: bool) -> pd.DataFrame:
+    ok = usable(rows, metric)
+    if best:
+        ok = ok[ok[f"best_{metric}_in_batch"].astype(bool)]
+    return ok.groupby(list(on), dropna=False)[metric].mean().rename("value").to_frame()
+
+
+def _wilcoxon(diff: np.ndarray) -> float:
+    if diff.size == 0:
+        return float("nan")
+    if np.all(diff == 0):
+        return 1.0
+    return float(stats.wilcoxon(diff).pvalue)
+
+
+def paired_table(
+    df: pd.DataFrame,
+    *,
+    metrics: Sequence[str] = METRICS,
+    setting: Sequence[str] | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Every pair of configurations that attacked identical gradients, per setting and metric.
+
+    Rows: setting columns, a, b (configuration labels), metric, mean_diff, ci_low, ci_high,
+    p_wilcoxon, n, dropped. Pairs with no shared unit are left out.
+    """
+    setting = [a for a in (SETTING_AXES if setting is None else setting) if a in df.columns]
+    configs = config_columns(df)
+    rows = []
+    for key, part in (df.groupby(setting, dropna=False, sort=True) if setting else [((), df)]):
+        key = key if isinstance(key, tuple) else (key,)
+        labels = part[configs].drop_duplicates().sort_values(configs).to_dict("records")
+        for i, a in enumerate(labels):
+            for b in labels[i + 1:]:
+                for metric in metrics:
+                    r = paired(part, a, b, metric=metric, seed=seed)
+                    if r.n + r.dropped == 0:
+                        continue
+                    rows.append({**dict(zip(setting, key, strict=True)), "a": label_of(a),
+                                 "b": label_of(b), **r.as_dict()})
+    return pd.DataFrame(rows)
+
+
+def label_of(config: Mapping[str, Any]) -> str:
+    """'gi-z/w' or 'gi-z/w [tuned]': the configuration's display label."""
+    variant = config.get("variant")
+    method = str(config["method"])
+    return method if variant in (None, "", method) or pd.isna(variant) else f"{method} [{variant}]"
