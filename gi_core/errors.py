@@ -21,5 +21,10 @@ class ExecutionError(GIError):
     """A job failed or cells are missing after their jobs finished (a retry may fix it)."""
 
 
+class EnvironmentProblem(GIError):
+    """The machine, not the input, is at fault (read-only or full disk, a run directory another
+    driver holds); the message names the path and what to do. `gi-eval` exits 3."""
+
+
 class RunCancelled(GIError):
     """`gi-eval cancel` stopped the run's jobs: nothing is retried; rerunning resumes."""

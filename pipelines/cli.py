@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
-from gi_core.errors import ConfigError, GIError
+from gi_core.errors import ConfigError, EnvironmentProblem, GIError
 
 # Before prefect is imported anywhere: a fresh PREFECT_HOME needs 20-45 s for the ephemeral
 # server's first start, more than Prefect's default timeout.
@@ -23,34 +24,68 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # No telemetry writes: offline clusters, and they contend for the ephemeral SQLite database.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Gradient-inversion evaluation grids (Jeon et al., NeurIPS 2021).",
-)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 F = TypeVar("F", bound=Callable[..., Any])
 GRIDS = Path(__file__).resolve().parents[1] / "grids"
 
 
+# Exit codes (docs/errors.md): 2 = the input is wrong (spec, argument, checkpoint, image; nothing
+# was submitted), 3 = the machine is (read-only or full disk, a run another driver holds),
+# 1 = anything else, a bug included. Every path prints exactly one `error:` line; --debug adds
+# the traceback.
+EXIT_USER, EXIT_ENVIRONMENT, EXIT_BUG = 2, 3, 1
+_DEBUG = {"on": os.environ.get("GI_EVAL_DEBUG") == "1"}
+
+
+@app.callback()
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="print the traceback of an error"),
+) -> None:
+    """Gradient-inversion evaluation grids (Jeon et al., NeurIPS 2021)."""
+    _DEBUG["on"] = _DEBUG["on"] or debug
+
+
 def _errors(fn: F) -> F:
-    """ConfigError -> exit 2 (nothing was submitted); other GIErrors -> exit 1."""
+    """One `error:` line and a documented exit code for every failure (see EXIT_*)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ConfigError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from e
-        except GIError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(1) from e
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - the CLI boundary: classify, report, exit
+            code, message = classify(e)
+            if _DEBUG["on"]:
+                traceback.print_exception(e, file=sys.stderr)
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(code) from e
 
     return wrapper  # type: ignore[return-value]
 
 
+def classify(error: BaseException) -> tuple[int, str]:
+    """(exit code, message) of an error reaching the CLI."""
+    from storage.atomic import environment_problem
+
+    if isinstance(error, ConfigError):
+        return EXIT_USER, str(error)
+    if isinstance(error, EnvironmentProblem):
+        return EXIT_ENVIRONMENT, str(error)
+    if isinstance(error, GIError):
+        return EXIT_BUG, str(error)
+    if isinstance(error, OSError):
+        problem = environment_problem(error, Path(str(error.filename or "the run directory")))
+        if problem is not None:
+            return EXIT_ENVIRONMENT, str(problem)
+    return EXIT_BUG, (
+        f"internal error: {type(error).__name__}: {error} (rerun with `gi-eval --debug ...` "
+        "for the traceback and report it)"
+    )
+
+
 @app.command()
+@_errors
 def doctor() -> None:
     """Versions, CUDA, LPIPS/prior weights, Slurm and data sets, one line each."""
     from pipelines.doctor import doctor_lines
@@ -59,6 +94,7 @@ def doctor() -> None:
 
 
 @app.command()
+@_errors
 def methods() -> None:
     """The attack registry: spec names and the paper each method comes from."""
     from gi_core.attacks.registry import METHODS

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from gi_core.errors import ConfigError
 from storage.run import RunDir, create_run, open_run, update_spec
 from tasks.cells import GradientCell, InversionCell, Plan, expand
-from tasks.spec import GridSpec, spec_from_yaml
+from tasks.spec import GridSpec, read_spec_text, spec_from_yaml
 from tasks.work import Chunk
 
 T = TypeVar("T")
@@ -51,10 +51,7 @@ class GridStatus:
 
 
 def read_spec(path: Path | str) -> tuple[GridSpec, str]:
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"spec: cannot read {path}: {e}") from e
+    text = read_spec_text(path)
     return spec_from_yaml(text), text
 
 

@@ -9,13 +9,24 @@ carry pid + uuid so concurrent writers of the same object never share a temp fil
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from gi_core.errors import EnvironmentProblem
+
 TEMP_MARK = ".tmp-"
+# OSErrors that are the machine's fault, not a bug: reported with the path and what to do.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "the disk is full; free space or choose another run directory",
+    errno.EDQUOT: "the disk quota is exceeded; free space or choose another run directory",
+    errno.EROFS: "the filesystem is read-only; choose a writable run directory",
+    errno.EACCES: "permission denied; fix the permissions or choose another run directory",
+    errno.EPERM: "permission denied; fix the permissions or choose another run directory",
+}
 
 
 def temp_path(final: Path) -> Path:
@@ -43,14 +54,33 @@ def publishing(final: Path) -> Iterator[Path]:
     os.replace is atomic on POSIX: an existing `final` is swapped out whole, and readers that
     already opened the old file keep reading the old inode. On error the temp file is removed.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(final)
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
         yield tmp
         fsync_file(tmp)
         os.replace(tmp, final)
+    except OSError as e:
+        problem = environment_problem(e, final)
+        if problem is None:
+            raise
+        raise problem from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only directory cannot hold a temp file
+            tmp.unlink(missing_ok=True)
+
+
+def environment_problem(error: OSError, path: Path) -> EnvironmentProblem | None:
+    """`error` as an EnvironmentProblem naming `path` (a full disk's OSError names no file),
+    or None when it is not an environment errno (then it is a bug and propagates as is)."""
+    code = error.errno
+    if code is None and "No space left on device" in str(error):  # pyarrow sets no errno
+        code = errno.ENOSPC
+    advice = _ENVIRONMENT_ERRNOS.get(code or 0)
+    if advice is None:
+        return None
+    reason = error.strerror or os.strerror(code or 0)
+    return EnvironmentProblem(f"cannot write {path}: {reason}; {advice}")
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:

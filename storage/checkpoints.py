@@ -6,20 +6,32 @@ saved with torch.save and loaded with weights_only=True so a checkpoint can neve
 
 from __future__ import annotations
 
+import errno
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from gi_core.errors import StorageError
-from storage.atomic import publishing
+from storage.atomic import environment_problem, publishing
+
+# torch.save reports a full disk as RuntimeError("... unexpected pos ..."), without errno: below
+# this much free space after such a failure we call it what it is.
+_NEARLY_FULL_BYTES = 64 * 1024 * 1024
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Replace the checkpoint at `path` atomically: a crash mid-save keeps the previous one."""
     with publishing(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as e:
+            if shutil.disk_usage(path.parent).free >= _NEARLY_FULL_BYTES:
+                raise
+            problem = environment_problem(OSError(errno.ENOSPC, "No space left on device"), path)
+            raise problem or e from e
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -27,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from gi_core.attacks.registry import METHOD_NAMES, method_config, uses_generator
+from gi_core.attacks.registry import METHOD_NAMES, config_class, method_config, uses_generator
 from gi_core.datasets import dataset_info, max_batches
 from gi_core.defenses import DEFENSE_KINDS, Defense
 from gi_core.errors import ConfigError
@@ -236,6 +237,10 @@ def _method_problems(spec: GridSpec) -> list[str]:
                 f"methods[{i}].name: unknown method {m.name!r}; known: {', '.join(METHOD_NAMES)}"
             )
             continue
+        wrong_types = _param_type_problems(m.name, m.params)
+        if wrong_types:
+            problems += [f"methods[{i}].params.{p}" for p in wrong_types]
+            continue
         try:
             config = method_config(m.name, m.params)
         except (ConfigError, TypeError) as e:
@@ -252,6 +257,27 @@ def _method_problems(spec: GridSpec) -> list[str]:
                 "image; use batch_sizes: [1] or labels: yin"
             )
     return problems
+
+
+def _param_type_problems(method: str, params: Mapping[str, Any]) -> list[str]:
+    """'iterations: must be an integer (got 'twenty')' for params of the wrong scalar type,
+    checked before the config is built (its range checks would fail on the type instead)."""
+    hints = typing.get_type_hints(config_class(method))
+    problems = []
+    for name, value in params.items():
+        expected = hints.get(name)
+        ok = _SCALAR_CHECKS.get(expected)  # type: ignore[call-overload]
+        if ok is not None and not ok[0](value):
+            problems.append(f"{name}: must be {ok[1]} (got {value!r})")
+    return problems
+
+
+_SCALAR_CHECKS: dict[Any, tuple[Any, str]] = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 def _generator_problems(spec: GridSpec) -> list[str]:
@@ -327,11 +353,20 @@ def spec_from_yaml(text: str) -> GridSpec:
 
 
 def load_spec(path: Path | str) -> GridSpec:
+    return spec_from_yaml(read_spec_text(path))
+
+
+def read_spec_text(path: Path | str) -> str:
+    """The spec file's text; ConfigError names the file when it is missing or not UTF-8."""
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"spec: {path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from e
     except OSError as e:
-        raise ConfigError(f"cannot read grid spec {path}: {e}") from e
-    return spec_from_yaml(text)
+        raise ConfigError(f"spec: cannot read {path}: {e.strerror or e}") from e
 
 
 def _messages(error: ValidationError) -> list[str]:
