@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ import pyarrow.dataset as ds
 import yaml
 
 from gi_core.errors import StorageError
-from storage import commits
+from storage import commits, tables
 from storage.atomic import sweep_temp_files, write_bytes_atomic
 from storage.metrics import (
     DATASET_SCHEMA,
@@ -128,6 +128,14 @@ class RunDir:
     def sweep_temp_files(self, *, older_than_s: float = 3600.0) -> int:
         """Delete temp files of crashed writers older than `older_than_s`; returns the count."""
         return sweep_temp_files(self.root, older_than_s=older_than_s)
+
+    def cells(self) -> pd.DataFrame:
+        """One row per cell (committed or failed) with status and reason; see storage.tables."""
+        return tables.cells(self)
+
+    def curves(self, cells: Iterable[str] | None = None) -> pd.DataFrame:
+        """Loss curves of committed cells in long form (cell, stage, iteration, restart, cost)."""
+        return tables.curves(self, cells)
 
     def _read_committed(self, columns: Sequence[str] | None) -> pa.Table:
         files = [str(f) for s in commits.scan_partitions(self.metrics_dir) for f in s.data_files()]
