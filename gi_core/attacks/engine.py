@@ -96,6 +96,9 @@ class Progress:
     best_cost: float
     export_state: Callable[[], dict[str, Any]]  # snapshots the loop when called: call it inside
     # the callback (e.g. to checkpoint every k iterations); the state resumes after `iteration`
+    # Renders the current images (R, B, C, H, W) in [0, 1] when called (e.g. intermediate
+    # snapshots for figures); rendering costs a generator forward pass, so only on demand.
+    render: Callable[[], Tensor] | None = None
 
 
 @dataclass
@@ -235,7 +238,10 @@ class _Run:
             if self.progress is not None:
                 export = _exporter(self, index, it + 1, variables, opt, sched)
                 best = _best_cost(costs)
-                self.progress(Progress(stage.name, offset + it + 1, self.total, best, export))
+                render = _renderer(stage, variables)
+                self.progress(
+                    Progress(stage.name, offset + it + 1, self.total, best, export, render)
+                )
         return {k: v.detach() for k, v in variables.items()}
 
     def _step(
@@ -293,6 +299,14 @@ class _Run:
             iterations=done,
             state=state,
         )
+
+
+def _renderer(stage: Stage, variables: Variables) -> Callable[[], Tensor]:
+    def render() -> Tensor:
+        with torch.no_grad():
+            return stage.render(variables).detach()
+
+    return render
 
 
 def _exporter(
