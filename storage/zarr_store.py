@@ -64,6 +64,8 @@ class StoredReconstruction:
     restart_images: (R, B, C, H, W) or None (stored only with storage.keep_restarts).
     restart_costs: (R,) float64 final cost per restart. loss_curve: (points, R) float32 with
     curve_iterations: (points,) int64. status: ok | diverged | interrupted.
+    snapshots: (S, R, B, C, H, W) float32 in [0, 1], every restart's images after the global
+    iterations `snapshot_iterations` (S,) int64 (storage.snapshots of the grid), or None.
     attrs: extra JSON-able metadata, normally {"cell": <inversion cell dict>}.
     """
 
@@ -78,6 +80,8 @@ class StoredReconstruction:
     best_restart: int
     restart_images: np.ndarray | None = None
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    snapshots: np.ndarray | None = None
+    snapshot_iterations: np.ndarray | None = None
 
 
 def to_numpy(x: Any, dtype: Any) -> np.ndarray:
@@ -157,6 +161,9 @@ def write_reconstruction(path: Path, rec: StoredReconstruction, *, keep_restarts
     }
     if keep_restarts and rec.restart_images is not None:
         arrays["restart_images"] = to_numpy(rec.restart_images, np.float32)
+    if rec.snapshots is not None and rec.snapshot_iterations is not None:
+        arrays["snapshots"] = to_numpy(rec.snapshots, np.float32)
+        arrays["snapshot_iterations"] = to_numpy(rec.snapshot_iterations, np.int64)
     _write_group(path, attrs, arrays)
 
 
@@ -168,6 +175,8 @@ def read_reconstruction(path: Path) -> StoredReconstruction:
         loss_curve=arrays["loss_curve"],
         curve_iterations=arrays["curve_iterations"],
         restart_images=arrays.get("restart_images"),
+        snapshots=arrays.get("snapshots"),
+        snapshot_iterations=arrays.get("snapshot_iterations"),
         status=attrs.pop("status"),
         iterations=attrs.pop("iterations"),
         wall_seconds=attrs.pop("wall_seconds"),

@@ -176,6 +176,15 @@ class ExecutionSpec(_Model):
 
 class StorageSpec(_Model):
     keep_restarts: bool = False  # store all R restarts' images, not only the chosen one
+    # Global iterations after which every restart's images are stored with the reconstruction
+    # (figure 3's evolution strip); ones past a method's budget are skipped. Not in any cell id:
+    # adding snapshots to a finished grid does not rerun its cells.
+    snapshots: Ints = ()
+
+    @field_validator("snapshots")
+    @classmethod
+    def _positive_snapshots(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(set(_each(v, lambda i: i >= 1, "must be >= 1"))))
 
 
 def _method_item(value: Any) -> Any:

@@ -13,11 +13,14 @@ import functools
 import logging
 import math
 import os
+import sys
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +35,7 @@ from gi_core.metrics import evaluate_batch, lpips_model
 from gi_core.victims import build_victim
 from storage.checkpoints import delete_checkpoint, load_checkpoint, save_checkpoint
 from storage.run import RunDir, open_run
+from storage.tables import record_failure, write_curve
 from storage.zarr_store import (
     StoredGradient,
     StoredReconstruction,
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 # Periodic saves also cover SIGTERM preemption and node failures. GI_CHECKPOINT_EVERY_S (read in
 # the job process; sbatch and local jobs inherit the submitting environment) overrides it.
 CHECKPOINT_EVERY_S = float(os.environ.get("GI_CHECKPOINT_EVERY_S", "120"))
+TRACE_KEY = "gi_eval_trace"  # our own entry in a checkpoint beside the engine's state
 
 
 class Preemption(Protocol):
@@ -71,6 +76,7 @@ class Chunk:
     cells: tuple[dict[str, Any], ...]  # cell.describe() dicts: small and picklable
     keep_restarts: bool = False
     threads: int | None = None  # torch threads of the job (None: leave the process default)
+    snapshots: tuple[int, ...] = ()  # iterations at which to store images (storage.snapshots)
 
 
 def run_chunk(chunk: Chunk, preemption: Preemption | None = None) -> int:
@@ -86,6 +92,7 @@ def run_chunk(chunk: Chunk, preemption: Preemption | None = None) -> int:
             # One failing cell must not hide the others: finish the chunk, then fail it.
             log.exception("cell %s failed", d["id"])
             failed.append(d["id"])
+            _record_failure(run, d)
     if failed:
         raise ExecutionError(
             f"{len(failed)} cell(s) failed: {', '.join(failed)} (tracebacks in "
@@ -98,8 +105,19 @@ def _run_cell(run: RunDir, chunk: Chunk, d: dict[str, Any], preemption: Preempti
     if chunk.kind == "gradients":
         return generate_gradient(run, GradientCell.from_dict(d))
     return invert(
-        run, InversionCell.from_dict(d), preemption=preemption, keep_restarts=chunk.keep_restarts
+        run,
+        InversionCell.from_dict(d),
+        preemption=preemption,
+        keep_restarts=chunk.keep_restarts,
+        snapshots=chunk.snapshots,
     )
+
+
+def _record_failure(run: RunDir, d: dict[str, Any]) -> None:
+    """Keep the error's last line for run.cells() (the traceback is in the job's log)."""
+    error = sys.exc_info()[1]
+    reason = traceback.format_exception_only(error)[-1].strip() if error else "unknown error"
+    record_failure(run, d["id"], method=d.get("method", ""), reason=reason)
 
 
 def device() -> torch.device:
@@ -165,8 +183,15 @@ def generate_gradient(run: RunDir, cell: GradientCell) -> int:
     return 1
 
 
-def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_restarts: bool) -> int:
-    """Attack one stored gradient, resuming from a checkpoint; commit metrics last."""
+def invert(
+    run: RunDir,
+    cell: InversionCell,
+    *,
+    preemption: Preemption,
+    keep_restarts: bool,
+    snapshots: Sequence[int] = (),
+) -> int:
+    """Attack one stored gradient, resuming from a checkpoint; commit curve, then metrics last."""
     if run.is_committed(cell.id, cell.method):
         return 0
     start, dev = time.perf_counter(), device()
@@ -177,6 +202,7 @@ def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_res
     generator = generator_for(cell)
     checkpoint_path = run.checkpoint_path(cell.id)
     state = load_checkpoint(checkpoint_path)
+    trace = Trace.resume(state, snapshots)
     result = reconstruct(
         cell.method,
         problem,
@@ -184,7 +210,7 @@ def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_res
         seed=cell.seed,
         generator=generator,
         state=state,
-        progress=_checkpointer(checkpoint_path, preemption),
+        progress=trace.around(_checkpointer(checkpoint_path, preemption, trace)),
     )
     truth = torch.as_tensor(stored.images, device=dev)
     # given labels keep positions; recovered ones are a sorted set: match by Hungarian assignment
@@ -193,8 +219,17 @@ def invert(run: RunDir, cell: InversionCell, *, preemption: Preemption, keep_res
     wall = time.perf_counter() - start
     write_reconstruction(
         run.reconstruction_path(cell.id),
-        _stored_result(cell, result, wall, dev),
+        dataclasses.replace(_stored_result(cell, result, wall, dev), **trace.snapshot_arrays()),
         keep_restarts=keep_restarts,
+    )
+    iterations = result.curve_iterations.numpy()
+    write_curve(
+        run,
+        cell.id,
+        method=cell.method,
+        costs=result.loss_curve.double().numpy(),
+        iterations=iterations,
+        stages=[trace.stage_of(int(i)) for i in iterations],
     )
     run.commit_metrics(_rows(cell, stored, result, scores, wall, dev, label_acc))
     delete_checkpoint(checkpoint_path)
@@ -230,7 +265,50 @@ def _problem(stored: StoredGradient, victim: nn.Module, dev: torch.device) -> In
     )
 
 
-def _checkpointer(path: Any, preemption: Preemption) -> Callable[[Progress], None]:
+@dataclass
+class Trace:
+    """What the progress callback sees and the attack result does not keep: the stage of each
+    iteration (for run.curves()) and every restart's images at the snapshot iterations. Saved
+    inside the checkpoint under TRACE_KEY, so a resumed cell keeps what it saw before."""
+
+    snapshot_at: frozenset[int]
+    stage_starts: dict[str, int]  # stage name -> first global iteration (0-based step index)
+    snapshots: dict[int, torch.Tensor]  # iteration -> (R, B, C, H, W) in [0, 1], on the CPU
+
+    @classmethod
+    def resume(cls, state: dict[str, Any] | None, snapshots: Sequence[int]) -> Trace:
+        saved = state.pop(TRACE_KEY, {}) if state is not None else {}
+        return cls(frozenset(snapshots), dict(saved.get("stage_starts", {})),
+                   dict(saved.get("snapshots", {})))
+
+    def around(self, inner: Callable[[Progress], None]) -> Callable[[Progress], None]:
+        def on_progress(p: Progress) -> None:
+            self.stage_starts.setdefault(p.stage, p.iteration - 1)
+            if p.iteration in self.snapshot_at and p.render is not None:
+                self.snapshots[p.iteration] = p.render().cpu()
+            inner(p)
+
+        return on_progress
+
+    def saved(self) -> dict[str, Any]:
+        return {"stage_starts": dict(self.stage_starts), "snapshots": dict(self.snapshots)}
+
+    def stage_of(self, iteration: int) -> str:
+        """The stage whose first step is the latest one at or before `iteration`."""
+        started = [(start, name) for name, start in self.stage_starts.items() if start <= iteration]
+        return max(started)[1] if started else ""
+
+    def snapshot_arrays(self) -> dict[str, Any]:
+        if not self.snapshots:
+            return {}
+        its = sorted(self.snapshots)
+        return {
+            "snapshots": torch.stack([self.snapshots[i] for i in its]).numpy(),
+            "snapshot_iterations": np.asarray(its, dtype=np.int64),
+        }
+
+
+def _checkpointer(path: Any, preemption: Preemption, trace: Trace) -> Callable[[Progress], None]:
     """Save the attack state every CHECKPOINT_EVERY_S and when preemption is requested, then
     let the deferred preemption through (at an iteration boundary: the state is consistent)."""
     last = [time.monotonic()]
@@ -238,7 +316,7 @@ def _checkpointer(path: Any, preemption: Preemption) -> Callable[[Progress], Non
     def on_progress(p: Progress) -> None:
         due = time.monotonic() - last[0] >= CHECKPOINT_EVERY_S
         if (due or preemption.requested) and p.iteration < p.total:
-            save_checkpoint(path, p.export_state())
+            save_checkpoint(path, {**p.export_state(), TRACE_KEY: trace.saved()})
             last[0] = time.monotonic()
         preemption.safe_point()
 
