@@ -23,7 +23,13 @@ from pipelines.planner import (
 from storage.run import RunDir, open_run
 from tasks.cells import expand
 from tasks.executors import JobHandle, cancel_jobs, kill_local_job
-from tasks.jobs import active_records, job_cell_counts, request_cancel
+from tasks.jobs import (
+    active_records,
+    job_cell_counts,
+    pending_records,
+    queued_cells,
+    request_cancel,
+)
 from tasks.spec import spec_from_yaml
 
 
@@ -34,7 +40,7 @@ def _existing_run(path: Path) -> RunDir | None:
 def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
     spec, _ = read_spec(spec_path)
     run = _existing_run(run_dir_for(spec, out))
-    queued = {c for r in active_records(run) for c in r.cells} if run else set()
+    queued = queued_cells(run) if run else set()
     status = grid_status(spec, run, queued=queued)
     todo = status.todo
     stored = stored_timings(run)
@@ -135,8 +141,8 @@ def _progress(cell_ids: set[str], run_path: Path) -> Iterator[None]:
 def status_report(run_dir: Path) -> str:
     run = _require_run(run_dir)
     spec = spec_from_yaml(run.spec_text())
-    active = active_records(run)
-    queued = {c for r in active for c in r.cells}
+    active = pending_records(run)
+    queued = queued_cells(run)
     status = grid_status(spec, run, queued=queued)
     checkpoints = len(list((run.root / "checkpoints").glob("*.pt")))
     _, failed = job_cell_counts(run)

@@ -22,7 +22,7 @@ from pipelines.report import write_tables
 from storage.run import open_run
 from tasks.arrays import POLL_S, run_array
 from tasks.executors import ExecutorConfig, threads_per_job
-from tasks.jobs import active_records
+from tasks.jobs import pending_records, queued_cells
 from tasks.spec import GridSpec
 from tasks.work import Chunk
 
@@ -48,7 +48,7 @@ def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
     started = time.time()
     spec, text = read_spec(spec_path)
     run = prepare_run(spec, text, out)
-    queued = {cell for r in active_records(run) for cell in r.cells}
+    queued = queued_cells(run)
     status = grid_status(spec, run, queued=queued)
     ex, config = spec.execution, executor_config(spec, executor)
     per_job, threads = ex.cells_per_job, threads_per_job(config)
@@ -64,7 +64,7 @@ def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
 def wait_for_earlier_jobs(run_dir: str) -> None:
     """Wait until the jobs of an earlier (killed) `gi-eval run` have left the queue."""
     run = open_run(run_dir)
-    while active_records(run):
+    while pending_records(run):  # jobs whose cells are all committed are not waited for
         time.sleep(POLL_S)
 
 

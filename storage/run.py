@@ -14,6 +14,7 @@ the cell uncommitted; the rerun overwrites the group and commits once.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,7 @@ from storage.metrics import (
     write_metrics_part,
 )
 
+log = logging.getLogger(__name__)
 GRID_FILE = "grid.yaml"
 GROUP_SUFFIX = ".zarr.zip"
 _SUBDIRS = ("store/gradients", "store/reconstructions", "metrics", "checkpoints", "reports",
@@ -142,10 +144,43 @@ class RunDir:
         if not files:
             empty = DATASET_SCHEMA.empty_table()
             return empty.select(list(columns)) if columns else empty
+        try:
+            return self._read_files(files, columns)
+        except FileNotFoundError:
+            raise
+        except (pa.ArrowException, OSError):
+            # One truncated or foreign file must not make the whole run unreadable: read file by
+            # file and leave out (loudly) what cannot be read. `gi-eval verify` or the next
+            # `gi-eval run` moves it to quarantine and recomputes its cells.
+            return self._read_readable(files, columns)
+
+    def _read_files(self, files: Sequence[str], columns: Sequence[str] | None) -> pa.Table:
         partitioning = ds.partitioning(pa.schema([(PARTITION_KEY, pa.string())]), flavor="hive")
-        dataset = ds.dataset(files, schema=DATASET_SCHEMA, format="parquet",
+        dataset = ds.dataset(list(files), schema=DATASET_SCHEMA, format="parquet",
                              partitioning=partitioning, partition_base_dir=str(self.metrics_dir))
         return dataset.to_table(columns=list(columns) if columns else None)
+
+    def _read_readable(self, files: Sequence[str], columns: Sequence[str] | None) -> pa.Table:
+        tables, skipped = [], []
+        for f in files:
+            try:
+                tables.append(self._read_files([f], columns))
+            except FileNotFoundError:
+                raise
+            except (pa.ArrowException, OSError) as e:
+                skipped.append(f"{f} ({e})")
+        if skipped:
+            log.warning(
+                "skipped %d unreadable metrics file(s); `gi-eval verify %s` moves them to "
+                "quarantine so `gi-eval run` recomputes their cells: %s",
+                len(skipped), self.root, "; ".join(skipped),
+            )
+        return pa.concat_tables(tables) if tables else self._read_committed_empty(columns)
+
+    @staticmethod
+    def _read_committed_empty(columns: Sequence[str] | None) -> pa.Table:
+        empty = DATASET_SCHEMA.empty_table()
+        return empty.select(list(columns)) if columns else empty
 
 
 def create_run(path: Path | str, spec_text: str) -> RunDir:

@@ -2,6 +2,12 @@
 jobs are still queued and `gi-eval cancel` can find every job of a run.
 
 One small JSON file per submitted array under <run>/jobs/, written atomically, never edited.
+
+A local job is a process id, and process ids are reused (they wrap every few hours on a busy
+machine). So a local record also holds the host and the process's start time (field 22 of
+/proc/<pid>/stat, clock ticks since boot, with the boot id): a record counts as running, and
+may be signalled, only while a process with that pid *and* that start time exists on this
+host. A record written before this rule (bare pid) is never trusted.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from storage.atomic import write_bytes_atomic
+from storage.lock import process_identity
 from storage.run import RunDir
 from tasks.executors import JobHandle, queued_job_ids
 from tasks.work import Chunk
@@ -26,6 +33,7 @@ class JobRecord:
     kind: str  # executor kind: local | slurm
     job_id: str
     cells: tuple[str, ...]  # inversion or gradient cell ids of the element
+    process: str | None = None  # local: "<host>/<boot id>/<start ticks>" of the pid
 
 
 def jobs_dir(run: RunDir) -> Path:
@@ -48,7 +56,13 @@ def record_jobs(
     run: RunDir, name: str, handles: Sequence[JobHandle], chunks: Sequence[Chunk]
 ) -> None:
     records = [
-        {"kind": h.kind, "job_id": h.job_id, "cells": [c["id"] for c in chunks[h.index].cells]}
+        {
+            "kind": h.kind,
+            "job_id": h.job_id,
+            "cells": [c["id"] for c in chunks[h.index].cells],
+            # A local job that already ended records None: it is never "running" again.
+            "process": process_identity(int(h.job_id)) if h.kind == "local" else None,
+        }
         for h in handles
         if h.kind != "inline"
     ]
@@ -63,19 +77,40 @@ def read_records(run: RunDir) -> list[JobRecord]:
     records = []
     for path in sorted(jobs_dir(run).glob("*.json")):
         for r in json.loads(path.read_text()):
-            records.append(JobRecord(r["kind"], r["job_id"], tuple(r["cells"])))
+            cells = tuple(r["cells"])
+            records.append(JobRecord(r["kind"], r["job_id"], cells, r.get("process")))
     return records
 
 
 def active_records(run: RunDir, records: list[JobRecord] | None = None) -> list[JobRecord]:
-    """Records whose job is still queued or running (Slurm: squeue; local: the pid is alive)."""
+    """Records whose job is still queued or running (Slurm: squeue; local: the very process
+    that was recorded is alive, pid and start time)."""
     records = read_records(run) if records is None else records
     slurm = queued_job_ids({r.job_id for r in records if r.kind == "slurm"})
     return [
         r
         for r in records
-        if (r.kind == "slurm" and r.job_id in slurm) or (r.kind == "local" and _alive(r.job_id))
+        if (r.kind == "slurm" and r.job_id in slurm) or (r.kind == "local" and is_running(r))
     ]
+
+
+def pending_records(run: RunDir) -> list[JobRecord]:
+    """Active records that still hold a cell which is not committed."""
+    done = run.committed_cells() | run.stored_gradients()
+    return [r for r in active_records(run) if set(r.cells) - done]
+
+
+def queued_cells(run: RunDir) -> set[str]:
+    """Cells left to queued/running jobs: never a committed cell (its job may still run on)."""
+    done = run.committed_cells() | run.stored_gradients()
+    return {c for r in active_records(run) for c in r.cells} - done
+
+
+def is_running(record: JobRecord) -> bool:
+    """A local record's process is alive and is the recorded one (never a reused pid)."""
+    if record.process is None or not record.job_id.isdigit():
+        return False
+    return process_identity(int(record.job_id)) == record.process
 
 
 def job_cell_counts(run: RunDir) -> tuple[int, int]:
@@ -86,20 +121,3 @@ def job_cell_counts(run: RunDir) -> tuple[int, int]:
     done = run.committed_cells() | run.stored_gradients()
     ended = {c for r in records for c in r.cells} - running
     return len(running - done), len(ended - done)
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError):
-        return False
-    except PermissionError:
-        return True
-    return _not_zombie(int(pid))
-
-
-def _not_zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
