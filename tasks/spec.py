@@ -32,6 +32,7 @@ from gi_core.attacks.registry import METHOD_NAMES, config_class, method_config, 
 from gi_core.datasets import dataset_info, max_batches
 from gi_core.defenses import DEFENSE_KINDS, Defense
 from gi_core.errors import ConfigError
+from storage.generator_snapshots import parse_ref, resolve_ref
 
 DATASET_KINDS = ("lfw-faces", "natural-photos", "synthetic", "imagefolder:<path>", "cifar10:<root>")
 
@@ -72,7 +73,15 @@ class VictimSpec(_Model):
 
 class GeneratorSpec(_Model):
     kind: Literal["dcgan32", "dcgan64", "digiface"]
+    # A state_dict file, or a training run's snapshot `giml:<run dir>@<step>` /
+    # `gan:<run dir>@<step>` (issue 10), resolved here to its content-addressed file so that
+    # cell ids follow the weights.
     checkpoint: str | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _snapshot_ref(cls, v: str | None) -> str | None:
+        return str(resolve_ref(v)) if v is not None and parse_ref(v) is not None else v
 
 
 class MethodSpec(_Model):
