@@ -125,11 +125,13 @@ def run(
     executor: str | None = typer.Option(None, help="inline | local | slurm (default: the spec's)"),
     out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
     verbose: bool = typer.Option(False, help="show Prefect's logs"),
+    wait: bool = typer.Option(False, help="queue behind another `gi-eval run` of this run dir"),
 ) -> None:
     """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued."""
     from pipelines.commands import run_grid
 
-    typer.echo(run_grid(spec, executor=executor, out=out, verbose=verbose))
+    typer.echo(run_grid(spec, executor=executor, out=out, verbose=verbose, wait=wait,
+                        notify=lambda line: typer.echo(line, err=True)))
 
 
 @app.command()
@@ -139,6 +141,19 @@ def status(run_dir: Path) -> None:
     from pipelines.commands import status_report
 
     typer.echo(status_report(run_dir))
+
+
+@app.command()
+@_errors
+def verify(
+    run_dir: Path,
+    deep: bool = typer.Option(False, help="read every row and every zip, not only footers"),
+    dry_run: bool = typer.Option(False, help="report only; move nothing"),
+) -> None:
+    """Check a run's stored cells; move unusable ones to quarantine/ (the next run redoes them)."""
+    from pipelines.commands import verify_run
+
+    typer.echo(verify_run(run_dir, deep=deep, dry_run=dry_run))
 
 
 @app.command()

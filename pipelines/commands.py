@@ -6,7 +6,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,12 +15,15 @@ from pipelines.calibrate import seconds_per_iteration
 from pipelines.planner import (
     estimate_seconds,
     grid_status,
+    prepare_run,
     read_spec,
     run_dir_for,
     stored_timings,
     submission_shape,
 )
+from storage.lock import driver_lock
 from storage.run import RunDir, open_run
+from storage.verify import scan, verify_and_repair
 from tasks.cells import expand
 from tasks.executors import JobHandle, cancel_jobs, kill_local_job
 from tasks.jobs import (
@@ -30,6 +33,7 @@ from tasks.jobs import (
     queued_cells,
     request_cancel,
 )
+from tasks.preflight import check_before_submission, prepare_resume
 from tasks.spec import spec_from_yaml
 
 
@@ -76,21 +80,52 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def run_grid(spec_path: Path, *, executor: str | None, out: Path | None, verbose: bool) -> str:
-    """Validate, then run the evaluation-grid flow with a progress bar; returns the table."""
-    spec, _ = read_spec(spec_path)  # full validation before Prefect starts or jobs are submitted
+def run_grid(
+    spec_path: Path,
+    *,
+    executor: str | None,
+    out: Path | None,
+    verbose: bool,
+    wait: bool = False,
+    notify: Callable[[str], None] = print,
+) -> str:
+    """Validate, then run the evaluation-grid flow with a progress bar; returns the table.
+
+    Everything checkable is checked before Prefect starts or a job is submitted (spec, data,
+    checkpoints, writable run directory, free space). The run directory is then locked for this
+    driver (`wait`: queue behind another one), temp files of crashed writers are removed and
+    unusable stored cells go to quarantine so that this run recomputes them."""
+    spec, text = read_spec(spec_path)
     from pipelines.flows import evaluation_grid, executor_config
 
     executor_config(spec, executor)
     # expanding checks data set sizes, generator and method params; its ids feed the progress bar
-    cell_ids = {c.id for c in expand(spec).inversion_cells}
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-        logging.getLogger("prefect").setLevel(logging.WARNING)
+    plan = expand(spec)
+    cell_ids = {c.id for c in plan.inversion_cells}
     run_path = run_dir_for(spec, out)
+    existing = _existing_run(run_path)
+    todo = grid_status(spec, existing).todo if existing else plan.inversion_cells
+    check_before_submission(run_path, todo, [c.gradient for c in todo],
+                            keep_restarts=spec.storage.keep_restarts)
+    if not verbose:
+        # Prefect logs every failed task/flow with a traceback; the CLI prints one error line.
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+        logging.getLogger("prefect").setLevel(logging.CRITICAL)
+    run_path.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with _progress(cell_ids, run_path):
-        table_path = evaluation_grid(str(spec_path), executor, str(run_path))
+    waiting = "waiting for the other `gi-eval run` on {} ({}) to finish (--wait)"
+    with driver_lock(
+        run_path,
+        wait=wait,
+        on_wait=lambda h: notify(waiting.format(run_path, h.describe() if h else "?")),
+    ) as stale:
+        if stale is not None:
+            notify(f"{run_path}: the previous driver ({stale.describe()}) was killed; resuming")
+        run = prepare_run(spec, text, out)
+        for line in prepare_resume(run):
+            notify(line)
+        with _progress(cell_ids, run_path):
+            table_path = evaluation_grid(str(spec_path), executor, str(run_path))
     wall = time.perf_counter() - start
     figure = Path(table_path).with_name("reconstructions.png")
     return Path(table_path).read_text() + f"\nfigure: {figure}\n{run_path}: done in {wall:.1f} s\n"
@@ -146,12 +181,16 @@ def status_report(run_dir: Path) -> str:
     status = grid_status(spec, run, queued=queued)
     checkpoints = len(list((run.root / "checkpoints").glob("*.pt")))
     _, failed = job_cell_counts(run)
+    unusable = scan(run).cells & {c.id for c in status.plan.inversion_cells}
     return "\n".join(
         [
             f"run {run.root} (grid {spec.name!r})",
-            f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
-            f"{len(queued)} in {len(active)} queued/running job(s), {len(status.todo)} to do",
+            f"cells: {len(status.plan.inversion_cells)} total, {status.done - len(unusable)} "
+            f"done, {len(queued)} in {len(active)} queued/running job(s), "
+            f"{len(status.todo) + len(unusable)} to do",
             f"failed (their jobs ended without a commit; `gi-eval run` retries them): {failed}",
+            f"unusable stored cells (unreadable metrics or missing group; `gi-eval run` moves "
+            f"them to quarantine and recomputes them): {len(unusable)}",
             f"checkpoints of cells in flight: {checkpoints}",
             f"gradients stored: {len(status.gradients_stored)} of "
             f"{len(status.plan.gradient_cells)}",
@@ -172,11 +211,32 @@ def cancel_run(run_dir: Path) -> str:
 
 
 def tables_text(run_dir: Path) -> str:
-    from pipelines.report import write_tables
+    from pipelines.report import markdown, summary, write_tables
 
-    path = write_tables(_require_run(run_dir))
+    run = _require_run(run_dir)
+    if not os.access(run.root, os.W_OK):
+        # A finished run on read-only storage: read it without compacting or writing reports.
+        return markdown(summary(run.metrics())) + (
+            f"\n{run.root} is read-only: nothing was written (no compaction, no reports/); "
+            "the table above is read from its committed metrics"
+        )
+    path = write_tables(run)
     figure = path.with_name("reconstructions.png")
     return path.read_text() + f"\nwritten: {path}, {path.with_suffix('.csv')} and {figure}"
+
+
+def verify_run(run_dir: Path, *, deep: bool, dry_run: bool) -> str:
+    """Check the stored cells; move unusable ones to quarantine unless `dry_run` (or the run is
+    read-only, which is then said)."""
+    run = _require_run(run_dir)
+    report = scan(run, deep=deep)
+    if not report.findings:
+        return report.describe()
+    if dry_run:
+        return report.describe() + "\n(--dry-run: nothing moved)"
+    if not os.access(run.root, os.W_OK):
+        return report.describe() + f"\n{run.root} is read-only: nothing moved"
+    return verify_and_repair(run, deep=deep).describe()
 
 
 def _require_run(run_dir: Path) -> RunDir:
