@@ -9,20 +9,25 @@ Built-in names (no download, no network):
                   176 samples, label = photo index (11 classes).
   synthetic       smooth random images from a fixed seed, for tests: 64 samples, 10 classes.
 For users with their own data:
-  imagefolder:<path>  torchvision ImageFolder (class = sub-folder), centre square crop.
+  imagefolder:<path>  one sub-folder of images per class (>= 2 classes), centre square crop;
+                      JPEG, PNG (8/16-bit, palette), GIF (first frame), WebP, BMP, PPM/PGM,
+                      TIFF. Any other file in the tree is refused, never skipped silently.
   cifar10:<root>      torchvision CIFAR-10 test split, already downloaded under <root>.
 
 Images come back as (B, 3, S, S) float32 in [0, 1] on the CPU, S = image_size, resized with
 antialiased bilinear interpolation. Decoded data sets are cached in memory per process.
+Batches come from a fixed greedy plan, or from a seeded shuffle of it (`shuffle_seed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import heapq
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +39,9 @@ from gi_core.errors import ConfigError
 _BUILTIN = ("lfw-faces", "natural-photos", "synthetic")
 _WITH_PATH = ("imagefolder", "cifar10")
 _MIN_IMAGE_SIZE = 8
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff",
+)  # fmt: skip
 
 # (source, name) of the colour photos that load offline. Left out on purpose: skimage's
 # colorwheel and logo (graphics, not photos), motorcycle_right (near-duplicate of the left view
@@ -68,11 +76,13 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class _Source:
-    """A data set's labels (N,) int64 and a loader (indices, image_size) -> (B, 3, S, S)."""
+    """A data set's labels (N,) int64 and a loader (indices, image_size) -> (B, 3, S, S).
+    `files`: the image file of each sample, for data sets read from the user's disk."""
 
     labels: Tensor
     num_classes: int
     load: Callable[[Sequence[int], int], Tensor]
+    files: tuple[str, ...] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,23 +215,60 @@ def _cifar10_source(root: str) -> _Source:
 
 
 def _imagefolder_source(path: str) -> _Source:
-    from torchvision.datasets import ImageFolder
-
-    try:
-        ds = ImageFolder(path)
-    except FileNotFoundError as e:
+    root = Path(path)
+    if not root.is_dir():
         raise ConfigError(
-            f"imagefolder:{path}: {e}. Expected one sub-folder of images per class"
-        ) from e
+            f"imagefolder:{path}: no such directory; give the folder that holds "
+            "one sub-folder of images per class"
+        )
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    files, unsupported = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.is_dir() or f.name.startswith("."):
+                continue  # hidden files (.DS_Store, ._*) are not images
+            (files if f.suffix.lower() in IMAGE_EXTENSIONS else unsupported).append((f, label))
+    loose = [f for f in root.iterdir() if f.is_file() and not f.name.startswith(".")]
+    if unsupported:
+        f = unsupported[0][0]
+        raise ConfigError(
+            f"imagefolder:{path}: unsupported file {f} ({len(unsupported)} in all); supported: "
+            f"{', '.join(IMAGE_EXTENSIONS)}. Convert it to PNG or move it out of the folder"
+        )
+    if loose and not classes:
+        raise ConfigError(
+            f"imagefolder:{path}: the images lie directly in the folder; put them in one "
+            "sub-folder per class (at least 2 classes)"
+        )
 
     def load(indices: Sequence[int], image_size: int) -> Tensor:
-        images = []
-        for i in indices:
-            array = np.asarray(ds.loader(ds.samples[i][0]).convert("RGB"))
-            images.append(_resize(_center_square(_hwc_uint8_to_chw(array))[None], image_size))
-        return torch.cat(images)
+        images = [_center_square(decode_image_file(files[i][0])) for i in indices]
+        return torch.cat([_resize(image[None], image_size) for image in images])
 
-    return _Source(labels=torch.tensor(ds.targets), num_classes=len(ds.classes), load=load)
+    source = _Source(
+        labels=torch.tensor([label for _, label in files], dtype=torch.int64),
+        num_classes=len(classes),
+        load=load,
+    )
+    return dataclasses.replace(source, files=tuple(str(f) for f, _ in files))
+
+
+def decode_image_file(path: Path | str) -> Tensor:
+    """One image file -> (3, H, W) float32 in [0, 1]; ConfigError naming the file if it does not
+    decode. 16-bit images are scaled by 65535 (PIL's convert("RGB") would clip them to white);
+    palette, gray and alpha images become RGB; a GIF gives its first frame."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # full decode now: a truncated file fails here, not in a job
+            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+                gray = np.asarray(img, dtype=np.float64) / 65535.0
+                t = torch.from_numpy(np.clip(gray, 0.0, 1.0)).float()
+                return t.unsqueeze(0).expand(3, -1, -1).contiguous()
+            return _hwc_uint8_to_chw(np.asarray(img.convert("RGB")))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"image {path} does not decode ({e}); replace or delete the file") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,6 +301,12 @@ def dataset_info(name: str, *, image_size: int) -> DatasetInfo:
     """Samples and classes of `name`; image_size is only validated (sizes don't depend on it)."""
     _check_image_size(image_size)
     src = _source(name)
+    if src.num_classes < 2:
+        raise ConfigError(
+            f"{name!r} has {src.num_classes} class: with one class the victim's loss is "
+            "constant and every client gradient is zero. Give at least 2 classes (for "
+            "imagefolder: one sub-folder per class)"
+        )
     return DatasetInfo(
         name=name, num_samples=len(src.labels), num_classes=src.num_classes, channels=3
     )
@@ -270,61 +323,94 @@ def load_images(name: str, indices: Sequence[int], *, image_size: int) -> tuple[
     return src.load(indices, image_size), src.labels[list(indices)].clone()
 
 
-def _plan_batches(labels: Sequence[int], batch_size: int) -> tuple[tuple[int, ...], ...]:
+def _plan_batches(
+    labels: Sequence[int], batch_size: int, seed: int | None = None
+) -> tuple[tuple[int, ...], ...]:
     """Split sample indices into disjoint batches of batch_size, deterministically.
+
+    With a `seed`, the order of the samples within each class, the tie-break order of the
+    classes and the order of the batches are a seeded permutation (numpy PCG64): the batches
+    stay disjoint with unique labels, but batch 0 is no longer the first classes in sorted
+    order.
 
     If batch_size <= number of classes every batch has unique labels: each batch takes the
     next unused sample of the batch_size classes with most samples left (ties: lower label),
     a greedy that yields the largest possible number of such batches. Otherwise each batch
     fills itself in rounds over those classes, spreading labels as evenly as possible.
     """
+    rng = np.random.default_rng(seed) if seed is not None else None
+    order = rng.permutation(len(labels)) if rng is not None else range(len(labels))
     queues: dict[int, deque[int]] = {}
-    for index, label in enumerate(labels):
-        queues.setdefault(int(label), deque()).append(index)
-    heap = [(-len(q), label) for label, q in queues.items()]
+    for index in order:
+        queues.setdefault(int(labels[index]), deque()).append(int(index))
+    # the heap orders by (-left, rank); rank = label unshuffled, a random rank when seeded
+    ranks = dict(
+        zip(
+            sorted(queues),
+            rng.permutation(len(queues)) if rng is not None else range(len(queues)),
+            strict=True,
+        )
+    )
+    heap = [(-len(q), int(ranks[label])) for label, q in queues.items()]
+    by_rank = {int(r): label for label, r in ranks.items()}
     heapq.heapify(heap)
     unique, remaining = batch_size <= len(queues), len(labels)
     batches: list[tuple[int, ...]] = []
     while remaining >= batch_size and (not unique or len(heap) >= batch_size):
-        batch = _take_batch(heap, queues, batch_size)
+        batch = _take_batch(heap, queues, batch_size, by_rank)
         remaining -= batch_size
         batches.append(tuple(sorted(batch)))
+    if rng is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
     return tuple(batches)
 
 
 def _take_batch(
-    heap: list[tuple[int, int]], queues: dict[int, deque[int]], batch_size: int
+    heap: list[tuple[int, int]],
+    queues: dict[int, deque[int]],
+    batch_size: int,
+    by_rank: dict[int, int],
 ) -> list[int]:
-    """Pop batch_size samples, at most one per class per round; heap holds (-left, label)."""
+    """Pop batch_size samples, at most one per class per round; heap holds (-left, rank)."""
     batch: list[int] = []
     while len(batch) < batch_size:
         taken = [heapq.heappop(heap) for _ in range(min(batch_size - len(batch), len(heap)))]
-        for _, label in taken:
-            batch.append(queues[label].popleft())
-            if queues[label]:
-                heapq.heappush(heap, (-len(queues[label]), label))
+        for _, rank in taken:
+            queue = queues[by_rank[rank]]
+            batch.append(queue.popleft())
+            if queue:
+                heapq.heappush(heap, (-len(queue), rank))
     return batch
 
 
 @functools.lru_cache(maxsize=64)
-def _batch_plan(name: str, batch_size: int) -> tuple[tuple[int, ...], ...]:
+def _batch_plan(name: str, batch_size: int, seed: int | None) -> tuple[tuple[int, ...], ...]:
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    return _plan_batches(_source(name).labels.tolist(), batch_size)
+    return _plan_batches(_source(name).labels.tolist(), batch_size, seed)
 
 
-def max_batches(name: str, *, batch_size: int, image_size: int) -> int:
+def max_batches(
+    name: str, *, batch_size: int, image_size: int, shuffle_seed: int | None = None
+) -> int:
     """How many disjoint batches of batch_size `batch_indices` can hand out for `name`."""
     _check_image_size(image_size)
-    return len(_batch_plan(name, batch_size))
+    return len(_batch_plan(name, batch_size, shuffle_seed))
 
 
-def batch_indices(name: str, *, batch_size: int, batch_index: int, image_size: int) -> list[int]:
-    """Sample indices of batch number batch_index (ascending). Deterministic; batches with
-    different batch_index never share a sample; labels are unique within a batch whenever
-    batch_size <= num_classes."""
+def batch_indices(
+    name: str,
+    *,
+    batch_size: int,
+    batch_index: int,
+    image_size: int,
+    shuffle_seed: int | None = None,
+) -> list[int]:
+    """Sample indices of batch number batch_index (ascending). Deterministic for a given
+    shuffle_seed; batches with different batch_index never share a sample; labels are unique
+    within a batch whenever batch_size <= num_classes."""
     _check_image_size(image_size)
-    plan = _batch_plan(name, batch_size)
+    plan = _batch_plan(name, batch_size, shuffle_seed)
     if not 0 <= batch_index < len(plan):
         valid = f"0..{len(plan) - 1}" if plan else "none"
         raise ConfigError(
@@ -333,3 +419,26 @@ def batch_indices(name: str, *, batch_size: int, batch_index: int, image_size: i
             "use a smaller batch_size or fewer batches"
         )
     return list(plan[batch_index])
+
+
+def check_decodable(name: str, indices: Sequence[int], *, image_size: int) -> list[str]:
+    """Decode every image file of `indices` once (data sets on the user's disk): one message
+    per file that does not decode or is smaller than `image_size` (it would be upsampled into a
+    blur), naming the file. Built-in data sets live in memory and always pass."""
+    files = _source(name).files
+    if files is None:
+        return []
+    problems = []
+    for i in sorted(set(indices)):
+        try:
+            image = decode_image_file(files[i])
+        except ConfigError as e:
+            problems.append(str(e))
+            continue
+        side = min(image.shape[-2:])
+        if side < image_size:
+            problems.append(
+                f"image {files[i]} is {image.shape[-1]}x{image.shape[-2]} px, smaller than "
+                f"data.image_size {image_size}; use a smaller image_size or remove the image"
+            )
+    return problems

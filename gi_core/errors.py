@@ -28,3 +28,8 @@ class EnvironmentProblem(GIError):
 
 class RunCancelled(GIError):
     """`gi-eval cancel` stopped the run's jobs: nothing is retried; rerunning resumes."""
+
+
+class DegenerateInputError(GIError):
+    """An input that could only give a meaningless number (a zero or non-finite client
+    gradient, ...): its cell fails with this reason instead of committing a result."""

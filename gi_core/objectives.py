@@ -14,6 +14,7 @@ from torch import Tensor
 from gi_core.errors import ConfigError
 
 DISTANCES = ("cosine", "l2")
+TV_FORMS = ("interior", "zero_pad")
 
 
 def gradient_distance(
@@ -38,12 +39,26 @@ def gradient_distance(
     raise ConfigError(f"distance: unknown {kind!r}; known: {', '.join(DISTANCES)}")
 
 
-def total_variation(x: Tensor) -> Tensor:
-    """Anisotropic TV (eq. 4 as in Geiping et al.'s code): mean |x[h, w+1] − x[h, w]| +
-    mean |x[h+1, w] − x[h, w]| over a (B, C, H, W) batch."""
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
-    return dx + dy
+def total_variation(x: Tensor, *, form: str = "interior") -> Tensor:
+    """Anisotropic TV (eq. 4) over a (B, C, H, W) batch in [0, 1].
+
+    `interior` (Geiping et al.'s code): mean |x[h, w+1] − x[h, w]| + mean |x[h+1, w] − x[h, w]|
+    over the (H, W−1) and (H−1, W) interior differences.
+    `zero_pad`: the image is padded with one row and one column of zeros (right, bottom) before
+    differencing, so the last column and row also pay |x|, and both means run over H × W. This
+    anchors global brightness, which the gradient of a batch-statistics BN victim barely
+    constrains (measured in docs/results/objective_options.md).
+    """
+    if form == "interior":
+        dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
+        dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean()
+        return dx + dy
+    if form == "zero_pad":
+        padded = torch.nn.functional.pad(x, (0, 1, 0, 1))  # zeros right and bottom
+        dx = (padded[..., :-1, 1:] - x).abs().mean()
+        dy = (padded[..., 1:, :-1] - x).abs().mean()
+        return dx + dy
+    raise ConfigError(f"tv_form: unknown {form!r}; known: {', '.join(TV_FORMS)}")
 
 
 def bn_regulariser(

@@ -9,6 +9,7 @@ partition field (pyarrow refuses to merge string with dictionary<string>).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 import platform
@@ -34,17 +35,50 @@ PARQUET_SUFFIX = ".parquet"
 _AXES = [
     ("cell_id", pa.string()),
     ("gradient_id", pa.string()),
+    # the configuration: a table row is one (method, variant); method_params is the full
+    # resolved config as canonical JSON, param_<field> the same values flattened (below)
+    ("variant", pa.string()),
+    ("preset", pa.string()),  # paper | tuned
+    ("method_params", pa.string()),
     ("dataset", pa.string()),
     ("image_size", pa.int64()),
+    ("data_seed", pa.int64()),  # the batch plan's shuffle seed; null: the fixed plan
     ("victim", pa.string()),
+    ("victim_width", pa.int64()),  # null: the architecture's default width
     ("victim_seed", pa.int64()),
+    ("victim_checkpoint_sha256", pa.string()),  # null: untrained (random init from the seed)
     ("generator", pa.string()),  # null for methods without a generator prior
+    ("generator_checkpoint_sha256", pa.string()),  # weights file; null: random init
     ("defense", pa.string()),
     ("defense_level", pa.float64()),
+    ("defense_p", pa.float64()),
+    ("defense_sigma", pa.float64()),
+    ("defense_clip", pa.float64()),
+    ("defense_bits", pa.int64()),
+    ("dp_epsilon", pa.float64()),  # (epsilon, delta) of a DP defense; null otherwise
+    ("dp_delta", pa.float64()),
     ("batch_size", pa.int64()),
     ("batch_index", pa.int64()),
     ("seed", pa.int64()),
 ]
+
+
+def _param_columns() -> list[tuple[str, pa.DataType]]:
+    """param_<field> for every field of every registered method's config (null where a method
+    has no such field), typed from the config dataclasses."""
+    from gi_core.attacks.registry import METHOD_NAMES, config_class
+
+    types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}
+    columns: dict[str, pa.DataType] = {}
+    for name in METHOD_NAMES:
+        for f in dataclasses.fields(config_class(name)):
+            if f.name != "preset":
+                columns.setdefault(f"param_{f.name}", types[str(f.type)])
+    return sorted(columns.items())
+
+
+_PARAMS = _param_columns()
+PARAM_COLUMNS = frozenset(name for name, _ in _PARAMS)
 _PER_IMAGE = [
     ("image_index", pa.int64()),  # position in the batch, 0..B-1
     ("sample_index", pa.int64()),  # index into the data set
@@ -70,8 +104,8 @@ _PROVENANCE = [
     ("python_version", pa.string()),
     ("git_commit", pa.string()),
 ]
-SCHEMA = pa.schema(_AXES + _PER_IMAGE + _PROVENANCE)
-ROW_COLUMNS: tuple[str, ...] = tuple(name for name, _ in _AXES + _PER_IMAGE)
+SCHEMA = pa.schema(_AXES + _PARAMS + _PER_IMAGE + _PROVENANCE)
+ROW_COLUMNS: tuple[str, ...] = tuple(name for name, _ in _AXES + _PARAMS + _PER_IMAGE)
 # The schema a reader sees: the file schema plus the partition column.
 DATASET_SCHEMA = SCHEMA.append(pa.field(PARTITION_KEY, pa.string()))
 
@@ -118,7 +152,7 @@ def write_metrics_part(metrics_dir: Path, rows: Sequence[Mapping[str, Any]]) -> 
 def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """A table with exactly SCHEMA (provenance filled in); StorageError names a bad column."""
     for i, row in enumerate(rows):
-        missing = sorted(set(ROW_COLUMNS) - set(row))
+        missing = sorted(set(ROW_COLUMNS) - set(row) - PARAM_COLUMNS)  # params: null if absent
         extra = sorted(set(row) - set(ROW_COLUMNS))
         if missing or extra:
             raise StorageError(f"metrics row {i}: missing columns {missing}, unknown {extra}")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -27,7 +27,7 @@ from tasks.spec import GeneratorSpec, GridSpec, MethodSpec, VictimSpec, canonica
 
 # Bump when the meaning of a stored cell changes without its fields changing (e.g. a fix in
 # how gradients are computed): every id changes, so a resumed run recomputes everything.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: tv_form/signed_grad/preset in configs, shuffle_seed in gradients
 ID_LENGTH = 16
 
 
@@ -46,6 +46,7 @@ class GradientCell:
     indices: tuple[int, ...]  # data set sample indices, disjoint across batch_index
     victim: VictimSpec
     defense: Defense
+    shuffle_seed: int | None = None  # the batch plan's shuffle (None: the fixed plan)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything that determines the gradient; hashed into `id`."""
@@ -57,6 +58,7 @@ class GradientCell:
             "batch_size": self.batch_size,
             "batch_index": self.batch_index,
             "indices": list(self.indices),
+            "shuffle_seed": self.shuffle_seed,
             "victim": self.victim.model_dump(mode="json"),
             "defense": _defense_dict(self.defense),
         }
@@ -80,6 +82,7 @@ class GradientCell:
             indices=tuple(d["indices"]),
             victim=VictimSpec.model_validate(d["victim"]),
             defense=Defense(**d["defense"]),
+            shuffle_seed=d.get("shuffle_seed"),
         )
         _check_id(cell.id, d)
         return cell
@@ -100,6 +103,9 @@ class InversionCell:
     config: BaseConfig  # the registry's frozen config, iteration budget already applied
     generator: GeneratorSpec | None  # None for methods without a generator prior
     seed: int
+    # Table name of this configuration (spec `label`, else derived by `variant_labels`).
+    # Not part of the id: renaming a configuration recomputes nothing.
+    variant: str = ""
 
     @property
     def gradient_id(self) -> str:
@@ -125,7 +131,12 @@ class InversionCell:
         return cell_hash(self.to_dict())
 
     def describe(self) -> dict[str, Any]:
-        return {**self.to_dict(), "id": self.id, "gradient": self.gradient.describe()}
+        return {
+            **self.to_dict(),
+            "id": self.id,
+            "gradient": self.gradient.describe(),
+            "variant": self.variant,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> InversionCell:
@@ -136,24 +147,36 @@ class InversionCell:
             config=method_config(d["method"], d["config"]),
             generator=GeneratorSpec.model_validate(d["generator"]) if d["generator"] else None,
             seed=d["seed"],
+            variant=d.get("variant", ""),
         )
         _check_id(cell.id, d)
         return cell
 
     def metric_axes(self) -> dict[str, Any]:
-        """The grid-axis columns of this cell's metrics rows (see storage.metrics)."""
-        g = self.gradient
+        """The configuration columns of this cell's metrics rows (see storage.metrics): every
+        field that tells two configurations apart, so that no table mixes them."""
+        g, v, config = self.gradient, self.gradient.victim, self.config_dict
         return {
             "cell_id": self.id,
             "gradient_id": g.id,
             "method": self.method,
+            "variant": self.variant,
+            "preset": config["preset"],
+            "method_params": canonical_json(config),
+            **{f"param_{k}": val for k, val in config.items() if k != "preset"},
             "dataset": g.dataset,
             "image_size": g.image_size,
-            "victim": g.victim.arch,
-            "victim_seed": g.victim.seed,
+            "data_seed": g.shuffle_seed,
+            "victim": v.arch,
+            "victim_width": v.width,
+            "victim_seed": v.seed,
             "generator": self.generator.kind if self.generator else None,
             "defense": g.defense.kind,
             "defense_level": g.defense.level,  # p, sigma (dp: sigma), bits; 0.0 for none
+            "defense_p": g.defense.p,
+            "defense_sigma": g.defense.sigma,
+            "defense_clip": g.defense.clip,
+            "defense_bits": g.defense.bits,
             "batch_size": g.batch_size,
             "batch_index": g.batch_index,
             "seed": self.seed,
@@ -179,41 +202,79 @@ class Plan:
 def expand(spec: GridSpec) -> Plan:
     """All cells of `spec`, deduplicated, in a deterministic order.
 
-    Gradient cells: batch size x batch index x defense level. Inversion cells: for each
-    gradient cell, method x seed — every method attacking the same defended gradient shares
-    one gradient cell (and so one stored gradient).
+    Gradient cells: victim x batch size x batch index x defense level. Inversion cells: for
+    each gradient cell, method entry x generator x seed — every method attacking the same
+    defended gradient shares one gradient cell (and so one stored gradient).
     """
     gradients = _unique(_gradient_cells(spec))
-    attacks = [(m.name, _resolve_config(m, spec.budgets.iterations_scale)) for m in spec.methods]
+    scale = spec.budgets.iterations_scale
+    attacks = [(m.name, _resolve_config(m, scale)) for m in spec.methods]
+    labels = variant_labels(spec.methods, [config for _, config in attacks])
     inversions = _unique(
-        InversionCell(g, name, config, spec.generator if uses_generator(name) else None, seed)
+        InversionCell(g, name, config, generator, seed, label)
         for g in gradients
-        for name, config in attacks
+        for (name, config), label in zip(attacks, labels, strict=True)
+        for generator in (spec.generator_axis if uses_generator(name) else (None,))
         for seed in spec.seeds
     )
     return Plan(gradients, inversions)
 
 
+def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[BaseConfig]) -> list[str]:
+    """One table name per method entry: its `label`, else its preset followed by the
+    parameters whose values differ between the entries of the same method ('paper',
+    'tuned', 'paper lr=0.01'). Distinct configurations always get distinct names."""
+    dicts = [_asdict(c) for c in configs]
+    out = []
+    for m, d in zip(methods, dicts, strict=True):
+        if m.label is not None:
+            out.append(m.label)
+            continue
+        same = [o for n, o in zip(methods, dicts, strict=True) if n.name == m.name]
+        differ = sorted(
+            k for k in d if k != "preset" and len({canonical_json(o[k]) for o in same}) > 1
+        )
+        out.append(" ".join([d["preset"], ", ".join(f"{k}={d[k]}" for k in differ)]).strip())
+    return out
+
+
 def _gradient_cells(spec: GridSpec) -> list[GradientCell]:
+    return gradient_cells(spec, batches=lambda batch_size: range(spec.data.num_batches))
+
+
+def gradient_cells(
+    spec: GridSpec, *, batches: Callable[[int], Iterable[int]]
+) -> list[GradientCell]:
+    """victim x batch size x batches(batch size) x defense level; `batches` picks the batch
+    numbers (the evaluation's, or `gi-eval tune`'s held-out ones)."""
     d = spec.data
     defenses = [defense for family in spec.defenses for defense in family.expand()]
     cells = []
-    for batch_size in spec.batch_sizes:
-        for batch_index in range(d.num_batches):
-            indices = tuple(
-                batch_indices(
-                    d.dataset,
-                    batch_size=batch_size,
-                    batch_index=batch_index,
-                    image_size=d.image_size,
+    for victim in spec.victim_axis:
+        for batch_size in spec.batch_sizes:
+            for batch_index in batches(batch_size):
+                indices = tuple(
+                    batch_indices(
+                        d.dataset,
+                        batch_size=batch_size,
+                        batch_index=batch_index,
+                        image_size=d.image_size,
+                        shuffle_seed=d.shuffle_seed,
+                    )
                 )
-            )
-            cells += [
-                GradientCell(
-                    d.dataset, d.image_size, batch_size, batch_index, indices, spec.victim, defense
-                )
-                for defense in defenses
-            ]
+                cells += [
+                    GradientCell(
+                        d.dataset,
+                        d.image_size,
+                        batch_size,
+                        batch_index,
+                        indices,
+                        victim,
+                        defense,
+                        d.shuffle_seed,
+                    )
+                    for defense in defenses
+                ]
     return cells
 
 
@@ -222,7 +283,7 @@ def _resolve_config(method: MethodSpec, iterations_scale: float) -> BaseConfig:
 
     Ints in float fields are made floats so that `lr: 1` and `lr: 1.0` give one id.
     """
-    config = method_config(method.name, method.params)
+    config = method_config(method.name, method.params, preset=method.preset)
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)

@@ -9,6 +9,7 @@ its path, e.g. "defenses[1].p: must be in [0, 1) (got 1.2)".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -28,8 +29,13 @@ from pydantic import (
     model_validator,
 )
 
-from gi_core.attacks.registry import METHOD_NAMES, config_class, method_config, uses_generator
-from gi_core.datasets import dataset_info, max_batches
+from gi_core.attacks.registry import (
+    METHOD_NAMES,
+    config_class,
+    method_config,
+    uses_generator,
+)
+from gi_core.datasets import batch_indices, check_decodable, dataset_info, max_batches
 from gi_core.defenses import DEFENSE_KINDS, Defense
 from gi_core.errors import ConfigError
 from storage.generator_snapshots import parse_ref, resolve_ref
@@ -54,6 +60,10 @@ class DataSpec(_Model):
     dataset: str
     image_size: int = Field(default=32, ge=32)  # LPIPS (AlexNet) needs >= 32 px
     num_batches: int = Field(default=1, ge=1)
+    # None: the data set's fixed greedy plan (batch 0 = the first classes in sorted order).
+    # An int: a seeded shuffle of that plan's sample and class order (still disjoint, unique
+    # labels); the seed is part of every gradient cell and every metrics row.
+    shuffle_seed: int | None = None
 
     @field_validator("dataset")
     @classmethod
@@ -86,7 +96,13 @@ class GeneratorSpec(_Model):
 
 class MethodSpec(_Model):
     name: str
+    # paper: the paper's appendix values; tuned: the values `gi-eval tune` chose on held-out
+    # batches (gi_core.attacks.registry). `params` override either.
+    preset: Literal["paper", "tuned"] = "paper"
     params: dict[str, Any] = Field(default_factory=dict)
+    # Name of this configuration in tables (`variant` column); default: derived from the
+    # preset and the parameters that differ between entries of the same method.
+    label: str | None = Field(default=None, min_length=1, max_length=80)
 
 
 class DefenseSpec(_Model):
@@ -200,11 +216,29 @@ def _method_item(value: Any) -> Any:
     return {"name": value} if isinstance(value, str) else value
 
 
+class TuningSpec(_Model):
+    """`gi-eval tune`: search each method's key hyperparameters on held-out batches."""
+
+    # Held-out batches per batch size, taken from the END of the batch plan, so they are
+    # disjoint from the evaluation batches 0..num_batches-1 (checked at validation).
+    batches: int = Field(default=2, ge=1)
+    trials: int = Field(default=12, ge=1)
+    seed: int = 0  # Optuna sampler seed
+    methods: tuple[str, ...] | None = None  # default: every method of the grid
+    # Optional override of the default search space: {method: {param: spec}}, where spec is
+    # [low, high] (log-uniform), [low, high, "linear"], or {"choices": [...]}.
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
 class GridSpec(_Model):
     name: str
     data: DataSpec
-    victim: VictimSpec
+    # One victim / generator, or a list of them as a grid axis (e.g. untrained vs trained
+    # victims, several priors). Write either the single or the list form, not both.
+    victim: VictimSpec | None = None
+    victims: tuple[VictimSpec, ...] | None = Field(default=None, min_length=1)
     generator: GeneratorSpec | None = None
+    generators: tuple[GeneratorSpec, ...] | None = Field(default=None, min_length=1)
     methods: tuple[Annotated[MethodSpec, BeforeValidator(_method_item)], ...] = Field(min_length=1)
     defenses: tuple[DefenseSpec, ...] = Field(default=(DefenseSpec(kind="none"),), min_length=1)
     batch_sizes: Ints = Field(default=(1,), min_length=1)
@@ -212,6 +246,15 @@ class GridSpec(_Model):
     budgets: BudgetSpec = BudgetSpec()
     execution: ExecutionSpec = ExecutionSpec()
     storage: StorageSpec = StorageSpec()
+    tuning: TuningSpec = TuningSpec()
+
+    @property
+    def victim_axis(self) -> tuple[VictimSpec, ...]:
+        return self.victims or ((self.victim,) if self.victim is not None else ())
+
+    @property
+    def generator_axis(self) -> tuple[GeneratorSpec, ...]:
+        return self.generators or ((self.generator,) if self.generator is not None else ())
 
     @field_validator("name")
     @classmethod
@@ -240,7 +283,9 @@ class GridSpec(_Model):
 def semantic_problems(spec: GridSpec) -> list[str]:
     """Cross-field checks that need gi_core or the filesystem, as 'path: message' lines."""
     return [
+        *_axis_problems(spec),
         *_method_problems(spec),
+        *_variant_problems(spec),
         *_generator_problems(spec),
         *_checkpoint_problems(spec),
         *_data_problems(spec),
@@ -260,7 +305,7 @@ def _method_problems(spec: GridSpec) -> list[str]:
             problems += [f"methods[{i}].params.{p}" for p in wrong_types]
             continue
         try:
-            config = method_config(m.name, m.params)
+            config = resolved_config(m)
         except (ConfigError, TypeError) as e:
             msg = str(e)
             problems.append(
@@ -298,9 +343,50 @@ _SCALAR_CHECKS: dict[Any, tuple[Any, str]] = {
 }
 
 
+def _axis_problems(spec: GridSpec) -> list[str]:
+    problems = []
+    for single, plural in (("victim", "victims"), ("generator", "generators")):
+        if getattr(spec, single) is not None and getattr(spec, plural) is not None:
+            problems.append(f"{plural}: write either {single}: or {plural}:, not both")
+    if not spec.victim_axis:
+        problems.append("victim: required (write e.g. victim: {arch: convnet})")
+    for name, axis in (("victims", spec.victim_axis), ("generators", spec.generator_axis)):
+        dumped = [canonical_json(x.model_dump(mode="json")) for x in axis]
+        if len(set(dumped)) < len(dumped):
+            problems.append(f"{name}: the same entry is listed twice")
+    return problems
+
+
+def _variant_problems(spec: GridSpec) -> list[str]:
+    """Two configurations must never share a table row: refuse a `label` reused for a
+    different configuration of the same method. (An entry repeated verbatim is one
+    configuration: its cells have the same ids and collapse.)"""
+    configs: dict[int, str] = {}
+    for i, m in enumerate(spec.methods):
+        try:
+            configs[i] = canonical_json(dataclasses.asdict(resolved_config(m)))
+        except (ConfigError, TypeError):
+            continue  # unknown method or bad params: reported by _method_problems
+    problems: list[str] = []
+    labels: dict[tuple[str, str], str] = {}
+    for i, config in configs.items():
+        m = spec.methods[i]
+        if m.label is not None and labels.setdefault((m.name, m.label), config) != config:
+            problems.append(
+                f"methods[{i}].label: {m.label!r} already names a different {m.name} "
+                "configuration; give each configuration its own label"
+            )
+    return problems
+
+
+def resolved_config(m: MethodSpec) -> Any:
+    """The method's full frozen config: preset values overridden by the entry's params."""
+    return method_config(m.name, m.params, preset=m.preset)
+
+
 def _generator_problems(spec: GridSpec) -> list[str]:
     needing = [m.name for m in spec.methods if m.name in METHOD_NAMES and uses_generator(m.name)]
-    if needing and spec.generator is None:
+    if needing and not spec.generator_axis:
         return [
             f"generator: required by {', '.join(dict.fromkeys(needing))} "
             "(write e.g. generator: {kind: dcgan32})"
@@ -310,14 +396,22 @@ def _generator_problems(spec: GridSpec) -> list[str]:
 
 def _checkpoint_problems(spec: GridSpec) -> list[str]:
     paths = {
-        "victim.checkpoint": spec.victim.checkpoint,
-        "generator.checkpoint": spec.generator.checkpoint if spec.generator else None,
+        **{_axis_field(spec, "victim", i): v.checkpoint for i, v in enumerate(spec.victim_axis)},
+        **{
+            _axis_field(spec, "generator", i): g.checkpoint
+            for i, g in enumerate(spec.generator_axis)
+        },
     }
     return [
-        f"{field}: no such file {path!r}"
+        f"{field}.checkpoint: no such file {path!r}"
         for field, path in paths.items()
         if path is not None and not Path(path).is_file()
     ]
+
+
+def _axis_field(spec: GridSpec, single: str, i: int) -> str:
+    """'victim' for the single form, 'victims[1]' for the list form (error paths)."""
+    return f"{single}s[{i}]" if getattr(spec, f"{single}s") is not None else single
 
 
 def _data_problems(spec: GridSpec) -> list[str]:
@@ -326,15 +420,58 @@ def _data_problems(spec: GridSpec) -> list[str]:
         info = dataset_info(d.dataset, image_size=d.image_size)
     except ConfigError as e:
         return [f"data.dataset: {e}"]
-    problems = []
+    problems, used = [], []
     for j, b in enumerate(spec.batch_sizes):
-        available = max_batches(d.dataset, batch_size=b, image_size=d.image_size)
+        available = max_batches(
+            d.dataset, batch_size=b, image_size=d.image_size, shuffle_seed=d.shuffle_seed
+        )
         if available < d.num_batches:
             problems.append(
                 f"batch_sizes[{j}]: {d.dataset!r} ({info.num_samples} samples) supplies only "
                 f"{available} non-overlapping batches of {b}; data.num_batches is {d.num_batches}"
             )
+            continue
+        used += [i for k in evaluation_batches(spec) for i in _indices(spec, b, k)]
+        if available >= d.num_batches + spec.tuning.batches:
+            used += [i for k in tuning_batches(spec, b) for i in _indices(spec, b, k)]
+    # every image a grid (or its tuning) will attack is decoded once, before any submission
+    problems += [
+        f"data.dataset: {m}" for m in check_decodable(d.dataset, used, image_size=d.image_size)
+    ]
     return problems
+
+
+def evaluation_batches(spec: GridSpec) -> range:
+    """Batch numbers of the evaluation: the first `data.num_batches` of the plan."""
+    return range(spec.data.num_batches)
+
+
+def tuning_batches(spec: GridSpec, batch_size: int) -> range:
+    """Batch numbers `gi-eval tune` uses: the LAST `tuning.batches` of the plan, so they are
+    disjoint from the evaluation batches whenever the plan is long enough (ConfigError if not)."""
+    d = spec.data
+    available = max_batches(
+        d.dataset, batch_size=batch_size, image_size=d.image_size, shuffle_seed=d.shuffle_seed
+    )
+    first = available - spec.tuning.batches
+    if first < d.num_batches:
+        raise ConfigError(
+            f"tuning.batches: {d.dataset!r} has {available} batches of {batch_size}; "
+            f"{d.num_batches} evaluation + {spec.tuning.batches} held-out tuning batches do not "
+            "fit disjointly. Lower data.num_batches or tuning.batches"
+        )
+    return range(first, available)
+
+
+def _indices(spec: GridSpec, batch_size: int, batch_index: int) -> list[int]:
+    d = spec.data
+    return batch_indices(
+        d.dataset,
+        batch_size=batch_size,
+        batch_index=batch_index,
+        image_size=d.image_size,
+        shuffle_seed=d.shuffle_seed,
+    )
 
 
 def _each(values: Any, ok: Any, rule: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -27,8 +28,13 @@ from torch import nn
 from gi_core.attacks import InversionProblem, Progress, reconstruct
 from gi_core.datasets import dataset_info, load_images
 from gi_core.defenses import apply_defense
-from gi_core.errors import ExecutionError
-from gi_core.generators import Generator, build_generator, load_generator_checkpoint
+from gi_core.errors import DegenerateInputError, ExecutionError
+from gi_core.generators import (
+    Generator,
+    build_generator,
+    load_generator_checkpoint,
+    weights_source,
+)
 from gi_core.gradients import ParamIndex, bn_statistics
 from gi_core.labels import attack_labels
 from gi_core.metrics import evaluate_batch, lpips_model
@@ -164,6 +170,7 @@ def generate_gradient(run: RunDir, cell: GradientCell) -> int:
     noise = torch.Generator().manual_seed(int(cell.id[:12], 16))  # deterministic per cell
     defended = apply_defense(cell.defense, victim, images, labels, generator=noise)
     index = ParamIndex.of(victim)
+    _refuse_degenerate(cell, index.flatten(defended.grads))
     mask = index.flatten(defended.masks).bool() if defended.masks is not None else None
     write_gradient(
         run.gradient_path(cell.id),
@@ -341,6 +348,44 @@ def _stored_result(
     )
 
 
+def _refuse_degenerate(cell: GradientCell, gradient: torch.Tensor) -> None:
+    """A zero or non-finite gradient can only give meaningless reconstructions (e.g. a victim
+    with one class has a constant loss): fail the cell with the reason, store nothing."""
+    norm = float(torch.linalg.vector_norm(gradient.double()))
+    if norm == 0.0 or not math.isfinite(norm):
+        raise DegenerateInputError(
+            f"gradient cell {cell.id}: the client gradient's norm is {norm} (batch "
+            f"{cell.batch_index} of {cell.dataset!r}, defense {cell.defense.kind}); a zero or "
+            "non-finite gradient cannot be inverted meaningfully. Check the data set's classes "
+            "and the defense level"
+        )
+
+
+def _config_columns(cell: InversionCell, stored: StoredGradient) -> dict[str, Any]:
+    """Columns that identify weights and privacy budget: checkpoint sha256s, DP (eps, delta)."""
+    info = stored.attrs.get("defense_info", {}) or {}
+    generator = cell.generator
+    return {
+        "victim_checkpoint_sha256": _sha256(cell.gradient.victim.checkpoint),
+        "generator_checkpoint_sha256": (
+            _sha256(generator.checkpoint or weights_source(generator.kind)) if generator else None
+        ),
+        "dp_epsilon": info.get("epsilon") if cell.gradient.defense.kind == "dp" else None,
+        "dp_delta": info.get("delta") if cell.gradient.defense.kind == "dp" else None,
+    }
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str | None) -> str | None:
+    if path is None:
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _rows(
     cell: InversionCell,
     stored: StoredGradient,
@@ -350,7 +395,7 @@ def _rows(
     dev: torch.device,
     label_acc: float,
 ) -> list[dict[str, Any]]:
-    axes = cell.metric_axes()
+    axes = {**cell.metric_axes(), **_config_columns(cell, stored)}
     cost = (
         float(result.restart_costs[result.best_restart])
         if result.best_restart >= 0

@@ -23,7 +23,13 @@ from torch.func import vmap
 
 from gi_core.errors import ConfigError
 from gi_core.gradients import BNStats, gradient_fn, prepare_victim, victim_params
-from gi_core.objectives import DISTANCES, bn_regulariser, gradient_distance, total_variation
+from gi_core.objectives import (
+    DISTANCES,
+    TV_FORMS,
+    bn_regulariser,
+    gradient_distance,
+    total_variation,
+)
 
 Variables = dict[str, Tensor]
 LABEL_MODES = ("given", "idlg", "yin")
@@ -55,9 +61,15 @@ class BaseConfig:
     restarts: int = 4
     distance: str = "cosine"
     tv: float = 1e-4
+    tv_form: str = "interior"  # interior (Geiping et al.'s code) | zero_pad (see objectives)
     bn: float = 0.0
+    # Adam on sign(∇) instead of ∇, as inversefed and the official GIAS code do for pixels.
+    signed_grad: bool = False
     curve_every: int = 10
     labels: str = "given"  # given (the paper's threat model) | idlg (B = 1) | yin (unique labels)
+    # Which preset the values came from (registry.PRESETS); a label stored with the cell so that
+    # tuned and paper settings are never mistaken for each other. It changes no computation.
+    preset: str = "paper"
 
     def __post_init__(self) -> None:
         for name in ("restarts", "curve_every"):
@@ -65,6 +77,7 @@ class BaseConfig:
         for name in ("tv", "bn"):
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _check(self.distance in DISTANCES, "distance", f"must be one of {DISTANCES}", self.distance)
+        _check(self.tv_form in TV_FORMS, "tv_form", f"must be one of {TV_FORMS}", self.tv_form)
         _check(self.labels in LABEL_MODES, "labels", f"must be one of {LABEL_MODES}", self.labels)
 
 
@@ -130,7 +143,7 @@ def make_cost(problem: InversionProblem, config: BaseConfig) -> CostFn:
             list(grads.values()), problem.target, kind=config.distance, masks=problem.masks
         )
         if config.tv > 0:
-            cost = cost + config.tv * total_variation(x)
+            cost = cost + config.tv * total_variation(x, form=config.tv_form)
         if config.bn > 0:
             cost = cost + config.bn * bn_regulariser(stats, problem.bn_target or [])
         return cost
@@ -157,6 +170,7 @@ def run_stages(
         state=state,
         progress=progress,
         should_stop=should_stop,
+        signed_grad=config.signed_grad,
     )
 
 
@@ -173,9 +187,11 @@ def optimise(
     state: dict[str, Any] | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    signed_grad: bool = False,
 ) -> AttackResult:
     """Run `stages` in order from `initial` (or from an exported `state`)."""
     run = _Run(stages, cost, curve_every, progress, should_stop)
+    run.signed_grad = signed_grad
     return run.execute(initial, state)
 
 
@@ -195,6 +211,7 @@ class _Run:
         self.total = sum(s.iterations for s in stages)
         self.curve: list[Tensor] = []
         self.curve_at: list[int] = []
+        self.signed_grad = False
 
     def execute(self, initial: Variables, state: dict[str, Any] | None) -> AttackResult:
         first, start_it, variables = 0, 0, initial
@@ -254,6 +271,11 @@ class _Run:
         opt.zero_grad(set_to_none=True)
         costs = self.cost(stage.render(variables))
         costs.sum().backward()
+        if self.signed_grad:
+            for name in stage.trainable:
+                grad = variables[name].grad
+                if grad is not None:
+                    grad.sign_()
         opt.step()
         sched.step()
         if stage.project is not None:

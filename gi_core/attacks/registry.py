@@ -16,6 +16,10 @@ from gi_core.attacks.engine import AttackResult, BaseConfig, InversionProblem
 from gi_core.errors import ConfigError
 
 BN_WEIGHT = 1e-2  # default BN-prior weight of the "+bn" variants
+# `paper`: the paper's appendix values (the config classes' defaults, plus `defaults` below).
+# `tuned`: values chosen by `gi-eval tune` on held-out batches (docs/results/tuning.md): they
+# replace the paper's values of the parameters that were searched; everything else stays.
+PRESETS = ("paper", "tuned")
 
 
 @dataclass(frozen=True)
@@ -26,6 +30,7 @@ class Method:
     reference: str
     uses_generator: bool
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    tuned: Mapping[str, Any] = field(default_factory=dict)
 
 
 _METHODS = [
@@ -87,16 +92,31 @@ def config_class(name: str) -> type[BaseConfig]:
     return cls
 
 
-def method_config(name: str, params: Mapping[str, Any] | None = None) -> BaseConfig:
-    """The frozen config of `name`: the method's defaults overridden by `params`."""
+def preset_values(name: str, preset: str) -> dict[str, Any]:
+    """The parameter values a preset sets for `name` (on top of the config's defaults)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: unknown {preset!r}; known: {', '.join(PRESETS)}")
+    method = get_method(name)
+    values = {**method.defaults, **(method.tuned if preset == "tuned" else {})}
+    return {**values, "preset": preset}
+
+
+def method_config(
+    name: str, params: Mapping[str, Any] | None = None, *, preset: str | None = None
+) -> BaseConfig:
+    """The frozen config of `name`: the preset's values (default `paper`) overridden by
+    `params`. A stored full config (which carries its own `preset`) round-trips unchanged."""
+    params = dict(params or {})
+    preset = preset or params.pop("preset", "paper")
+    params.pop("preset", None)
     cls = config_class(name)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params or {}) - known)
+    known = {f.name for f in dataclasses.fields(cls)} - {"preset"}
+    unknown = sorted(set(params) - known)
     if unknown:
         raise ConfigError(
             f"params.{unknown[0]}: not a parameter of {name}; known: {', '.join(sorted(known))}"
         )
-    return cls(**{**get_method(name).defaults, **(params or {})})
+    return cls(**{**preset_values(name, preset), **params})
 
 
 def entry_point(name: str) -> Callable[..., AttackResult]:
