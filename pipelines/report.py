@@ -1,112 +1,200 @@
-"""Tables from a run's committed metrics (a Table-1-style pivot; figures come later)."""
+"""`gi-eval report RUN_DIR`: a run directory -> the paper's tables and figures + report.html.
+
+Built only on the public storage queries (run.metrics(), run.cells(), run.curves(), the stored
+groups) and the grid spec, so it works on a partial run and says how many cells it covers.
+
+    reports/table.{md,tex,csv}     Table 1 (methods/variants as columns, CI, best bold)
+    reports/paired.{md,tex,csv}    paired differences on identical gradients (CI, Wilcoxon p)
+    reports/summary.csv            aggregate.summary of every metric (avg and best-in-batch)
+    reports/cells.csv              run.cells()
+    reports/*.png                  Figures 3, 4a, 5, image grids, reconstructions.png
+    reports/report.html            all of it in one self-contained page, with provenance
+"""
 
 from __future__ import annotations
 
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from gi_core.errors import ConfigError
+from pipelines import aggregate as ag
+from pipelines import report_figures as figs
+from pipelines import report_tables as tables
+from pipelines.report_html import Figure, Page, render
+from storage.metrics import provenance
 from storage.run import RunDir
-from storage.zarr_store import read_gradient, read_reconstruction
+from tasks.cells import expand
+from tasks.spec import spec_from_yaml
 
-AXES = ["method", "defense", "defense_level", "batch_size"]
-METRICS = ["psnr", "ssim", "lpips"]
-
-
-def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean ± std over images, and best-in-batch means, per (method, defense, level, B)."""
-    if df.empty:
-        return pd.DataFrame()
-    grouped = df.groupby(AXES, dropna=False)
-    table = grouped[METRICS].agg(["mean", "std"])
-    table.columns = [f"{m}_{s}" for m, s in table.columns]
-    best = df[df["best_psnr_in_batch"]].groupby(AXES, dropna=False)["psnr"].mean()
-    table["psnr_best_in_batch"] = best
-    table["images"] = grouped.size()
-    table["diverged_cells"] = df[df["status"] == "diverged"].groupby(AXES)["cell_id"].nunique()
-    return table.fillna({"diverged_cells": 0}).reset_index()
-
-
-def markdown(table: pd.DataFrame) -> str:
-    if table.empty:
-        return "(no committed cells yet)\n"
-    rows = [
-        "| method | defense | level | B | PSNR | SSIM | LPIPS | best PSNR | images |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in table.itertuples(index=False):
-        rows.append(
-            f"| {r.method} | {r.defense} | {r.defense_level:g} | {r.batch_size} "
-            f"| {r.psnr_mean:.2f} ± {_std(r.psnr_std, 2)} "
-            f"| {r.ssim_mean:.3f} ± {_std(r.ssim_std, 3)} "
-            f"| {r.lpips_mean:.3f} ± {_std(r.lpips_std, 3)} "
-            f"| {r.psnr_best_in_batch:.2f} | {r.images} |"
-        )
-    return "\n".join(rows) + "\n"
-
-
-def _std(value: float, digits: int) -> str:
-    return "–" if pd.isna(value) else f"{value:.{digits}f}"
-
-
-# Part files per method above which the tables step compacts them first: reading 10^4 loose
-# parts takes ~8 s, one compact file 0.2 s (docs/results/storage.md). Small runs keep their
-# per-cell part files (easiest to inspect; a deleted part is a cell to redo).
+# Part files per method above which the report compacts them first: reading 10^4 loose parts
+# takes ~8 s, one compact file 0.2 s (docs/results/storage.md). Small runs keep their per-cell
+# part files (easiest to inspect; a deleted part is a cell to redo).
 COMPACT_FROM_PARTS = 1000
 
 
-def write_tables(run: RunDir) -> Path:
-    """reports/table.md, table.csv and reconstructions.png; returns the markdown path."""
-    run.compact(min_parts=COMPACT_FROM_PARTS)
-    df = run.metrics()
-    table = summary(df)
-    run.reports_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(run.reports_dir / "table.csv", index=False)
-    path = run.reports_dir / "table.md"
-    path.write_text(markdown(table))
-    if not df.empty:
-        write_figure(run, df, run.reports_dir / "reconstructions.png")
-    return path
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the grid the report covers."""
 
+    planned: int | None  # None when the spec cannot be expanded here (e.g. missing files)
+    committed: int
+    ok: int
+    diverged: int
+    failed: int
 
-def write_figure(run: RunDir, df: pd.DataFrame, path: Path) -> None:
-    """Ground truth vs every committed reconstruction of the grid's first batch (smallest B,
-    batch 0, first seed): one row per method x defense level, one column per image."""
-    first = df[
-        (df["batch_size"] == df["batch_size"].min())
-        & (df["batch_index"] == 0)
-        & (df["seed"] == df["seed"].min())
-    ]
-    cells = first.drop_duplicates("cell_id").sort_values(["method", "defense", "defense_level"])
-    truth = read_gradient(run.gradient_path(cells["gradient_id"].iloc[0])).images
-    rows = [("ground truth", truth)] + [
-        (
-            f"{c.method}\n{c.defense} {c.defense_level:g}",
-            read_reconstruction(run.reconstruction_path(c.cell_id)).images,
+    @property
+    def partial(self) -> bool:
+        return self.planned is None or self.committed < self.planned
+
+    def describe(self) -> str:
+        of = "?" if self.planned is None else str(self.planned)
+        return (
+            f"{self.committed} of {of} cells committed ({self.ok} ok, {self.diverged} diverged); "
+            f"{self.failed} failed"
+            + (" — partial run: statistics cover the committed cells only" if self.partial else "")
         )
-        for c in cells.itertuples()
-    ]
-    _image_grid(rows, path)
 
 
-def _image_grid(rows: list[tuple[str, np.ndarray]], path: Path) -> None:
-    import matplotlib
+@dataclass(frozen=True)
+class Report:
+    html: Path
+    table: Path  # table.md
+    coverage: Coverage
+    files: tuple[Path, ...]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @property
+    def table_markdown(self) -> str:
+        return self.table.read_text()
 
-    n_cols = rows[0][1].shape[0]
-    fig, axes = plt.subplots(
-        len(rows), n_cols, figsize=(1.4 * n_cols + 1, 1.4 * len(rows)), squeeze=False
+
+def write_report(run: RunDir) -> Report:
+    """Write every table, figure and report.html of `run` into run.reports_dir."""
+    run.compact(min_parts=COMPACT_FROM_PARTS)
+    reports = run.reports_dir
+    reports.mkdir(parents=True, exist_ok=True)
+    df, cells = run.metrics(), run.cells()
+    coverage = _coverage(run, cells)
+    caption = (
+        f"Grid {run.root.name}: {coverage.describe()}. Mean [95 % bootstrap CI over batches × "
+        "seeds]; avg = batch mean, best = best image in the batch; bold = best per row."
     )
-    for r, (label, images) in enumerate(rows):  # images: (B, C, H, W) in [0, 1]
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.imshow(np.clip(images[c].transpose(1, 2, 0), 0, 1))
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][0].set_ylabel(label, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    files: list[Path] = []
+    table1 = pairs = None
+    if not df.empty:
+        t1 = tables.table1(df, cells)
+        files += tables.write_table1(t1, reports, caption=caption).values()
+        table1 = tables.styler(t1)
+        pair_rows = ag.paired_table(df)
+        files += tables.write_paired(pair_rows, reports, caption="a − b on identical "
+                                     "gradients and seeds").values()
+        pairs = _paired_styler(pair_rows)
+        summary = pd.concat([ag.summary(df).assign(kind="avg"),
+                             ag.summary(df, best_in_batch=True).assign(kind="best")])
+        summary.to_csv(reports / "summary.csv", index=False)
+        files.append(reports / "summary.csv")
+    else:
+        (reports / "table.md").write_text(f"{caption}\n\n(no committed cells yet)\n")
+    cells.to_csv(reports / "cells.csv", index=False)
+    figures, grids = _figures(run, df) if not df.empty else ([], [])
+    files += [f.path for f in [*figures, *grids]]
+    page = Page(
+        title=f"gi-eval report: {run.root.name}",
+        coverage=coverage.describe(),
+        partial=coverage.partial,
+        table1=table1,
+        paired=pairs,
+        figures=figures,
+        grids=grids,
+        provenance=_provenance(run, df, cells),
+        spec_text=run.spec_text(),
+        caption=caption,
+    )
+    html = reports / "report.html"
+    html.write_text(render(page))
+    return Report(html=html, table=reports / "table.md", coverage=coverage,
+                  files=(*files, html))
+
+
+def write_tables(run: RunDir) -> Path:
+    """The whole report; returns reports/table.md (what `gi-eval run` prints)."""
+    return write_report(run).table
+
+
+def _paired_styler(pairs: pd.DataFrame) -> Any:
+    text, bold = tables.paired_text(pairs)
+    if text.empty:
+        return None
+    css = bold.replace({True: tables.BOLD_CSS, False: ""}).to_numpy()
+    return text.style.apply(lambda _: css, axis=None).hide(axis="index")
+
+
+def _coverage(run: RunDir, cells: pd.DataFrame) -> Coverage:
+    status = cells["status"] if "status" in cells.columns else pd.Series(dtype=str)
+    try:
+        planned: int | None = len(expand(spec_from_yaml(run.spec_text())).inversion_cells)
+    except ConfigError:
+        planned = None
+    return Coverage(
+        planned=planned,
+        committed=int(status.isin(["ok", "diverged"]).sum()),
+        ok=int((status == "ok").sum()),
+        diverged=int((status == "diverged").sum()),
+        failed=int((status == "failed").sum()),
+    )
+
+
+FigureSpec = tuple[str, str, str, Callable[[Path], Path | None]]
+
+
+def _figures(run: RunDir, df: pd.DataFrame) -> tuple[list[Figure], list[Figure]]:
+    r = run.reports_dir
+    plots: list[FigureSpec] = [
+        ("Figure 3: cost vs iteration", "fig3_curves.png",
+         "chosen restart of each method on one gradient",
+         lambda p: figs.fig3_curves(run, df, p)),
+        ("Figure 3: image evolution", "fig3_strip.png",
+         "first image of that gradient at the storage.snapshots iterations",
+         lambda p: figs.fig3_strip(run, df, p)),
+        ("Figure 4a: average vs best in batch", "fig4a.png", "PSNR, 95 % CI",
+         lambda p: figs.fig4a(df, p)),
+        *[(f"Figure 5: PSNR vs {figs.FIG5_AXES[a][0]}", f"fig5_{a}.png", "95 % CI bands",
+           (lambda a: lambda p: figs.fig5(df, a, p))(a)) for a in figs.FIG5_AXES],
+    ]
+    grid_plots: list[FigureSpec] = [
+        ("Best batch", "grid_best.png", "ground truth vs every configuration",
+         lambda p: figs.image_grid(run, df, p, worst=False)),
+        ("Worst batch", "grid_worst.png", "ground truth vs every configuration",
+         lambda p: figs.image_grid(run, df, p, worst=True)),
+        ("First batch", "reconstructions.png", "every configuration and defense level",
+         lambda p: figs.first_batch_grid(run, df, p)),
+    ]
+    figures = [Figure(t, p, c) for t, n, c, fn in plots if (p := fn(r / n)) is not None]
+    grids = [Figure(t, p, c, "image-grid") for t, n, c, fn in grid_plots
+             if (p := fn(r / n)) is not None]
+    return figures, grids
+
+
+def _provenance(run: RunDir, df: pd.DataFrame, cells: pd.DataFrame) -> dict[str, str]:
+    """Versions and commits the cells were computed with, machines, attack time."""
+    out = {"run directory": str(run.root.resolve())}
+    for column, label in (("git_commit", "git commit (cells)"),
+                          ("gi_eval_version", "gi-eval (cells)"),
+                          ("torch_version", "torch (cells)"),
+                          ("python_version", "python (cells)"),
+                          ("host", "hosts"), ("device", "devices"),
+                          ("device_name", "device names")):
+        if column in df.columns and df[column].notna().any():
+            out[label] = ", ".join(sorted(map(str, df[column].dropna().unique())))
+    if "wall_seconds" in cells.columns and cells["wall_seconds"].notna().any():
+        out["attack time (sum over cells)"] = f"{cells['wall_seconds'].sum():.1f} s"
+    here = provenance()
+    out["report written with"] = (
+        f"gi-eval {here['gi_eval_version']} (commit {here['git_commit'][:12]}), "
+        f"torch {here['torch_version']}, python {here['python_version']} on {platform.node()}"
+    )
+    return out

@@ -1,0 +1,188 @@
+"""Table 1 and the paired comparisons as pandas Stylers -> markdown, CSV, LaTeX and HTML.
+
+Table 1 (the paper's layout): one column per configuration (method [variant]); rows PSNR ↑,
+SSIM ↑, LPIPS ↓, each as the batch average and the best image in the batch, "mean [CI]" with the
+95 % bootstrap CI over batches x seeds; the best configuration of each row in bold. Below them,
+per configuration: batches x seeds used (n), diverged cells and failed cells — counted apart,
+never averaged. A run with several settings (defense, level, batch size) gets one block each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from pandas.io.formats.style import Styler
+
+from pipelines import aggregate as ag
+
+METRIC_LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
+DIGITS = {"psnr": 2, "ssim": 3, "lpips": 3}
+BOLD_CSS = "font-weight: bold"
+
+
+@dataclass(frozen=True)
+class Table:
+    """Display strings, which of them are bold, and the numbers behind them (for CSV)."""
+
+    text: pd.DataFrame  # index: (setting, row); columns: configuration labels
+    bold: pd.DataFrame  # same shape, bool
+    numbers: pd.DataFrame  # long form: the aggregate.summary rows
+
+
+def setting_label(row: pd.Series | dict, setting: Sequence[str]) -> str:
+    """'none, B=4' / 'sparsity 0.9, B=1'."""
+    parts = []
+    if "defense" in setting:
+        level = row.get("defense_level")
+        defense = str(row["defense"])
+        parts.append(defense if defense == "none" else f"{defense} {level:g}")
+    if "batch_size" in setting:
+        parts.append(f"B={int(row['batch_size'])}")
+    return ", ".join(parts) or "all"
+
+
+def table1(df: pd.DataFrame, cells: pd.DataFrame | None = None, *, seed: int = 0) -> Table:
+    """Table 1 of the committed metrics `df`; `cells` (run.cells()) adds the failed counts."""
+    by = ag.default_by(df)
+    setting = [c for c in by if c not in ag.config_columns(df)]
+    avg = ag.summary(df, by, seed=seed).assign(kind="avg")
+    best = ag.summary(df, by, best_in_batch=True, seed=seed).assign(kind="best")
+    numbers = pd.concat([avg, best], ignore_index=True)
+    numbers["config"] = [ag.label_of(r) for r in numbers.to_dict("records")]
+    numbers["setting"] = [setting_label(r, setting) for r in numbers.to_dict("records")]
+    configs = list(dict.fromkeys(numbers.sort_values(ag.config_columns(df))["config"]))
+    settings = list(dict.fromkeys(numbers.sort_values(setting)["setting"])) if setting else ["all"]
+    text, bold = _blocks(numbers, configs, settings, _failed_counts(cells))
+    return Table(text, bold, numbers)
+
+
+def _blocks(
+    numbers: pd.DataFrame, configs: list[str], settings: list[str], failed: dict[str, int]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    index, text_rows, bold_rows = [], [], []
+    for s in settings:
+        part = numbers[numbers["setting"] == s]
+        for metric in ag.METRICS:
+            for kind in ("avg", "best"):
+                rows = part[(part["metric"] == metric) & (part["kind"] == kind)]
+                by_config = rows.set_index("config")
+                index.append((s, f"{METRIC_LABELS[metric]} {kind}"))
+                text_rows.append([_cell(by_config, c, metric) for c in configs])
+                bold_rows.append([bool(by_config["best"].get(c, False)) for c in configs])
+        units = part[(part["metric"] == "psnr") & (part["kind"] == "avg")].set_index("config")
+        for label, column in (("n (batches × seeds)", "n"), ("diverged cells", "diverged")):
+            index.append((s, label))
+            text_rows.append([_count(units, c, column) for c in configs])
+            bold_rows.append([False] * len(configs))
+    if failed:
+        index.append(("all", "failed cells"))
+        text_rows.append([str(failed.get(c.split(" [")[0], 0)) for c in configs])
+        bold_rows.append([False] * len(configs))
+    mi = pd.MultiIndex.from_tuples(index, names=["setting", ""])
+    return (pd.DataFrame(text_rows, index=mi, columns=configs),
+            pd.DataFrame(bold_rows, index=mi, columns=configs))
+
+
+def _cell(rows: pd.DataFrame, config: str, metric: str) -> str:
+    if config not in rows.index or not np.isfinite(rows.at[config, "mean"]):
+        return "–"
+    d = DIGITS.get(metric, 3)
+    r = rows.loc[config]
+    if not np.isfinite(r["ci_low"]):
+        return f"{r['mean']:.{d}f}"
+    return f"{r['mean']:.{d}f} [{r['ci_low']:.{d}f}, {r['ci_high']:.{d}f}]"
+
+
+def _count(rows: pd.DataFrame, config: str, column: str) -> str:
+    return str(int(rows.at[config, column])) if config in rows.index else "0"
+
+
+def _failed_counts(cells: pd.DataFrame | None) -> dict[str, int]:
+    if cells is None or cells.empty or "status" not in cells.columns:
+        return {}
+    failed = cells[cells["status"] == "failed"]
+    return {str(k): int(v) for k, v in failed.groupby("method").size().items()}
+
+
+def styler(table: Table) -> Styler:
+    """The Styler every format is rendered from: best cells bold (CSS, converted for LaTeX)."""
+    css = np.where(table.bold.to_numpy(), BOLD_CSS, "")
+    return table.text.style.apply(lambda _: css, axis=None)
+
+
+def to_markdown(text: pd.DataFrame, bold: pd.DataFrame | None = None, caption: str = "") -> str:
+    """A GitHub pipe table of display strings; bold cells get **…**."""
+    index_names = [n or "" for n in text.index.names]
+    head = [*index_names, *map(str, text.columns)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for i, (key, row) in enumerate(text.iterrows()):
+        keys = key if isinstance(key, tuple) else (key,)
+        values = [
+            f"**{v}**" if bold is not None and bool(bold.iloc[i, j]) else str(v)
+            for j, v in enumerate(row)
+        ]
+        lines.append("| " + " | ".join([*map(str, keys), *values]) + " |")
+    return (f"{caption}\n\n" if caption else "") + "\n".join(lines) + "\n"
+
+
+def write_table1(table: Table, reports: Path, *, caption: str) -> dict[str, Path]:
+    """table.md, table.tex (Styler LaTeX, booktabs rules, bold via \\bfseries), table.csv (the
+    numbers in long form, CI bounds as columns)."""
+    paths = {k: reports / f"table.{k}" for k in ("md", "tex", "csv")}
+    paths["md"].write_text(to_markdown(table.text, table.bold, caption))
+    paths["tex"].write_text(
+        styler(table).to_latex(convert_css=True, hrules=True, caption=caption,
+                               multirow_align="t", column_format="ll" + "r" * table.text.shape[1])
+    )
+    table.numbers.to_csv(paths["csv"], index=False)
+    return paths
+
+
+def paired_text(pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Display strings of aggregate.paired_table rows, bold where p < 0.05."""
+    if pairs.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    setting = [c for c in ag.SETTING_AXES if c in pairs.columns]
+    rows = []
+    for r in pairs.to_dict("records"):
+        d = DIGITS.get(r["metric"], 3)
+        rows.append({
+            "setting": setting_label(r, setting),
+            "a − b": f"{r['a']} − {r['b']}",
+            "metric": METRIC_LABELS.get(r["metric"], r["metric"]),
+            "mean diff [95 % CI]": (
+                f"{r['mean_diff']:+.{d}f} [{r['ci_low']:+.{d}f}, {r['ci_high']:+.{d}f}]"
+                if np.isfinite(r["ci_low"]) else f"{r['mean_diff']:+.{d}f}"
+            ),
+            "Wilcoxon p": "–" if not np.isfinite(r["p_wilcoxon"]) else f"{r['p_wilcoxon']:.3g}",
+            "n": str(r["n"]),
+            "dropped": str(r["dropped"]),
+        })
+    text = pd.DataFrame(rows)
+    bold = pd.DataFrame(False, index=text.index, columns=text.columns)
+    bold["Wilcoxon p"] = pairs["p_wilcoxon"].lt(0.05).to_numpy()
+    return text, bold
+
+
+def write_paired(pairs: pd.DataFrame, reports: Path, *, caption: str) -> dict[str, Path]:
+    text, bold = paired_text(pairs)
+    paths = {k: reports / f"paired.{k}" for k in ("md", "tex", "csv")}
+    if text.empty:
+        paths["md"].write_text(f"{caption}\n\n(no two configurations attacked the same "
+                               "gradients)\n")
+        paths["tex"].write_text("")
+        pairs.to_csv(paths["csv"], index=False)
+        return paths
+    paths["md"].write_text(to_markdown(text.set_index("setting"),
+                                       bold.drop(columns="setting"), caption))
+    css = np.where(bold.to_numpy(), BOLD_CSS, "")
+    paths["tex"].write_text(
+        text.style.apply(lambda _: css, axis=None).hide(axis="index")
+        .to_latex(convert_css=True, hrules=True, caption=caption)
+    )
+    pairs.to_csv(paths["csv"], index=False)
+    return paths
