@@ -128,15 +128,22 @@ def summary(
     by = list(default_by(df) if by is None else by)
     if df.empty:
         return pd.DataFrame(columns=[*by, *SUMMARY_COLUMNS])
-    out = [_metric_summary(df, by, m, best_in_batch=best_in_batch, confidence=confidence,
-                           seed=seed) for m in metrics]
+    out = [
+        _metric_summary(df, by, m, best_in_batch=best_in_batch, confidence=confidence, seed=seed)
+        for m in metrics
+    ]
     table = pd.concat(out, ignore_index=True)
     table["best"] = _best_flags(table, by)
     return table[[*by, *SUMMARY_COLUMNS]]
 
 
 def _metric_summary(
-    df: pd.DataFrame, by: list[str], metric: str, *, best_in_batch: bool, confidence: float,
+    df: pd.DataFrame,
+    by: list[str],
+    metric: str,
+    *,
+    best_in_batch: bool,
+    confidence: float,
     seed: int,
 ) -> pd.DataFrame:
     groups = df.groupby(by, dropna=False, sort=True)
@@ -147,16 +154,18 @@ def _metric_summary(
         key = key if isinstance(key, tuple) else (key,)
         values = per_group.get(key, pd.DataFrame({"value": []}))["value"].to_numpy(float)
         low, high = bootstrap_ci(values, confidence=confidence, seed=seed)
-        rows.append({
-            **dict(zip(by, key, strict=True)),
-            "metric": metric,
-            "mean": float(values.mean()) if values.size else float("nan"),
-            "ci_low": low,
-            "ci_high": high,
-            "n": int(values.size),
-            "images": int(usable(group, metric).shape[0]),
-            "diverged": _bad_units(group),
-        })
+        rows.append(
+            {
+                **dict(zip(by, key, strict=True)),
+                "metric": metric,
+                "mean": float(values.mean()) if values.size else float("nan"),
+                "ci_low": low,
+                "ci_high": high,
+                "n": int(values.size),
+                "images": int(usable(group, metric).shape[0]),
+                "diverged": _bad_units(group),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -272,17 +281,23 @@ def paired_table(
     setting = [a for a in (SETTING_AXES if setting is None else setting) if a in df.columns]
     configs = config_columns(df)
     rows = []
-    for key, part in (df.groupby(setting, dropna=False, sort=True) if setting else [((), df)]):
+    for key, part in df.groupby(setting, dropna=False, sort=True) if setting else [((), df)]:
         key = key if isinstance(key, tuple) else (key,)
         labels = part[configs].drop_duplicates().sort_values(configs).to_dict("records")
         for i, a in enumerate(labels):
-            for b in labels[i + 1:]:
+            for b in labels[i + 1 :]:
                 for metric in metrics:
                     r = paired(part, a, b, metric=metric, seed=seed)
                     if r.n + r.dropped == 0:
                         continue
-                    rows.append({**dict(zip(setting, key, strict=True)), "a": label_of(a),
-                                 "b": label_of(b), **r.as_dict()})
+                    rows.append(
+                        {
+                            **dict(zip(setting, key, strict=True)),
+                            "a": label_of(a),
+                            "b": label_of(b),
+                            **r.as_dict(),
+                        }
+                    )
     return pd.DataFrame(rows)
 
 

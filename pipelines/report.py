@@ -13,6 +13,7 @@ groups) and the grid spec, so it works on a partial run and says how many cells 
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,11 +91,16 @@ def write_report(run: RunDir) -> Report:
         files += tables.write_table1(t1, reports, caption=caption).values()
         table1 = tables.styler(t1)
         pair_rows = ag.paired_table(df)
-        files += tables.write_paired(pair_rows, reports, caption="a − b on identical "
-                                     "gradients and seeds").values()
+        files += tables.write_paired(
+            pair_rows, reports, caption="a − b on identical gradients and seeds"
+        ).values()
         pairs = _paired_styler(pair_rows)
-        summary = pd.concat([ag.summary(df).assign(kind="avg"),
-                             ag.summary(df, best_in_batch=True).assign(kind="best")])
+        summary = pd.concat(
+            [
+                ag.summary(df).assign(kind="avg"),
+                ag.summary(df, best_in_batch=True).assign(kind="best"),
+            ]
+        )
         summary.to_csv(reports / "summary.csv", index=False)
         files.append(reports / "summary.csv")
     else:
@@ -116,8 +122,7 @@ def write_report(run: RunDir) -> Report:
     )
     html = reports / "report.html"
     html.write_text(render(page))
-    return Report(html=html, table=reports / "table.md", coverage=coverage,
-                  files=(*files, html))
+    return Report(html=html, table=reports / "table.md", coverage=coverage, files=(*files, html))
 
 
 def write_tables(run: RunDir) -> Path:
@@ -154,40 +159,73 @@ FigureSpec = tuple[str, str, str, Callable[[Path], Path | None]]
 def _figures(run: RunDir, df: pd.DataFrame) -> tuple[list[Figure], list[Figure]]:
     r = run.reports_dir
     plots: list[FigureSpec] = [
-        ("Figure 3: cost vs iteration", "fig3_curves.png",
-         "chosen restart of each method on one gradient",
-         lambda p: figs.fig3_curves(run, df, p)),
-        ("Figure 3: image evolution", "fig3_strip.png",
-         "first image of that gradient at the storage.snapshots iterations",
-         lambda p: figs.fig3_strip(run, df, p)),
-        ("Figure 4a: average vs best in batch", "fig4a.png", "PSNR, 95 % CI",
-         lambda p: figs.fig4a(df, p)),
-        *[(f"Figure 5: PSNR vs {figs.FIG5_AXES[a][0]}", f"fig5_{a}.png", "95 % CI bands",
-           (lambda a: lambda p: figs.fig5(df, a, p))(a)) for a in figs.FIG5_AXES],
+        (
+            "Figure 3: cost vs iteration",
+            "fig3_curves.png",
+            "chosen restart of each method on one gradient",
+            lambda p: figs.fig3_curves(run, df, p),
+        ),
+        (
+            "Figure 3: image evolution",
+            "fig3_strip.png",
+            "first image of that gradient at the storage.snapshots iterations",
+            lambda p: figs.fig3_strip(run, df, p),
+        ),
+        (
+            "Figure 4a: average vs best in batch",
+            "fig4a.png",
+            "PSNR, 95 % CI",
+            lambda p: figs.fig4a(df, p),
+        ),
+        *[
+            (
+                f"Figure 5: PSNR vs {figs.FIG5_AXES[a][0]}",
+                f"fig5_{a}.png",
+                "95 % CI bands",
+                functools.partial(figs.fig5, df, a),
+            )
+            for a in figs.FIG5_AXES
+        ],
     ]
     grid_plots: list[FigureSpec] = [
-        ("Best batch", "grid_best.png", "ground truth vs every configuration",
-         lambda p: figs.image_grid(run, df, p, worst=False)),
-        ("Worst batch", "grid_worst.png", "ground truth vs every configuration",
-         lambda p: figs.image_grid(run, df, p, worst=True)),
-        ("First batch", "reconstructions.png", "every configuration and defense level",
-         lambda p: figs.first_batch_grid(run, df, p)),
+        (
+            "Best batch",
+            "grid_best.png",
+            "ground truth vs every configuration",
+            lambda p: figs.image_grid(run, df, p, worst=False),
+        ),
+        (
+            "Worst batch",
+            "grid_worst.png",
+            "ground truth vs every configuration",
+            lambda p: figs.image_grid(run, df, p, worst=True),
+        ),
+        (
+            "First batch",
+            "reconstructions.png",
+            "every configuration and defense level",
+            lambda p: figs.first_batch_grid(run, df, p),
+        ),
     ]
     figures = [Figure(t, p, c) for t, n, c, fn in plots if (p := fn(r / n)) is not None]
-    grids = [Figure(t, p, c, "image-grid") for t, n, c, fn in grid_plots
-             if (p := fn(r / n)) is not None]
+    grids = [
+        Figure(t, p, c, "image-grid") for t, n, c, fn in grid_plots if (p := fn(r / n)) is not None
+    ]
     return figures, grids
 
 
 def _provenance(run: RunDir, df: pd.DataFrame, cells: pd.DataFrame) -> dict[str, str]:
     """Versions and commits the cells were computed with, machines, attack time."""
     out = {"run directory": str(run.root.resolve())}
-    for column, label in (("git_commit", "git commit (cells)"),
-                          ("gi_eval_version", "gi-eval (cells)"),
-                          ("torch_version", "torch (cells)"),
-                          ("python_version", "python (cells)"),
-                          ("host", "hosts"), ("device", "devices"),
-                          ("device_name", "device names")):
+    for column, label in (
+        ("git_commit", "git commit (cells)"),
+        ("gi_eval_version", "gi-eval (cells)"),
+        ("torch_version", "torch (cells)"),
+        ("python_version", "python (cells)"),
+        ("host", "hosts"),
+        ("device", "devices"),
+        ("device_name", "device names"),
+    ):
         if column in df.columns and df[column].notna().any():
             out[label] = ", ".join(sorted(map(str, df[column].dropna().unique())))
     if "wall_seconds" in cells.columns and cells["wall_seconds"].notna().any():

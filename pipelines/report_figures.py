@@ -56,8 +56,9 @@ def fig3_gradient(df: pd.DataFrame) -> str | None:
         batch=("batch_size", "min"),
         index=("batch_index", "min"),
     )
-    per = per.sort_values(["configs", "undefended", "batch", "index"],
-                          ascending=[False, False, True, True])
+    per = per.sort_values(
+        ["configs", "undefended", "batch", "index"], ascending=[False, False, True, True]
+    )
     return str(per.index[0])
 
 
@@ -94,8 +95,9 @@ def fig3_curves(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
     if (curves["cost"].dropna() > 0).all():
         ax.set_yscale("log")
     first = cells.iloc[0]
-    ax.set_title(f"Figure 3: one gradient ({first['defense']}, B={first['batch_size']})",
-                 fontsize=9)
+    ax.set_title(
+        f"Figure 3: one gradient ({first['defense']}, B={first['batch_size']})", fontsize=9
+    )
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
@@ -124,15 +126,19 @@ def fig3_strip(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
         if rec.snapshots is None or rec.snapshot_iterations is None:
             continue
         restart = max(rec.best_restart, 0)
-        frames = [(f"it {int(i)}", rec.snapshots[k, restart, 0])
-                  for k, i in enumerate(rec.snapshot_iterations) if int(i) < rec.iterations]
+        frames = [
+            (f"it {int(i)}", rec.snapshots[k, restart, 0])
+            for k, i in enumerate(rec.snapshot_iterations)
+            if int(i) < rec.iterations
+        ]
         frames.append((f"final ({rec.iterations})", rec.images[0]))
         rows.append((ag.label_of(c), frames))
     if not rows:
         return None
     width = max(len(f) for _, f in rows) + 1
-    fig, axes = plt.subplots(len(rows), width, figsize=(1.2 * width + 0.8, 1.3 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), width, figsize=(1.2 * width + 0.8, 1.3 * len(rows)), squeeze=False
+    )
     for r, (label, frames) in enumerate(rows):
         for k in range(width):
             ax = axes[r][k]
@@ -172,8 +178,9 @@ def fig4a(df: pd.DataFrame, path: Path) -> Path | None:
         labels = [ag.label_of(r) for r in a.to_dict("records")]
         x = np.arange(len(labels))
         for offset, rows, name in ((-0.2, a, "average"), (0.2, s, "best in batch")):
-            ax.bar(x + offset, rows["mean"], width=0.4, label=name,
-                   yerr=_error_bars(rows), capsize=3)
+            ax.bar(
+                x + offset, rows["mean"], width=0.4, label=name, yerr=_error_bars(rows), capsize=3
+            )
         ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
         ax.set_title(f"B = {b}", fontsize=9)
         ax.set_ylabel("PSNR (dB)")
@@ -252,8 +259,10 @@ def image_grid(run: RunDir, df: pd.DataFrame, path: Path, *, worst: bool) -> Pat
         images = read_reconstruction(run.reconstruction_path(c["cell_id"])).images
         rows.append((f"{ag.label_of(c)}\n{psnr:.1f} dB", images))
     first = cells.iloc[0]
-    title = (f"{'worst' if worst else 'best'} batch: {first['defense']} "
-             f"{first['defense_level']:g}, B={first['batch_size']}, batch {first['batch_index']}")
+    title = (
+        f"{'worst' if worst else 'best'} batch: {first['defense']} "
+        f"{first['defense_level']:g}, B={first['batch_size']}, batch {first['batch_index']}"
+    )
     return _grid(rows, path, title=title)
 
 
@@ -268,11 +277,14 @@ def first_batch_grid(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
     if first.empty:
         return None
     cells = first.drop_duplicates("cell_id").sort_values(
-        [*ag.config_columns(df), "defense", "defense_level"])
+        [*ag.config_columns(df), "defense", "defense_level"]
+    )
     truth = read_gradient(run.gradient_path(cells["gradient_id"].iloc[0])).images
     rows: list[tuple[str, np.ndarray]] = [("ground truth", truth)] + [
-        (f"{ag.label_of(c)}\n{c['defense']} {c['defense_level']:g}",
-         read_reconstruction(run.reconstruction_path(c["cell_id"])).images)
+        (
+            f"{ag.label_of(c)}\n{c['defense']} {c['defense_level']:g}",
+            read_reconstruction(run.reconstruction_path(c["cell_id"])).images,
+        )
         for c in cells.to_dict("records")
     ]
     return _grid(rows, path, title="first batch")
@@ -281,8 +293,9 @@ def first_batch_grid(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
 def _grid(rows: Sequence[tuple[str, np.ndarray]], path: Path, *, title: str) -> Path:
     """rows: (label, images (B, C, H, W) in [0, 1]); at most 8 images per row."""
     n_cols = min(8, rows[0][1].shape[0])
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(1.3 * n_cols + 1.2, 1.3 * len(rows)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(rows), n_cols, figsize=(1.3 * n_cols + 1.2, 1.3 * len(rows)), squeeze=False
+    )
     for r, (label, images) in enumerate(rows):
         for c in range(n_cols):
             ax = axes[r][c]

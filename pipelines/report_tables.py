@@ -83,8 +83,10 @@ def _blocks(
         text_rows.append([str(failed.get(c.split(" [")[0], 0)) for c in configs])
         bold_rows.append([False] * len(configs))
     mi = pd.MultiIndex.from_tuples(index, names=["setting", ""])
-    return (pd.DataFrame(text_rows, index=mi, columns=configs),
-            pd.DataFrame(bold_rows, index=mi, columns=configs))
+    return (
+        pd.DataFrame(text_rows, index=mi, columns=configs),
+        pd.DataFrame(bold_rows, index=mi, columns=configs),
+    )
 
 
 def _cell(rows: pd.DataFrame, config: str, metric: str) -> str:
@@ -135,8 +137,13 @@ def write_table1(table: Table, reports: Path, *, caption: str) -> dict[str, Path
     paths = {k: reports / f"table.{k}" for k in ("md", "tex", "csv")}
     paths["md"].write_text(to_markdown(table.text, table.bold, caption))
     paths["tex"].write_text(
-        styler(table).to_latex(convert_css=True, hrules=True, caption=caption,
-                               multirow_align="t", column_format="ll" + "r" * table.text.shape[1])
+        styler(table).to_latex(
+            convert_css=True,
+            hrules=True,
+            caption=caption,
+            multirow_align="t",
+            column_format="ll" + "r" * table.text.shape[1],
+        )
     )
     table.numbers.to_csv(paths["csv"], index=False)
     return paths
@@ -150,18 +157,21 @@ def paired_text(pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows = []
     for r in pairs.to_dict("records"):
         d = DIGITS.get(r["metric"], 3)
-        rows.append({
-            "setting": setting_label(r, setting),
-            "a − b": f"{r['a']} − {r['b']}",
-            "metric": METRIC_LABELS.get(r["metric"], r["metric"]),
-            "mean diff [95 % CI]": (
-                f"{r['mean_diff']:+.{d}f} [{r['ci_low']:+.{d}f}, {r['ci_high']:+.{d}f}]"
-                if np.isfinite(r["ci_low"]) else f"{r['mean_diff']:+.{d}f}"
-            ),
-            "Wilcoxon p": "–" if not np.isfinite(r["p_wilcoxon"]) else f"{r['p_wilcoxon']:.3g}",
-            "n": str(r["n"]),
-            "dropped": str(r["dropped"]),
-        })
+        rows.append(
+            {
+                "setting": setting_label(r, setting),
+                "a − b": f"{r['a']} − {r['b']}",
+                "metric": METRIC_LABELS.get(r["metric"], r["metric"]),
+                "mean diff [95 % CI]": (
+                    f"{r['mean_diff']:+.{d}f} [{r['ci_low']:+.{d}f}, {r['ci_high']:+.{d}f}]"
+                    if np.isfinite(r["ci_low"])
+                    else f"{r['mean_diff']:+.{d}f}"
+                ),
+                "Wilcoxon p": "–" if not np.isfinite(r["p_wilcoxon"]) else f"{r['p_wilcoxon']:.3g}",
+                "n": str(r["n"]),
+                "dropped": str(r["dropped"]),
+            }
+        )
     text = pd.DataFrame(rows)
     bold = pd.DataFrame(False, index=text.index, columns=text.columns)
     bold["Wilcoxon p"] = pairs["p_wilcoxon"].lt(0.05).to_numpy()
@@ -172,16 +182,19 @@ def write_paired(pairs: pd.DataFrame, reports: Path, *, caption: str) -> dict[st
     text, bold = paired_text(pairs)
     paths = {k: reports / f"paired.{k}" for k in ("md", "tex", "csv")}
     if text.empty:
-        paths["md"].write_text(f"{caption}\n\n(no two configurations attacked the same "
-                               "gradients)\n")
+        paths["md"].write_text(
+            f"{caption}\n\n(no two configurations attacked the same gradients)\n"
+        )
         paths["tex"].write_text("")
         pairs.to_csv(paths["csv"], index=False)
         return paths
-    paths["md"].write_text(to_markdown(text.set_index("setting"),
-                                       bold.drop(columns="setting"), caption))
+    paths["md"].write_text(
+        to_markdown(text.set_index("setting"), bold.drop(columns="setting"), caption)
+    )
     css = np.where(bold.to_numpy(), BOLD_CSS, "")
     paths["tex"].write_text(
-        text.style.apply(lambda _: css, axis=None).hide(axis="index")
+        text.style.apply(lambda _: css, axis=None)
+        .hide(axis="index")
         .to_latex(convert_css=True, hrules=True, caption=caption)
     )
     pairs.to_csv(paths["csv"], index=False)

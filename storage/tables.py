@@ -32,18 +32,27 @@ if TYPE_CHECKING:
 
 CURVES_DIR = "curves"
 FAILURES_DIR = "failures"
-CURVE_SCHEMA = pa.schema([
-    ("cell_id", pa.string()),
-    ("method", pa.string()),
-    ("stage", pa.string()),  # the attack's stage name (e.g. "z", "w", "x"); "" if unknown
-    ("iteration", pa.int64()),  # global iteration over all stages; the last point = after all
-    ("restart", pa.int64()),
-    ("cost", pa.float64()),  # c(x) of that restart at that iteration (NaN if it diverged)
-])
+CURVE_SCHEMA = pa.schema(
+    [
+        ("cell_id", pa.string()),
+        ("method", pa.string()),
+        ("stage", pa.string()),  # the attack's stage name (e.g. "z", "w", "x"); "" if unknown
+        ("iteration", pa.int64()),  # global iteration over all stages; the last point = after all
+        ("restart", pa.int64()),
+        ("cost", pa.float64()),  # c(x) of that restart at that iteration (NaN if it diverged)
+    ]
+)
 # Columns of metrics() that vary per image; cells() keeps the rest once per cell.
 _PER_IMAGE = (
-    "image_index", "sample_index", "label", "psnr", "ssim", "lpips",
-    "best_psnr_in_batch", "best_ssim_in_batch", "best_lpips_in_batch",
+    "image_index",
+    "sample_index",
+    "label",
+    "psnr",
+    "ssim",
+    "lpips",
+    "best_psnr_in_batch",
+    "best_ssim_in_batch",
+    "best_lpips_in_batch",
 )
 _REASONS = {
     "ok": "",
@@ -118,8 +127,9 @@ def failures(run: RunDir) -> pd.DataFrame:
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
         if path.stem not in committed:
             records.append(json.loads(path.read_text()))
-    return pd.DataFrame(records, columns=["cell_id", "method", "reason", "host", "time",
-                                          "slurm_job_id"])
+    return pd.DataFrame(
+        records, columns=["cell_id", "method", "reason", "host", "time", "slurm_job_id"]
+    )
 
 
 def cells(run: RunDir) -> pd.DataFrame:

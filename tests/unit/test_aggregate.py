@@ -19,15 +19,25 @@ def _rows(method: str, *, offset: float, variant: str | None = None) -> list[dic
     for g in range(GRADIENTS):
         for s in range(SEEDS):
             for i in range(B):
-                rows.append({
-                    "method": method, "variant": variant or method,
-                    "gradient_id": f"g{g}", "seed": s, "cell_id": f"{method}-{variant}-{g}-{s}",
-                    "defense": "none", "defense_level": 0.0, "batch_size": B,
-                    "psnr": 10 + offset + g + s + i, "ssim": 0.5, "lpips": 0.3 - offset / 10,
-                    "status": "ok",
-                    "best_psnr_in_batch": i == 1, "best_ssim_in_batch": i == 0,
-                    "best_lpips_in_batch": i == 0,
-                })
+                rows.append(
+                    {
+                        "method": method,
+                        "variant": variant or method,
+                        "gradient_id": f"g{g}",
+                        "seed": s,
+                        "cell_id": f"{method}-{variant}-{g}-{s}",
+                        "defense": "none",
+                        "defense_level": 0.0,
+                        "batch_size": B,
+                        "psnr": 10 + offset + g + s + i,
+                        "ssim": 0.5,
+                        "lpips": 0.3 - offset / 10,
+                        "status": "ok",
+                        "best_psnr_in_batch": i == 1,
+                        "best_ssim_in_batch": i == 0,
+                        "best_lpips_in_batch": i == 0,
+                    }
+                )
     return rows
 
 
@@ -52,8 +62,13 @@ def test_summary_means_ci_n_and_best(metrics: pd.DataFrame) -> None:
     assert x["mean"] == pytest.approx(12.5) and zw["mean"] == pytest.approx(14.5)
     assert (x["n"], x["images"], x["diverged"]) == (8, 16, 0)
     # The CI resamples the 8 unit means, not the 16 images: same as scipy on the unit means.
-    expected = stats.bootstrap((_unit_means(0.0),), np.mean, n_resamples=ag.N_RESAMPLES,
-                               method="BCa", rng=np.random.default_rng(0)).confidence_interval
+    expected = stats.bootstrap(
+        (_unit_means(0.0),),
+        np.mean,
+        n_resamples=ag.N_RESAMPLES,
+        method="BCa",
+        rng=np.random.default_rng(0),
+    ).confidence_interval
     assert (x["ci_low"], x["ci_high"]) == pytest.approx((expected.low, expected.high))
     assert x["ci_low"] < 12.5 < x["ci_high"]
     # best: higher PSNR wins, lower LPIPS wins, equal SSIM ties
@@ -81,8 +96,9 @@ def test_diverged_cells_are_counted_apart_not_averaged(metrics: pd.DataFrame) ->
 
 
 def test_variant_groups_configurations_of_one_method() -> None:
-    df = pd.DataFrame(_rows("gi-x", offset=0.0, variant="paper")
-                      + _rows("gi-x", offset=1.0, variant="tuned"))
+    df = pd.DataFrame(
+        _rows("gi-x", offset=0.0, variant="paper") + _rows("gi-x", offset=1.0, variant="tuned")
+    )
     table = ag.summary(df, metrics=["psnr"])
     assert list(table["variant"]) == ["paper", "tuned"]
     assert list(table["mean"]) == pytest.approx([12.5, 13.5])
