@@ -75,6 +75,13 @@ class Generator(nn.Module):
         reference = next(self.parameters())
         return z.to(device=reference.device, dtype=reference.dtype)
 
+    def initialise_(self, *, generator: torch.Generator) -> None:
+        """Fresh random weights in place (GI-w's untrained start): DCGAN init, then a BN
+        calibration on latents from the same RNG. Other architectures override this."""
+        with torch.no_grad():
+            dcgan_init_(self, generator=generator)
+        calibrate_batchnorm_(self, generator=generator)
+
     def forward(self, z: Tensor) -> Tensor:
         # z: (N, latent_dim) -> (N, latent_dim, 1, 1): the first ConvT acts as a dense layer.
         x = self.main(z.reshape(*z.shape, 1, 1))  # (N, 3, native, native) in [-1, 1]

@@ -19,7 +19,7 @@ from torch.func import functional_call, vmap
 
 from gi_core.attacks.engine import BaseConfig, InversionProblem, Stage, Variables, _check
 from gi_core.errors import ConfigError
-from gi_core.generators import Generator, calibrate_batchnorm_, dcgan_init_
+from gi_core.generators import Generator
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,9 @@ def per_image_stage(generator: Generator, *, name: str, iterations: int, lr: flo
     def render(v: Variables) -> Tensor:
         z = v["z"]
         w = {n: v["w." + n].flatten(0, 1) for n in names}
-        return vmap(one)(w, z.flatten(0, 1)).unflatten(0, z.shape[:2])
+        # randomness="different": a prior that draws noise per forward (StyleGAN2 `noise:
+        # random`) gets independent noise per copy; deterministic priors draw nothing.
+        return vmap(one, randomness="different")(w, z.flatten(0, 1)).unflatten(0, z.shape[:2])
 
     def start(v: Variables) -> Variables:
         r, b = v["z"].shape[:2]
@@ -102,10 +104,8 @@ def per_image_stage(generator: Generator, *, name: str, iterations: int, lr: flo
 
 
 def untrained_copy(generator: Generator, *, seed: int) -> Generator:
-    """The same architecture, freshly DCGAN-initialised from `seed` (GI-w's unsearched start)."""
+    """The same architecture, freshly initialised from `seed` (GI-w's unsearched start): DCGAN
+    init + BN calibration for DCGAN priors, StyleGAN2's own init for StyleGAN2."""
     fresh = copy.deepcopy(generator)
-    rng = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        dcgan_init_(fresh, generator=rng)
-    calibrate_batchnorm_(fresh, generator=rng)
+    fresh.initialise_(generator=torch.Generator().manual_seed(seed))
     return fresh.eval()
