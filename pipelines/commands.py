@@ -128,7 +128,11 @@ def run_grid(
             table_path = evaluation_grid(str(spec_path), executor, str(run_path))
     wall = time.perf_counter() - start
     figure = Path(table_path).with_name("reconstructions.png")
-    return Path(table_path).read_text() + f"\nfigure: {figure}\n{run_path}: done in {wall:.1f} s\n"
+    html = Path(table_path).with_name("report.html")
+    return (
+        Path(table_path).read_text()
+        + f"\nfigure: {figure}\nreport: {html}\n{run_path}: done in {wall:.1f} s\n"
+    )
 
 
 @contextmanager
@@ -223,6 +227,23 @@ def tables_text(run_dir: Path) -> str:
     path = write_tables(run)
     figure = path.with_name("reconstructions.png")
     return path.read_text() + f"\nwritten: {path}, {path.with_suffix('.csv')} and {figure}"
+
+
+def report_text(run_dir: Path) -> str:
+    """`gi-eval report`: write reports/ (tables, figures, report.html); say what it covers."""
+    from pipelines.report import write_report
+
+    run = _require_run(run_dir)
+    if not os.access(run.root, os.W_OK):
+        raise ConfigError(
+            f"run_dir: {run.root} is read-only, so reports/ cannot be written; copy the run "
+            "somewhere writable, or use `gi-eval tables` to print Table 1 without writing"
+        )
+    report = write_report(run)
+    return (
+        f"{report.coverage.describe()}\n"
+        f"written: {len(report.files)} files in {run.reports_dir}\nreport: {report.html}"
+    )
 
 
 def verify_run(run_dir: Path, *, deep: bool, dry_run: bool) -> str:

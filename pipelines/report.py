@@ -130,6 +130,17 @@ def write_tables(run: RunDir) -> Path:
     return write_report(run).table
 
 
+def summary(df: pd.DataFrame) -> tables.Table:
+    """Table 1 of committed metrics, computed without writing anything (read-only runs)."""
+    return tables.table1(df)
+
+
+def markdown(table: tables.Table) -> str:
+    if table.text.empty:
+        return "(no committed cells yet)\n"
+    return tables.to_markdown(table.text, table.bold)
+
+
 def _paired_styler(pairs: pd.DataFrame) -> Any:
     text, bold = tables.paired_text(pairs)
     if text.empty:

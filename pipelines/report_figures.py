@@ -220,7 +220,7 @@ def fig5(df: pd.DataFrame, axis: str, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1, 3.4), squeeze=False)
     for ax, b in zip(axes[0], panels, strict=True):
         rows = table if b is None else table[table["batch_size"] == b]
-        for config, line in rows.groupby(ag.config_columns(df), sort=True):
+        for config, line in rows.groupby(ag.config_columns(df), sort=True, dropna=False):
             line = line.sort_values(x)
             label = ag.label_of(dict(zip(ag.config_columns(df), _tuple(config), strict=True)))
             ax.plot(line[x], line["mean"], marker="o", ms=3, label=label)
