@@ -136,33 +136,6 @@ def run(
 
 @app.command()
 @_errors
-def tune(
-    spec: Path,
-    executor: str | None = typer.Option(None, help="inline | local | slurm (default: the spec's)"),
-    out: Path | None = typer.Option(None, help="tuning run directory (default runs/<name>-tune)"),
-    trials: int | None = typer.Option(None, min=1, help="trials per method (default: spec)"),
-    write_spec: Path | None = typer.Option(
-        None, "--write-spec", help="where to write the tuned spec (default <spec>.tuned.yaml)"
-    ),
-) -> None:
-    """Tune each method's key hyperparameters on held-out batches (Optuna, PSNR criterion) and
-    write a spec with the chosen values (docs/tuning.md)."""
-    from pipelines.commands import run_grid
-    from pipelines.tune import tune as run_tuning
-
-    def one_round(path: Path, run_dir: Path) -> None:
-        run_grid(path, executor=executor, out=run_dir, verbose=False,
-                 notify=lambda line: typer.echo(line, err=True))
-
-    result = run_tuning(spec, out=out, executor=executor, trials=trials, write_spec=write_spec,
-                        run_grid=one_round)
-    for method, best in result.best.items():
-        typer.echo(f"{method}: held-out PSNR {best.psnr:.2f} dB with {best.params}")
-    typer.echo(f"report: {result.report}\ntuned spec: {result.tuned_spec}")
-
-
-@app.command()
-@_errors
 def status(run_dir: Path) -> None:
     """Done / in flight / to do of a run directory."""
     from pipelines.commands import status_report
