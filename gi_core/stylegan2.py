@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -501,3 +503,36 @@ def parameter_counts(config: StyleGAN2Config) -> tuple[int, int]:
         synthesis += _modconv_params(c_out, c_out, kernel=3, w_dim=w_dim)
         synthesis += _modconv_params(c_out, 3, kernel=1, w_dim=w_dim)
     return mapping, synthesis
+
+
+# --------------------------------------------------------------------------------------------
+# Converted weights (written by `gi-eval convert-generator`, pipelines/convert.py).
+
+CHECKPOINT_FORMAT = "gi-eval/stylegan2"
+CHECKPOINT_VERSION = 1
+
+
+def load_stylegan2_checkpoint(path: str | Path) -> tuple[StyleGAN2Config, dict[str, Tensor]]:
+    """Read a converted StyleGAN2 file: (architecture, state_dict in this project's layout).
+
+    Only tensors and plain containers are unpickled (weights_only=True). The state_dict is
+    checked against the architecture when `build_stylegan2` loads it (strict).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"generator.checkpoint: {path} does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+        raise ConfigError(f"generator.checkpoint: {path} is not loadable: {e}") from e
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(
+            f"generator.checkpoint: {path} is not a converted StyleGAN2 file; convert official "
+            "weights with `gi-eval convert-generator SRC OUT` (docs/paper-scale.md)"
+        )
+    if data.get("version") != CHECKPOINT_VERSION:
+        raise ConfigError(
+            f"generator.checkpoint: {path} has format version {data.get('version')}, this "
+            f"gi-eval reads version {CHECKPOINT_VERSION}; convert the weights again"
+        )
+    return StyleGAN2Config.from_dict(data["config"]), dict(data["state_dict"])

@@ -184,6 +184,28 @@ def report(run_dir: Path) -> None:
     typer.echo(report_text(run_dir))
 
 
+@app.command("convert-generator")
+@_errors
+def convert_generator(
+    src: Path,
+    out: Path,
+    source_format: str = typer.Option(
+        "auto", "--format", help="auto | rosinality (.pt) | ada (stylegan2-ada .pkl)"
+    ),
+    trust_pickle: bool = typer.Option(
+        False, "--trust-pickle", help="allow reading a .pkl (allow-listed unpickler)"
+    ),
+    lr_mlp: float | None = typer.Option(None, help="mapping lr multiplier (default 0.01)"),
+) -> None:
+    """Convert official StyleGAN2 weights into a weights_only file + OUT.sha256
+    (docs/paper-scale.md)."""
+    from pipelines.convert import convert_generator as convert
+
+    result = convert(src, out, source_format=source_format, trust_pickle=trust_pickle,
+                     lr_mlp=lr_mlp)
+    typer.echo(result.describe())
+
+
 @app.command()
 @_errors
 def demo(
