@@ -42,7 +42,7 @@ def _options(
     debug: bool = typer.Option(False, "--debug", help="print the traceback of an error"),
 ) -> None:
     """Gradient-inversion evaluation grids (Jeon et al., NeurIPS 2021)."""
-    _DEBUG["on"] = _DEBUG["on"] or debug
+    _DEBUG["on"] = debug or os.environ.get("GI_EVAL_DEBUG") == "1"
 
 
 def _errors(fn: F) -> F:
@@ -58,7 +58,9 @@ def _errors(fn: F) -> F:
             code, message = classify(e)
             if _DEBUG["on"]:
                 traceback.print_exception(e, file=sys.stderr)
-            typer.echo(f"error: {message}", err=True)
+            # further lines of a message (every bad field of a spec) are indented under it
+            lines = [line.strip() for line in message.splitlines() if line.strip()] or ["?"]
+            typer.echo("error: " + "\n  ".join(lines), err=True)
             raise typer.Exit(code) from e
 
     return wrapper  # type: ignore[return-value]
@@ -132,6 +134,33 @@ def run(
 
     typer.echo(run_grid(spec, executor=executor, out=out, verbose=verbose, wait=wait,
                         notify=lambda line: typer.echo(line, err=True)))
+
+
+@app.command()
+@_errors
+def tune(
+    spec: Path,
+    executor: str | None = typer.Option(None, help="inline | local | slurm (default: the spec's)"),
+    out: Path | None = typer.Option(None, help="tuning run directory (default runs/<name>-tune)"),
+    trials: int | None = typer.Option(None, min=1, help="trials per method (default: spec)"),
+    write_spec: Path | None = typer.Option(
+        None, "--write-spec", help="where to write the tuned spec (default <spec>.tuned.yaml)"
+    ),
+) -> None:
+    """Tune each method's key hyperparameters on held-out batches (Optuna, PSNR criterion) and
+    write a spec with the chosen values (docs/tuning.md)."""
+    from pipelines.commands import run_grid
+    from pipelines.tune import tune as run_tuning
+
+    def one_round(path: Path, run_dir: Path) -> None:
+        run_grid(path, executor=executor, out=run_dir, verbose=False,
+                 notify=lambda line: typer.echo(line, err=True))
+
+    result = run_tuning(spec, out=out, executor=executor, trials=trials, write_spec=write_spec,
+                        run_grid=one_round)
+    for method, best in result.best.items():
+        typer.echo(f"{method}: held-out PSNR {best.psnr:.2f} dB with {best.params}")
+    typer.echo(f"report: {result.report}\ntuned spec: {result.tuned_spec}")
 
 
 @app.command()

@@ -220,5 +220,6 @@ def _mb(n: float) -> str:
 
 
 def _short(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else ""
-    return text[:200]
+    # load_state_dict puts the useful part ("size mismatch for 0.weight ...") on later lines
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text if len(text) <= 300 else text[:297] + "..."
