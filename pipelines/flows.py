@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
 
-from prefect import flow, task
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
 
 from gi_core.errors import ConfigError
@@ -18,7 +30,7 @@ from pipelines.planner import (
     prepare_run,
     read_spec,
 )
-from pipelines.report import write_tables
+from pipelines.report import write_report
 from storage.run import open_run
 from tasks.arrays import POLL_S, run_array
 from tasks.executors import ExecutorConfig, threads_per_job
@@ -27,6 +39,8 @@ from tasks.spec import GridSpec
 from tasks.work import Chunk
 
 EXECUTORS = ("inline", "local", "slurm")
+Executor = Literal["inline", "local", "slurm"]
+PROGRESS_EVERY_S = 5.0  # how often the progress artifact is refreshed while arrays run
 
 
 @dataclass(frozen=True)
@@ -40,6 +54,7 @@ class Work:
     array_timeout_s: float | None
     queued: int  # cells left to jobs of an earlier run that are still queued or running
     started: float  # planning time: a `gi-eval cancel` after it stops this run
+    planned: frozenset[str] = frozenset()  # every inversion cell id of the grid
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -56,8 +71,26 @@ def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
     cells = inversion_chunks(
         run, status.todo, per_job=per_job, threads=threads, keep_restarts=spec.storage.keep_restarts
     )
+    cells = [replace(c, snapshots=spec.storage.snapshots) for c in cells]
     timeout = ex.array_timeout_h * 3600 if ex.array_timeout_h else None
-    return Work(str(run.root), grads, cells, config, timeout, len(queued), started)
+    planned = frozenset(c.id for c in status.plan.inversion_cells)
+    get_run_logger().info(
+        "grid %r: %d cells planned, %d committed (skipped), %d in queued/running jobs of an "
+        "earlier run, %d to submit in %d job-array element(s); %d of %d gradients to generate; "
+        "executor %s; run directory %s; job logs in %s",
+        spec.name,
+        len(planned),
+        status.done,
+        len(queued),
+        len(status.todo),
+        len(cells),
+        len(status.gradients_todo),
+        len(status.plan.gradient_cells),
+        config.kind,
+        run.root,
+        run.logs_dir,
+    )
+    return Work(str(run.root), grads, cells, config, timeout, len(queued), started, planned)
 
 
 @task(name="wait-for-earlier-jobs", cache_policy=NO_CACHE)
@@ -68,20 +101,98 @@ def wait_for_earlier_jobs(run_dir: str) -> None:
         time.sleep(POLL_S)
 
 
-@task(name="tables", cache_policy=NO_CACHE)
-def tables(run_dir: str) -> str:
-    return str(write_tables(open_run(run_dir)))
+@task(name="report", cache_policy=NO_CACHE)
+def report(run_dir: str) -> str:
+    """Tables, figures and report.html; Table 1 and a link to the report as artifacts."""
+    result = write_report(open_run(run_dir))
+    key = _artifact_key(Path(run_dir).name)
+    create_markdown_artifact(
+        markdown=f"# Table 1: {Path(run_dir).name}\n\n{result.table_markdown}",
+        key=f"{key}-table-1",
+        description=result.coverage.describe(),
+    )
+    create_link_artifact(
+        link=result.html.resolve().as_uri(),
+        link_text=f"report.html of {Path(run_dir).name}",
+        key=f"{key}-report",
+        description=f"self-contained HTML report in {result.html.parent}",
+    )
+    get_run_logger().info("report: %s (%s)", result.html, result.coverage.describe())
+    return str(result.table)
 
 
-@flow(name="evaluation-grid", log_prints=False)
-def evaluation_grid(spec_path: str, executor: str | None = None, out: str | None = None) -> str:
-    """plan -> generate missing gradients -> invert missing cells (metrics per cell) -> tables."""
+def _flow_run_name() -> str:
+    """'<grid name>-<UTC time>' instead of Prefect's random adjective-animal names."""
+    from prefect.runtime import flow_run
+
+    spec_path = str(flow_run.parameters.get("spec_path", "grid"))
+    try:
+        name = yaml.safe_load(Path(spec_path).read_text()).get("name") or Path(spec_path).stem
+    except (OSError, yaml.YAMLError, AttributeError, UnicodeDecodeError):
+        name = Path(spec_path).stem  # the plan task reports a bad spec; the name is cosmetic
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+
+
+def _artifact_key(name: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    key = "".join(ch if ch.isalnum() else "-" for ch in name.lower()).strip("-")
+    return key or "grid"
+
+
+@flow(name="evaluation-grid", log_prints=False, flow_run_name=_flow_run_name)
+def evaluation_grid(
+    spec_path: str, executor: Executor | None = None, out: str | None = None
+) -> str:
+    """Plan a grid, generate its missing gradients, invert its missing cells, write the report.
+
+    Committed cells are skipped, so running the same spec again resumes it.
+
+    Args:
+        spec_path: Path of the grid spec (YAML), relative to the working directory.
+        executor: Where cells run: inline (in this process), local (submitit jobs on this
+            machine) or slurm (job arrays). Default: the spec's execution.executor.
+        out: Run directory. Default: runs/<grid name>.
+
+    Returns:
+        The path of reports/table.md (Table 1).
+    """
     work = plan(spec_path, executor, out)
-    run_work(work, started=work.started)
-    if work.queued:  # an earlier run's jobs still hold cells: let them finish, then redo misses
-        wait_for_earlier_jobs(work.run_dir)
-        run_work(plan(spec_path, executor, out), started=work.started)
-    return tables(work.run_dir)
+    with _progress_artifact(work):
+        run_work(work, started=work.started)
+        if work.queued:  # an earlier run's jobs still hold cells: let them finish, redo misses
+            wait_for_earlier_jobs(work.run_dir)
+            run_work(plan(spec_path, executor, out), started=work.started)
+    return report(work.run_dir)
+
+
+@contextmanager
+def _progress_artifact(work: Work) -> Iterator[None]:
+    """A Prefect progress artifact (percentage of the grid's cells committed), refreshed every
+    PROGRESS_EVERY_S from the commit markers while the arrays run, and once at the end."""
+    run = open_run(work.run_dir)
+    total = max(1, len(work.planned))
+    key = _artifact_key(Path(work.run_dir).name)
+
+    def percent() -> float:
+        return 100.0 * len(run.committed_cells() & work.planned) / total
+
+    artifact = create_progress_artifact(
+        percent(), key=f"{key}-progress", description=f"cells committed of {len(work.planned)}"
+    )
+    stop = threading.Event()
+
+    def refresh() -> None:
+        while not stop.wait(PROGRESS_EVERY_S):
+            update_progress_artifact(artifact, percent())
+
+    thread = threading.Thread(target=refresh, name="progress-artifact", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        update_progress_artifact(artifact, percent())
 
 
 def run_work(work: Work, *, started: float) -> None:

@@ -7,17 +7,26 @@ commit markers at the start of every attempt). A timeout or cancellation cancels
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.states import State
 
 from gi_core.errors import ExecutionError, RunCancelled
 from storage.run import RunDir, open_run
-from tasks.executors import ExecutorConfig, Resumable, cancel_jobs, submit_array, wait_for_jobs
+from tasks.executors import (
+    ExecutorConfig,
+    JobHandle,
+    Resumable,
+    cancel_jobs,
+    submit_array,
+    wait_for_jobs,
+)
 from tasks.jobs import cancel_requested, record_jobs
 from tasks.work import Chunk, run_chunk
 
@@ -51,16 +60,29 @@ def run_array_now(
         return 0
     if cancel_requested(run, since=run_started):
         raise _cancelled(run, sum(len(c.cells) for c in todo))
+    skipped = sum(len(ch.cells) for ch in chunks) - sum(len(c.cells) for c in todo)
     handles = submit_array(
         Resumable(run_chunk), todo, config=executor, log_dir=run.logs_dir, name=name
     )
     record_jobs(run, name, handles, todo)
+    log = _logger()
+    log.info(
+        "array %s: submitted %d %s cells in %d element(s) to %s (%d already committed, skipped); "
+        "job ids %s; logs in %s",
+        name, sum(len(c.cells) for c in todo), todo[0].kind.removesuffix("s"), len(todo),
+        executor.kind, skipped,
+        _job_ids(handles), run.logs_dir,
+    )
     try:
         wait_for_jobs(handles, poll_s=POLL_S)
     except BaseException:  # timeout, Ctrl-C, Prefect cancellation: never leave orphan jobs
+        log.warning("array %s: stopped while its jobs ran; cancelling jobs %s", name,
+                    _job_ids(handles))
         cancel_jobs(handles)
         raise
     missing = [c["id"] for ch in todo for c in pending(run, ch).cells]
+    log.info("array %s: jobs ended; %d of %d cells committed", name,
+             sum(len(c.cells) for c in todo) - len(missing), sum(len(c.cells) for c in todo))
     if missing and cancel_requested(run, since=run_started):
         raise _cancelled(run, len(missing))
     if missing:
@@ -70,6 +92,20 @@ def run_array_now(
             "resubmits only these"
         )
     return sum(len(c.cells) for c in todo)
+
+
+def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """Prefect's run logger inside a task (its lines show in the UI), else the module's."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def _job_ids(handles: Sequence[JobHandle]) -> str:
+    """'123_0..123_7' style summary: all ids when few, first..last (n) otherwise."""
+    ids = list(dict.fromkeys(h.job_id for h in handles))
+    return ", ".join(ids) if len(ids) <= 6 else f"{ids[0]} .. {ids[-1]} ({len(ids)} jobs)"
 
 
 def _cancelled(run: RunDir, cells: int) -> RunCancelled:
