@@ -23,7 +23,14 @@ from gi_core.attacks.registry import method_config, uses_generator
 from gi_core.datasets import batch_indices
 from gi_core.defenses import Defense
 from gi_core.errors import ConfigError
-from tasks.spec import GeneratorSpec, GridSpec, MethodSpec, VictimSpec, canonical_json
+from tasks.spec import (
+    GeneratorSpec,
+    GridSpec,
+    MethodSpec,
+    VictimSpec,
+    canonical_json,
+    evaluation_batches,
+)
 
 # Bump when the meaning of a stored cell changes without its fields changing (e.g. a fix in
 # how gradients are computed): every id changes, so a resumed run recomputes everything.
@@ -222,8 +229,9 @@ def expand(spec: GridSpec) -> Plan:
 
 def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[BaseConfig]) -> list[str]:
     """One table name per method entry: its `label`, else its preset followed by the
-    parameters whose values differ between the entries of the same method ('paper',
-    'tuned', 'paper lr=0.01'). Distinct configurations always get distinct names."""
+    parameters it sets away from the preset and those whose values differ between entries of
+    the same method ('paper', 'tuned', 'paper lr=0.01, tv=0.2'). Budget fields (iterations,
+    restarts) are left out unless they differ. Distinct configurations get distinct names."""
     dicts = [_asdict(c) for c in configs]
     out = []
     for m, d in zip(methods, dicts, strict=True):
@@ -231,15 +239,19 @@ def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[BaseConfig])
             out.append(m.label)
             continue
         same = [o for n, o in zip(methods, dicts, strict=True) if n.name == m.name]
-        differ = sorted(
-            k for k in d if k != "preset" and len({canonical_json(o[k]) for o in same}) > 1
-        )
-        out.append(" ".join([d["preset"], ", ".join(f"{k}={d[k]}" for k in differ)]).strip())
+        differ = {k for k in d if len({canonical_json(o[k]) for o in same}) > 1}
+        explicit = {k for k in m.params if not _is_budget(k)}
+        keys = sorted((differ | explicit) - {"preset"})
+        out.append(" ".join([d["preset"], ", ".join(f"{k}={d[k]}" for k in keys)]).strip())
     return out
 
 
+def _is_budget(name: str) -> bool:
+    return _is_iteration_count(name) or name in ("restarts", "curve_every")
+
+
 def _gradient_cells(spec: GridSpec) -> list[GradientCell]:
-    return gradient_cells(spec, batches=lambda batch_size: range(spec.data.num_batches))
+    return gradient_cells(spec, batches=lambda batch_size: evaluation_batches(spec))
 
 
 def gradient_cells(

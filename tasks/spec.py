@@ -60,6 +60,9 @@ class DataSpec(_Model):
     dataset: str
     image_size: int = Field(default=32, ge=32)  # LPIPS (AlexNet) needs >= 32 px
     num_batches: int = Field(default=1, ge=1)
+    # The evaluation attacks batches first_batch .. first_batch + num_batches - 1 of the plan
+    # (`gi-eval tune` points its runs at the held-out batches at the end of the plan).
+    first_batch: int = Field(default=0, ge=0)
     # None: the data set's fixed greedy plan (batch 0 = the first classes in sorted order).
     # An int: a seeded shuffle of that plan's sample and class order (still disjoint, unique
     # labels); the seed is part of every gradient cell and every metrics row.
@@ -187,6 +190,30 @@ class SlurmSpec(_Model):
     account: str | None = None
     qos: str | None = None
     additional: dict[str, Any] = Field(default_factory=dict)
+    # Shell lines run before each job (module load, venv activation), extra srun arguments.
+    setup: tuple[str, ...] = ()
+    srun_args: tuple[str, ...] = ()
+    # Requeues after a time-limit hit (each resumes from its checkpoint); preemptions are free.
+    max_num_timeout: int = Field(default=3, ge=0)
+    signal_delay_s: int = Field(default=90, ge=10)  # USR2 this long before the time limit
+    constraint: str | None = None  # node features, e.g. "a100|h100"
+    gres: str | None = None  # generic resources, e.g. "gpu:a100:1"
+    exclude: str | None = None  # nodes to avoid, e.g. "node[07-08],gpu3"
+
+    @field_validator("constraint", "gres", "exclude")
+    @classmethod
+    def _one_sbatch_word(cls, v: str | None) -> str | None:
+        # sbatch takes each as one word; a space or '#' would end up as another option.
+        if v is not None and (not v or re.search(r"[\s#'\"]", v)):
+            raise ValueError(f"must be one non-empty word without spaces or quotes (got {v!r})")
+        return v
+
+    @field_validator("gres")
+    @classmethod
+    def _gres_form(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[\w.-]+(:[\w.-]+)*(,[\w.-]+(:[\w.-]+)*)*", v):
+            raise ValueError(f"write name[:type]:count, e.g. gpu:a100:1 (got {v!r})")
+        return v
 
 
 class ExecutionSpec(_Model):
@@ -425,14 +452,15 @@ def _data_problems(spec: GridSpec) -> list[str]:
         available = max_batches(
             d.dataset, batch_size=b, image_size=d.image_size, shuffle_seed=d.shuffle_seed
         )
-        if available < d.num_batches:
+        if available < d.first_batch + d.num_batches:
             problems.append(
                 f"batch_sizes[{j}]: {d.dataset!r} ({info.num_samples} samples) supplies only "
-                f"{available} non-overlapping batches of {b}; data.num_batches is {d.num_batches}"
+                f"{available} non-overlapping batches of {b}; data.num_batches is "
+                f"{d.num_batches} from data.first_batch {d.first_batch}"
             )
             continue
         used += [i for k in evaluation_batches(spec) for i in _indices(spec, b, k)]
-        if available >= d.num_batches + spec.tuning.batches:
+        if available >= d.first_batch + d.num_batches + spec.tuning.batches:
             used += [i for k in tuning_batches(spec, b) for i in _indices(spec, b, k)]
     # every image a grid (or its tuning) will attack is decoded once, before any submission
     problems += [
@@ -442,8 +470,8 @@ def _data_problems(spec: GridSpec) -> list[str]:
 
 
 def evaluation_batches(spec: GridSpec) -> range:
-    """Batch numbers of the evaluation: the first `data.num_batches` of the plan."""
-    return range(spec.data.num_batches)
+    """Batch numbers of the evaluation: `data.num_batches` from `data.first_batch` on."""
+    return range(spec.data.first_batch, spec.data.first_batch + spec.data.num_batches)
 
 
 def tuning_batches(spec: GridSpec, batch_size: int) -> range:
@@ -454,7 +482,7 @@ def tuning_batches(spec: GridSpec, batch_size: int) -> range:
         d.dataset, batch_size=batch_size, image_size=d.image_size, shuffle_seed=d.shuffle_seed
     )
     first = available - spec.tuning.batches
-    if first < d.num_batches:
+    if first < d.first_batch + d.num_batches:
         raise ConfigError(
             f"tuning.batches: {d.dataset!r} has {available} batches of {batch_size}; "
             f"{d.num_batches} evaluation + {spec.tuning.batches} held-out tuning batches do not "
