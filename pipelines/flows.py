@@ -226,4 +226,12 @@ def executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
         qos=slurm.qos,
         additional_parameters=dict(slurm.additional),
         max_parallel=ex.max_parallel,
+        setup=slurm.setup,
+        srun_args=slurm.srun_args,
+        max_num_timeout=slurm.max_num_timeout,
+        signal_delay_s=slurm.signal_delay_s,
+        constraint=slurm.constraint,
+        gres=slurm.gres,
+        exclude=slurm.exclude,
+        job_name_prefix=spec.name,
     )

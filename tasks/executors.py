@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -76,6 +77,12 @@ class ExecutorConfig(BaseModel):
     signal_delay_s: int = Field(default=90, ge=1)  # USR2 this long before the time limit
     max_num_timeout: int = Field(default=3, ge=0)  # requeues after timeouts; preemptions are free
     max_array_size: int | None = Field(default=None, ge=1)
+    setup: tuple[str, ...] = ()  # shell lines before the job's command (`module load ...`)
+    srun_args: tuple[str, ...] = ()  # extra arguments of the srun that runs each element
+    constraint: str | None = None  # --constraint, node features (e.g. "a100|h100")
+    gres: str | None = None  # --gres (e.g. "gpu:a100:1")
+    exclude: str | None = None  # --exclude, nodes never to use (e.g. "node[07-08]")
+    job_name_prefix: str | None = None  # the grid name: `squeue` tells two grids apart
     # local
     max_parallel: int = Field(default=4, ge=1)
 
@@ -209,7 +216,7 @@ def _slurm_executor(config: ExecutorConfig, *, log_dir: Path, name: str) -> subm
 def _sbatch_parameters(config: ExecutorConfig, *, name: str) -> dict[str, Any]:
     """submitit SlurmExecutor parameters; unset options are left to Slurm's defaults."""
     params: dict[str, Any] = {
-        "job_name": name,
+        "job_name": f"{config.job_name_prefix}-{name}" if config.job_name_prefix else name,
         "time": config.timeout_min,
         "cpus_per_task": config.cpus_per_task,
         "array_parallelism": config.array_parallelism,
@@ -225,6 +232,11 @@ def _sbatch_parameters(config: ExecutorConfig, *, name: str) -> dict[str, Any]:
         "mem": None if config.mem_gb is None else _sbatch_mem(config.mem_gb),
         "account": config.account,
         "qos": config.qos,
+        "constraint": config.constraint,
+        "gres": config.gres,
+        "exclude": config.exclude,
+        "setup": list(config.setup) or None,
+        "srun_args": list(config.srun_args) or None,
     }
     params.update({key: value for key, value in optional.items() if value is not None})
     return params
@@ -389,6 +401,28 @@ def _kill(pid: int) -> None:
         pass
 
 
+def job_environment() -> dict[str, str | int | None]:
+    """Where this job element runs: Slurm job id (``123`` or ``123_4``), array index, host.
+
+    Read from submitit's JobEnvironment inside a submitit job (Slurm or local); in-process
+    (inline) runs have no job id. Recorded with every cell's metrics, so a slow or wrong
+    result can be traced to its node and job log."""
+    record: dict[str, str | int | None] = {
+        "slurm_job_id": None,
+        "slurm_array_index": None,
+        "host": socket.gethostname(),
+    }
+    try:
+        env = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job
+        return record
+    if env.cluster == "slurm":
+        record["slurm_job_id"] = env.job_id
+        index = env.array_task_id
+        record["slurm_array_index"] = int(index) if index is not None else None
+    return record
+
+
 def threads_per_job(config: ExecutorConfig) -> int | None:
     """Torch threads for one job: its CPUs on Slurm, an equal share of this machine's cores for
     local jobs (default torch threads per job oversubscribe the cores: measured 7-28x slower on
@@ -491,6 +525,7 @@ __all__ = [
     "array_chunks",
     "cancel_jobs",
     "contiguous_groups",
+    "job_environment",
     "preemption_signal",
     "queued_job_ids",
     "slurm_max_array_size",
