@@ -237,6 +237,34 @@ def convert_generator(
 
 @app.command()
 @_errors
+def giml(
+    spec: Path,
+    executor: str | None = typer.Option(None, help="inline | local | slurm (default: the spec's)"),
+    out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
+    verbose: bool = typer.Option(False, help="show Prefect's logs"),
+) -> None:
+    """GIML (issue 10): FL task set, meta-training, evaluation grids, Figure 6b report."""
+    from pipelines.giml import run_command
+
+    typer.echo(run_command("giml", spec, executor=executor, out=out, verbose=verbose))
+
+
+@app.command()
+@_errors
+def pretrain(
+    spec: Path,
+    executor: str | None = typer.Option(None, help="inline | local | slurm (default: the spec's)"),
+    out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
+    verbose: bool = typer.Option(False, help="show Prefect's logs"),
+) -> None:
+    """Train a generator prior with DCGAN GAN training (snapshots as gan:<run>@<step>)."""
+    from pipelines.giml import run_command
+
+    typer.echo(run_command("pretrain", spec, executor=executor, out=out, verbose=verbose))
+
+
+@app.command()
+@_errors
 def demo(
     executor: str = typer.Option("local", help="inline | local | slurm"),
     out: Path = typer.Option(Path("runs/smoke"), help="run directory"),

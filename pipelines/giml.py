@@ -181,3 +181,28 @@ def _spec_data(run: RunDir) -> Any:
     import yaml
 
     return yaml.safe_load(run.spec_text())
+
+
+def run_command(
+    kind: str, spec_path: Path, *, executor: str | None, out: Path | None, verbose: bool
+) -> str:
+    """`gi-eval giml` / `gi-eval pretrain`: validate everything (exit 2 on a bad spec) before
+    Prefect starts or a job is submitted, then run the flow; returns what to look at."""
+    import logging
+    import os
+
+    from tasks.giml import client_indices
+
+    model = GIMLSpec if kind == "giml" else PretrainSpec
+    spec, _ = load_yaml_spec(spec_path, model)
+    executor_config(spec, executor)
+    if isinstance(spec, GIMLSpec):
+        client_indices(spec)  # data set sizes and the held-out split
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+        logging.getLogger("prefect").setLevel(logging.CRITICAL)
+    target = out and str(out)
+    if kind == "giml":
+        return f"report: {giml(str(spec_path), executor, target)}"
+    root = pretrain(str(spec_path), executor, target)
+    return f"snapshots: {root}/snapshots (use gan:{root}@<step> as a generator checkpoint)"
