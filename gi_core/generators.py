@@ -31,6 +31,7 @@ import importlib.metadata
 import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -185,14 +186,20 @@ def build_generator(
     output_size: int,
     seed: int | None = None,
     state_dict: Mapping[str, Tensor] | None = None,
+    options: Any = None,
 ) -> Generator:
     """Build a prior on the CPU in eval mode (the caller moves it to its device).
+
+    ``stylegan2`` (gi_core.stylegan2) needs a ``state_dict`` from a converted file (see
+    ``load_generator_checkpoint``); ``options`` is its StyleGAN2Options (search space, noise).
 
     ``state_dict`` (a plain state_dict of ``kind``'s architecture, e.g. from GIML) overrides the
     kind's own weights; otherwise ``digiface`` loads its pretrained weights and the random kinds
     use DCGAN init seeded by ``seed`` (None means 0, so an unseeded build is still reproducible)
     followed by a BN calibration on latents from the same seed (see ``calibrate_batchnorm_``).
     """
+    if kind == "stylegan2":
+        return _stylegan2(output_size=output_size, state_dict=state_dict, options=options)
     if kind not in _ARCHITECTURES:
         raise ConfigError(f"unknown generator kind {kind!r}; known: {', '.join(KINDS)}")
     factory, native_size = _ARCHITECTURES[kind]
@@ -206,6 +213,19 @@ def build_generator(
         dcgan_init_(gen, generator=rng)
         calibrate_batchnorm_(gen, generator=rng)
     return gen.eval()
+
+
+def _stylegan2(
+    *, output_size: int, state_dict: Mapping[str, Tensor] | None, options: Any
+) -> Generator:
+    from gi_core.stylegan2 import build_from_state  # imports this module: import when used
+
+    if state_dict is None:
+        raise ConfigError(
+            "generator: a stylegan2 prior needs weights (generator.checkpoint, converted with "
+            "`gi-eval convert-generator`) or, in a grid spec, a `stylegan2:` architecture"
+        )
+    return build_from_state(state_dict, output_size=output_size, options=options)
 
 
 def _load_strict(gen: Generator, state_dict: Mapping[str, Tensor], *, source: str) -> None:
@@ -256,8 +276,11 @@ def weights_source(kind: str) -> str | None:
     """Where ``kind``'s weights come from, for a doctor line.
 
     The weights file's path for a pretrained kind that is installed; None for a pretrained kind
-    that is missing and for the random-init kinds (which need no file).
+    that is missing and for the random-init kinds (which need no file); None for stylegan2,
+    whose weights the user converts (`gi-eval convert-generator`).
     """
+    if kind == "stylegan2":
+        return None
     if kind not in _ARCHITECTURES:
         raise ConfigError(f"unknown generator kind {kind!r}; known: {', '.join(KINDS)}")
     if kind not in _PRETRAINED:
@@ -283,6 +306,8 @@ def load_generator_checkpoint(path: str | Path) -> dict[str, Tensor]:
         raise ConfigError(f"generator checkpoint {path} is not a readable state_dict: {e}") from e
     if isinstance(loaded, dict) and "netG_state_dict" in loaded:
         loaded = loaded["netG_state_dict"]
+    elif isinstance(loaded, dict) and loaded.get("format") == "gi-eval/stylegan2":
+        loaded = loaded["state_dict"]  # a converted StyleGAN2 file (gi_core.stylegan2)
     if not isinstance(loaded, dict) or not all(isinstance(v, Tensor) for v in loaded.values()):
         raise ConfigError(f"generator checkpoint {path} is not a state_dict of tensors")
     return loaded

@@ -45,6 +45,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -512,8 +513,59 @@ CHECKPOINT_FORMAT = "gi-eval/stylegan2"
 CHECKPOINT_VERSION = 1
 
 
+# The two architecture numbers that tensor shapes cannot tell travel inside the state_dict
+# as 0-dim tensors, so that a state_dict alone rebuilds the exact generator (`config_from_state`).
+ARCH_KEYS = ("arch.lr_mlp", "arch.conv_clamp")
+
+
+def state_with_arch(config: StyleGAN2Config, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    clamp = -1.0 if config.conv_clamp is None else config.conv_clamp
+    return {
+        **state,
+        "arch.lr_mlp": torch.tensor(config.lr_mlp, dtype=torch.float64),
+        "arch.conv_clamp": torch.tensor(clamp, dtype=torch.float64),
+    }
+
+
+def config_from_state(state: Mapping[str, Tensor]) -> StyleGAN2Config:
+    """The architecture a state_dict describes: resolution, channels, z/w dims and mapping
+    depth from the tensor shapes; lr_mlp and conv_clamp from ARCH_KEYS (default 0.01 / none)."""
+    need = ("mapping.fc0.weight", "synthesis.b4.const")
+    missing = [k for k in need if k not in state]
+    if missing:
+        raise ConfigError(f"tensor {missing[0]!r} is missing; is this a StyleGAN2 generator?")
+    res = sorted({int(m.group(1)) for k in state if (m := re.match(r"synthesis\.b(\d+)\.", k))})
+    fcs = {int(m.group(1)) for k in state if (m := re.match(r"mapping\.fc(\d+)\.", k))}
+    channels = [int(state["synthesis.b4.const"].shape[0])]
+    for r in res[1:]:
+        key = f"synthesis.b{r}.conv1.weight"
+        if key not in state:
+            raise ConfigError(f"tensor {key!r} is missing")
+        channels.append(int(state[key].shape[0]))
+    clamp = float(state["arch.conv_clamp"]) if "arch.conv_clamp" in state else -1.0
+    fc0 = state["mapping.fc0.weight"]
+    return StyleGAN2Config(
+        resolution=res[-1],
+        channels=tuple(channels),
+        z_dim=int(fc0.shape[1]),
+        w_dim=int(fc0.shape[0]),
+        mapping_layers=len(fcs),
+        lr_mlp=float(state["arch.lr_mlp"]) if "arch.lr_mlp" in state else 0.01,
+        conv_clamp=None if clamp < 0 else clamp,
+    )
+
+
+def build_from_state(
+    state: Mapping[str, Tensor], *, output_size: int, options: StyleGAN2Options | None = None
+) -> StyleGAN2Generator:
+    """A StyleGAN2 prior from a state_dict alone (as `load_generator_checkpoint` returns it)."""
+    weights = {k: v for k, v in state.items() if k not in ARCH_KEYS}
+    config = config_from_state(state)
+    return build_stylegan2(config, output_size=output_size, options=options, state_dict=weights)
+
+
 def load_stylegan2_checkpoint(path: str | Path) -> tuple[StyleGAN2Config, dict[str, Tensor]]:
-    """Read a converted StyleGAN2 file: (architecture, state_dict in this project's layout).
+    """Read a converted StyleGAN2 file: (architecture, state_dict without ARCH_KEYS).
 
     Only tensors and plain containers are unpickled (weights_only=True). The state_dict is
     checked against the architecture when `build_stylegan2` loads it (strict).
@@ -535,4 +587,5 @@ def load_stylegan2_checkpoint(path: str | Path) -> tuple[StyleGAN2Config, dict[s
             f"generator.checkpoint: {path} has format version {data.get('version')}, this "
             f"gi-eval reads version {CHECKPOINT_VERSION}; convert the weights again"
         )
-    return StyleGAN2Config.from_dict(data["config"]), dict(data["state_dict"])
+    state = dict(data["state_dict"])
+    return config_from_state(state), {k: v for k, v in state.items() if k not in ARCH_KEYS}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import hashlib
 import importlib
 import io
@@ -41,6 +42,8 @@ from gi_core.stylegan2 import (
     StyleGAN2Config,
     StyleGAN2Generator,
     StyleGAN2Options,
+    config_from_state,
+    state_with_arch,
 )
 
 FORMATS = ("auto", "rosinality", "ada")
@@ -86,7 +89,9 @@ def convert_generator(
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
         "config": config.to_dict(),
-        "state_dict": {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()},
+        "state_dict": state_with_arch(
+            config, {k: v.detach().to(torch.float32).contiguous() for k, v in state.items()}
+        ),
         "source": {"file": src.name, "format": fmt},
     }
     digest = _write(out, payload)
@@ -366,30 +371,11 @@ def infer_config(
     state: Mapping[str, Tensor], *, lr_mlp: float = 0.01, conv_clamp: float | None = None
 ) -> StyleGAN2Config:
     """The architecture the tensors describe (resolution, channels, z/w dims, mapping depth)."""
-    need = ("mapping.fc0.weight", "synthesis.b4.const")
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise ConfigError(f"SRC: tensor {missing[0]!r} is missing; is this a StyleGAN2 generator?")
-    resolutions = sorted(
-        {int(m.group(1)) for k in state if (m := re.match(r"synthesis\.b(\d+)\.", k))}
-    )
-    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"mapping\.fc(\d+)\.", k))})
-    channels = [int(state["synthesis.b4.const"].shape[0])]
-    for r in resolutions[1:]:
-        key = f"synthesis.b{r}.conv1.weight"
-        if key not in state:
-            raise ConfigError(f"SRC: tensor {key!r} is missing")
-        channels.append(int(state[key].shape[0]))
-    fc0 = state["mapping.fc0.weight"]
-    return StyleGAN2Config(
-        resolution=resolutions[-1],
-        channels=tuple(channels),
-        z_dim=int(fc0.shape[1]),
-        w_dim=int(fc0.shape[0]),
-        mapping_layers=len(layers),
-        lr_mlp=lr_mlp,
-        conv_clamp=conv_clamp,
-    )
+    try:
+        shapes = config_from_state(state)
+    except ConfigError as e:
+        raise ConfigError(f"SRC: {e}") from e
+    return dataclasses.replace(shapes, lr_mlp=lr_mlp, conv_clamp=conv_clamp)
 
 
 def check_state(state: Mapping[str, Tensor], config: StyleGAN2Config) -> None:

@@ -293,3 +293,17 @@ def test_converted_file_is_refused_when_it_is_not_one(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(1)}, tmp_path / "plain.pt")
     with pytest.raises(ConfigError, match="convert-generator"):
         load_stylegan2_checkpoint(tmp_path / "plain.pt")
+
+
+def test_converted_file_builds_through_the_generic_generator_api(tmp_path: Path, reference):
+    from gi_core.generators import build_generator, load_generator_checkpoint
+
+    src = tmp_path / "g.pt"
+    torch.save({"g_ema": _rosinality_state(reference)}, src)
+    convert_generator(src, tmp_path / "c.pt", lr_mlp=0.02)
+    state = load_generator_checkpoint(tmp_path / "c.pt")
+    gen = build_generator("stylegan2", output_size=8, state_dict=state)
+    assert gen.config.lr_mlp == 0.02 and gen.output_size == 8  # architecture from the file
+    assert torch.equal(gen.synthesis.b8.conv0.weight, reference.synthesis.b8.conv0.weight)
+    with pytest.raises(ConfigError, match="needs weights"):
+        build_generator("stylegan2", output_size=8)

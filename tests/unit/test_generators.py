@@ -101,9 +101,10 @@ def test_digiface_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_unknown_kind() -> None:
     with pytest.raises(ConfigError, match="dcgan32, dcgan64, digiface"):
-        build_generator("stylegan2", output_size=32)
-    with pytest.raises(ConfigError, match="stylegan2"):
-        weights_source("stylegan2")
+        build_generator("biggan", output_size=32)
+    with pytest.raises(ConfigError, match="biggan"):
+        weights_source("biggan")
+    assert weights_source("stylegan2") is None  # user-converted weights, nothing packaged
 
 
 def test_checkpoint_roundtrip(tmp_path: Path) -> None:
