@@ -93,7 +93,11 @@ class GANTraining:
         loss_g.backward()
         self.opt_g.step()
         self.step += 1
-        entry = {"step": float(self.step), "loss_d": float(loss_d), "loss_g": float(loss_g)}
+        entry = {
+            "step": float(self.step),
+            "loss_d": float(loss_d.detach()),
+            "loss_g": float(loss_g.detach()),
+        }
         self.log.append(entry)
         g.eval()
         return entry
