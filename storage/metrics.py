@@ -68,12 +68,13 @@ def _param_columns() -> list[tuple[str, pa.DataType]]:
     has no such field), typed from the config dataclasses."""
     from gi_core.attacks.registry import METHOD_NAMES, config_class
 
+    # other field types (tuples, unions) are stored as their JSON text (tasks.cells.param_value)
     types = {"int": pa.int64(), "float": pa.float64(), "str": pa.string(), "bool": pa.bool_()}
     columns: dict[str, pa.DataType] = {}
     for name in METHOD_NAMES:
         for f in dataclasses.fields(config_class(name)):
             if f.name != "preset":
-                columns.setdefault(f"param_{f.name}", types[str(f.type)])
+                columns.setdefault(f"param_{f.name}", types.get(str(f.type), pa.string()))
     return sorted(columns.items())
 
 
@@ -96,7 +97,13 @@ _PER_IMAGE = [
     ("iterations", pa.int64()),
     ("wall_seconds", pa.float64()),
     ("device", pa.string()),
+    # Where the cell ran (tasks.executors.job_environment); null where unknown (inline: no job).
+    ("slurm_job_id", pa.string()),  # "123" or "123_4" (array job 123, element 4)
+    ("slurm_array_index", pa.int64()),
+    ("host", pa.string()),
+    ("device_name", pa.string()),  # GPU model (e.g. "NVIDIA H200") or "cpu"
 ]
+JOB_COLUMNS = frozenset({"slurm_job_id", "slurm_array_index", "host", "device_name"})
 # Filled in by write_metrics_part, never by the caller.
 _PROVENANCE = [
     ("gi_eval_version", pa.string()),
@@ -152,7 +159,8 @@ def write_metrics_part(metrics_dir: Path, rows: Sequence[Mapping[str, Any]]) -> 
 def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """A table with exactly SCHEMA (provenance filled in); StorageError names a bad column."""
     for i, row in enumerate(rows):
-        missing = sorted(set(ROW_COLUMNS) - set(row) - PARAM_COLUMNS)  # params: null if absent
+        # params and where-it-ran columns: null if absent
+        missing = sorted(set(ROW_COLUMNS) - set(row) - PARAM_COLUMNS - JOB_COLUMNS)
         extra = sorted(set(row) - set(ROW_COLUMNS))
         if missing or extra:
             raise StorageError(f"metrics row {i}: missing columns {missing}, unknown {extra}")

@@ -38,6 +38,7 @@ from gi_core.generators import (
 from gi_core.gradients import ParamIndex, bn_statistics
 from gi_core.labels import attack_labels
 from gi_core.metrics import evaluate_batch, lpips_model
+from gi_core.stylegan2 import StyleGAN2Generator, build_stylegan2
 from gi_core.victims import build_victim
 from storage.checkpoints import delete_checkpoint, load_checkpoint, save_checkpoint
 from storage.run import RunDir, open_run
@@ -49,7 +50,8 @@ from storage.zarr_store import (
     write_gradient,
     write_reconstruction,
 )
-from tasks.cells import GradientCell, InversionCell
+from tasks.cells import GeneratorSpec, GradientCell, InversionCell
+from tasks.executors import job_environment
 
 log = logging.getLogger(__name__)
 # Periodic saves also cover SIGTERM preemption and node failures. GI_CHECKPOINT_EVERY_S (read in
@@ -139,11 +141,18 @@ def _victim(
     checkpoint: str | None,
     num_classes: int,
     image_size: int,
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> nn.Module:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint else None
     extra = {"width": width} if width is not None else {}
     model = build_victim(
-        arch, num_classes=num_classes, image_size=image_size, seed=seed, state_dict=state, **extra
+        arch,
+        num_classes=num_classes,
+        image_size=image_size,
+        seed=seed,
+        state_dict=state,
+        normalize=normalize,
+        **extra,
     )
     return model.to(device())
 
@@ -151,13 +160,24 @@ def _victim(
 def victim_for(cell: GradientCell) -> nn.Module:
     v = cell.victim
     classes = dataset_info(cell.dataset, image_size=cell.image_size).num_classes
-    return _victim(v.arch, v.width, v.seed, v.checkpoint, classes, cell.image_size)
+    return _victim(
+        v.arch, v.width, v.seed, v.checkpoint, classes, cell.image_size, v.normalisation()
+    )
 
 
 @functools.lru_cache(maxsize=4)
-def _generator(kind: str, checkpoint: str | None, output_size: int) -> Generator:
-    state = load_generator_checkpoint(checkpoint) if checkpoint else None
-    return build_generator(kind, output_size=output_size, state_dict=state).to(device())
+def _generator(spec: GeneratorSpec, output_size: int) -> Generator:
+    if spec.kind == "stylegan2" and spec.stylegan2 is not None:  # random-init architecture
+        arch = spec.stylegan2
+        options = spec.stylegan2_options()
+        gen: Generator = build_stylegan2(
+            arch.config(), output_size=output_size, options=options, seed=arch.seed
+        )
+        return gen.to(device())
+    state = load_generator_checkpoint(spec.checkpoint) if spec.checkpoint else None
+    options = spec.stylegan2_options() if spec.kind == "stylegan2" else None
+    gen = build_generator(spec.kind, output_size=output_size, state_dict=state, options=options)
+    return gen.to(device())
 
 
 def generate_gradient(run: RunDir, cell: GradientCell) -> int:
@@ -246,7 +266,11 @@ def invert(
 def generator_for(cell: InversionCell) -> Generator | None:
     if cell.generator is None:
         return None
-    return _generator(cell.generator.kind, cell.generator.checkpoint, cell.gradient.image_size)
+    gen = _generator(cell.generator, cell.gradient.image_size)
+    if isinstance(gen, StyleGAN2Generator) and gen.options.noise == "fixed":
+        # fixed noise maps are drawn from the cell's seed: a cell is deterministic on its own
+        return gen.with_noise_seed(cell.seed)
+    return gen
 
 
 def _problem(stored: StoredGradient, victim: nn.Module, dev: torch.device) -> InversionProblem:
@@ -420,9 +444,16 @@ def _rows(
             "iterations": result.iterations,
             "wall_seconds": wall,
             "device": str(dev),
+            **_where(dev),
         }
         for i in range(len(stored.labels))
     ]
+
+
+def _where(dev: torch.device) -> dict[str, Any]:
+    """Slurm job id, array index, host and device model of this cell (metrics columns)."""
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    return {**job_environment(), "device_name": name}
 
 
 def _json_safe(info: dict[str, Any]) -> dict[str, Any]:
