@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -38,9 +39,19 @@ from gi_core.attacks.registry import (
 from gi_core.datasets import batch_indices, check_decodable, dataset_info, max_batches
 from gi_core.defenses import DEFENSE_KINDS, Defense
 from gi_core.errors import ConfigError
+from gi_core.stylegan2 import StyleGAN2Config, StyleGAN2Options
+from gi_core.victims import check_victim_name
 from storage.generator_snapshots import parse_ref, resolve_ref
 
-DATASET_KINDS = ("lfw-faces", "natural-photos", "synthetic", "imagefolder:<path>", "cifar10:<root>")
+DATASET_KINDS = (
+    "lfw-faces",
+    "natural-photos",
+    "synthetic",
+    "imagefolder:<path>",
+    "cifar10:<root>",
+    "imagenet:<root>",
+    "ffhq:<root>",
+)
 
 
 def _as_tuple(value: Any) -> Any:
@@ -72,24 +83,121 @@ class DataSpec(_Model):
     @classmethod
     def _known_kind(cls, v: str) -> str:
         kind, sep, arg = v.partition(":")
-        if v in DATASET_KINDS[:3] or (kind in ("imagefolder", "cifar10") and sep and arg):
+        with_root = ("imagefolder", "cifar10", "imagenet", "ffhq")
+        if v in DATASET_KINDS[:3] or (kind in with_root and sep and arg):
             return v
         raise ValueError(f"unknown data set {v!r}; known: {', '.join(DATASET_KINDS)}")
 
 
+class NormalizeSpec(_Model):
+    """Per-channel input normalisation applied inside the victim (images stay in [0, 1])."""
+
+    mean: tuple[float, ...] = Field(min_length=1)
+    std: tuple[float, ...] = Field(min_length=1)
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        return _each(v, lambda x: math.isfinite(x) and x > 0, "must be a finite number > 0")
+
+    @model_validator(mode="after")
+    def _one_per_channel(self) -> NormalizeSpec:
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(
+                f"give 3 values (R, G, B) for mean and std (got {len(self.mean)}, {len(self.std)})"
+            )
+        return self
+
+
+def _drop_unset(data: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
+    # Fields added after cells were first hashed are left out of the dump while unset, so the
+    # ids of existing grids (which hash the dump) do not change.
+    return {k: v for k, v in data.items() if not (k in fields and v is None)}
+
+
 class VictimSpec(_Model):
-    arch: Literal["resnet18", "convnet", "lenet"]
+    # resnet18 | convnet | lenet | resnet20 | resnet32 | resnet56 | torchvision:<model> |
+    # <module>:<callable> (gi_core.victims)
+    arch: str
     width: int | None = Field(default=None, ge=1)  # None: the architecture's default width
     seed: int = 0  # initialisation seed of an untrained victim
     checkpoint: str | None = None  # path to a state_dict
+    normalize: NormalizeSpec | None = None  # e.g. ImageNet's mean/std for a trained victim
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        try:
+            check_victim_name(v)
+        except ConfigError as e:
+            raise ValueError(str(e).removeprefix("victim.arch: ")) from e
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), ("normalize",))
+
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        return (self.normalize.mean, self.normalize.std) if self.normalize else None
+
+
+class StyleGAN2ArchSpec(_Model):
+    """A randomly initialised StyleGAN2 (tests, smoke grids); real priors use `checkpoint`."""
+
+    resolution: int = Field(ge=4)
+    channels: tuple[int, ...] = Field(min_length=1)
+    z_dim: int = Field(default=512, ge=1)
+    w_dim: int = Field(default=512, ge=1)
+    mapping_layers: int = Field(default=8, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StyleGAN2ArchSpec:
+        self.config()  # raises ConfigError (a ValueError) naming the field
+        return self
+
+    def config(self) -> StyleGAN2Config:
+        return StyleGAN2Config(
+            resolution=self.resolution,
+            channels=self.channels,
+            z_dim=self.z_dim,
+            w_dim=self.w_dim,
+            mapping_layers=self.mapping_layers,
+        )
 
 
 class GeneratorSpec(_Model):
-    kind: Literal["dcgan32", "dcgan64", "digiface"]
+    kind: Literal["dcgan32", "dcgan64", "digiface", "stylegan2"]
     # A state_dict file, or a training run's snapshot `giml:<run dir>@<step>` /
     # `gan:<run dir>@<step>` (issue 10), resolved here to its content-addressed file so that
-    # cell ids follow the weights.
+    # cell ids follow the weights. For stylegan2: a `gi-eval convert-generator` output.
     checkpoint: str | None = None
+    # stylegan2 only (docs/paper-scale.md): search space (default w, as the paper's Table 1),
+    # noise maps fixed per cell seed or redrawn every pass (default fixed), or a random-init
+    # architecture instead of a checkpoint.
+    latent_space: Literal["z", "w", "w+"] | None = None
+    noise: Literal["fixed", "random"] | None = None
+    stylegan2: StyleGAN2ArchSpec | None = None
+
+    @model_validator(mode="after")
+    def _stylegan2_fields(self) -> GeneratorSpec:
+        extra = [n for n in ("latent_space", "noise", "stylegan2") if getattr(self, n) is not None]
+        if self.kind != "stylegan2" and extra:
+            raise ValueError(f"{extra[0]} is a stylegan2 option ({self.kind} does not take it)")
+        if self.kind == "stylegan2" and (self.checkpoint is None) == (self.stylegan2 is None):
+            raise ValueError(
+                "stylegan2 needs exactly one of checkpoint (weights converted with `gi-eval "
+                "convert-generator`) or stylegan2 (a random-init architecture)"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), ("latent_space", "noise", "stylegan2"))
+
+    def stylegan2_options(self, *, noise_seed: int = 0) -> StyleGAN2Options:
+        space, noise = self.latent_space or "w", self.noise or "fixed"
+        return StyleGAN2Options(latent_space=space, noise=noise, noise_seed=noise_seed)
 
     @field_validator("checkpoint")
     @classmethod
