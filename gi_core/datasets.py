@@ -37,7 +37,7 @@ from torch import Tensor
 from gi_core.errors import ConfigError
 
 _BUILTIN = ("lfw-faces", "natural-photos", "synthetic")
-_WITH_PATH = ("imagefolder", "cifar10")
+_WITH_PATH = ("imagefolder", "cifar10", "imagenet", "ffhq")
 _MIN_IMAGE_SIZE = 8
 IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".ppm", ".pgm", ".tif", ".tiff",
@@ -277,7 +277,22 @@ def decode_image_file(path: Path | str) -> Tensor:
 
 def available_datasets() -> list[str]:
     """The data set names this module knows; `kind:<...>` entries need a path after the colon."""
-    return [*_BUILTIN, "imagefolder:<path>", "cifar10:<root>"]
+    return [*_BUILTIN, "imagefolder:<path>", "cifar10:<root>", "imagenet:<root>", "ffhq:<root>"]
+
+
+def _paper_source(kind: str, root: str) -> _Source:
+    """imagenet:/ffhq: as the paper's code prepares them (gi_core.paper_data)."""
+    from gi_core import paper_data  # imports nothing from here at import time
+
+    listing = paper_data.imagenet_files if kind == "imagenet" else paper_data.ffhq_files
+    files, labels, classes = listing(root, IMAGE_EXTENSIONS)
+    transform = paper_data.imagenet_transform if kind == "imagenet" else paper_data.ffhq_transform
+    return _Source(
+        labels=torch.tensor(labels, dtype=torch.int64),
+        num_classes=classes,
+        load=paper_data.loader(files, transform, decode_image_file),
+        files=tuple(str(f) for f in files),
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -285,6 +300,8 @@ def _source(name: str) -> _Source:
     kind, _, arg = name.partition(":")
     if name in _BUILTIN:
         return _builtin_source(name)
+    if kind in ("imagenet", "ffhq") and arg:
+        return _paper_source(kind, arg)
     if kind in _WITH_PATH and arg:
         return _cifar10_source(arg) if kind == "cifar10" else _imagefolder_source(arg)
     if kind in _WITH_PATH:
