@@ -128,7 +128,7 @@ class InversionCell:
             "schema": SCHEMA_VERSION,
             "gradient_id": self.gradient.id,
             "method": self.method,
-            "config": self.config_dict,
+            "config": _identity_config(self.config),
             "generator": _generator_dict(self.generator),  # a fresh copy, see below
             "seed": self.seed,
         }
@@ -304,6 +304,20 @@ def _resolve_config(method: MethodSpec, iterations_scale: float) -> BaseConfig:
         elif _is_iteration_count(f.name) and iterations_scale != 1.0:
             changes[f.name] = max(1, round(value * iterations_scale))
     return dataclasses.replace(config, **changes) if changes else config
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity_config(config: BaseConfig) -> dict[str, Any]:
+    """The config as hashed into the id: fields marked `omit_if_default` (engine.OPTIONAL:
+    compute-saving options added later, issue 12) are left out while at their default, so
+    cells stored before they existed keep their ids."""
+    full = _asdict(config)
+    omit = {
+        f.name
+        for f in dataclasses.fields(config)
+        if f.metadata.get("omit_if_default") and full[f.name] == f.default
+    }
+    return {k: v for k, v in full.items() if k not in omit}
 
 
 @functools.lru_cache(maxsize=1024)

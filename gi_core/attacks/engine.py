@@ -1,28 +1,38 @@
 """The optimisation engine shared by every attack.
 
 An attack is a sequence of `Stage`s. Each stage optimises some variables with Adam, LR ×0.1 at
-3/8, 5/8 and 7/8 of its iterations (the paper's schedule). Every variable carries the restart
-dimension R first, so all restarts run in ONE vectorised pass: the cost is vmapped over R and the
-sum of the R independent costs is differentiated, which gives each restart its own gradient.
-Adam is elementwise, so a restart that turns NaN never leaks into the others.
+3/8, 5/8 and 7/8 of its iterations (the paper's schedule). Every variable carries a *row*
+dimension first: the R restarts of one problem, or the P × R restarts of P problems solved
+together (`solve_batch`, problem-major). Adam is elementwise, so a row that turns NaN never
+leaks into the others, and each problem's rows see exactly the updates they would see alone.
 
-The whole loop state (stage, iteration, variables, optimiser and scheduler state, loss curve) can
-be exported at any iteration boundary and restored to continue bit-for-bit.
+The cost of all rows is computed by one of two paths, chosen per configuration by a measured
+`PathPolicy`: `vmap` (torch.func: vmap over rows of grad of the victim's loss) or `loop` (plain
+autograd, one row at a time). BN statistics are captured only when a BN term is on.
+
+Options that save compute (off by default): successive-halving restart pruning (`prune_at`) and
+plateau stopping (`plateau_window`, `plateau_tol`).
+
+The whole loop state (stage, iteration, variables, optimiser and scheduler state, loss curve,
+pruning and plateau state) can be exported at any iteration boundary and restored to continue
+bit-for-bit; in a batch each problem exports its own single-problem state.
 """
 
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import vmap
+from torch.func import functional_call, grad, vmap
 
 from gi_core.errors import ConfigError
-from gi_core.gradients import BNStats, gradient_fn, prepare_victim, victim_params
+from gi_core.gradients import BNStats, forward_with_bn_stats, prepare_victim, victim_params
 from gi_core.objectives import (
     DISTANCES,
     TV_FORMS,
@@ -33,7 +43,11 @@ from gi_core.objectives import (
 
 Variables = dict[str, Tensor]
 LABEL_MODES = ("given", "idlg", "yin")
-CostFn = Callable[[Tensor], Tensor]  # images (R, B, C, H, W) in [0, 1] -> costs (R,)
+PATHS = ("auto", "vmap", "loop")
+CostFn = Callable[[Tensor], Tensor]  # images (rows, B, C, H, W) in [0, 1] -> costs (rows,)
+# Fields that leave a cell's identity unchanged at their default (see tasks.cells): options
+# added after cells were stored, which change nothing unless turned on.
+OPTIONAL = {"omit_if_default": True}
 
 
 @dataclass(frozen=True)
@@ -56,7 +70,13 @@ class InversionProblem:
 @dataclass(frozen=True)
 class BaseConfig:
     """Fields every method shares. Regularisers are off unless their weight is set (the BN
-    prior is enabled only by the "+bn" methods — never silently)."""
+    prior is enabled only by the "+bn" methods — never silently).
+
+    `prune_at`: fractions of each stage's iterations at which the worse half of the surviving
+    restarts (by current cost) stops being optimised (successive halving; pruned restarts keep
+    their images and still compete in the final argmin). `plateau_window` > 0: the last stage
+    stops once the best cost has not improved by a relative `plateau_tol` for that many
+    iterations. Both are off by default."""
 
     restarts: int = 4
     distance: str = "cosine"
@@ -70,15 +90,22 @@ class BaseConfig:
     # Which preset the values came from (registry.PRESETS); a label stored with the cell so that
     # tuned and paper settings are never mistaken for each other. It changes no computation.
     preset: str = "paper"
+    prune_at: tuple[float, ...] = field(default=(), metadata=OPTIONAL)
+    plateau_window: int = field(default=0, metadata=OPTIONAL)
+    plateau_tol: float = field(default=1e-3, metadata=OPTIONAL)
 
     def __post_init__(self) -> None:
         for name in ("restarts", "curve_every"):
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        for name in ("tv", "bn"):
+        for name in ("tv", "bn", "plateau_window", "plateau_tol"):
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
         _check(self.distance in DISTANCES, "distance", f"must be one of {DISTANCES}", self.distance)
         _check(self.tv_form in TV_FORMS, "tv_form", f"must be one of {TV_FORMS}", self.tv_form)
         _check(self.labels in LABEL_MODES, "labels", f"must be one of {LABEL_MODES}", self.labels)
+        prune = tuple(float(f) for f in self.prune_at)  # YAML gives a list; keep it hashable
+        ok = all(0 < f < 1 for f in prune) and list(prune) == sorted(set(prune))
+        _check(ok, "prune_at", "must be increasing fractions in (0, 1)", self.prune_at)
+        object.__setattr__(self, "prune_at", prune)
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:
@@ -90,7 +117,7 @@ def _check(ok: bool, name: str, rule: str, value: object) -> None:
 class Stage:
     """One optimisation stage. `start` maps the previous stage's variables to this stage's
     (the first stage gets the attack's initial variables); `render` maps variables to images
-    (R, B, C, H, W) in [0, 1]; `project` runs in place after each step (e.g. box [0, 1])."""
+    (rows, B, C, H, W) in [0, 1]; `project` runs in place after each step (e.g. box [0, 1])."""
 
     name: str
     iterations: int
@@ -122,33 +149,174 @@ class AttackResult:
     restart_images: Tensor  # (R, B, C, H, W)
     restart_costs: Tensor  # (R,) final cost of each restart, evaluated on its final images
     best_restart: int  # -1 when every restart diverged
-    loss_curve: Tensor  # (points, R)
+    loss_curve: Tensor  # (points, R); NaN for restarts pruned before that point
     curve_iterations: Tensor  # (points,) global iteration of each curve point
     status: str  # ok | diverged | interrupted
     iterations: int  # iterations run, over all stages
     state: dict[str, Any] | None = None  # set when interrupted: pass back as `state=` to resume
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # restart_iterations, path
 
 
-def make_cost(problem: InversionProblem, config: BaseConfig) -> CostFn:
-    """c(x) = d(∇θ ℓ(fθ(x), y), g) + tv·TV(x) + bn·R_BN(x), vmapped over the restart axis."""
-    if config.bn > 0 and problem.bn_target is None:
+@dataclass(frozen=True)
+class PathPolicy:
+    """Which cost path pays, from benchmarks/performance.py (docs/results/performance.md).
+
+    Measured on CPU (torch 2.14.1, 1–2 threads): plain autograd per row beats vmap at R = 1
+    (vmap 1.3–1.8x slower), at B >= 4 for any row count, and on ResNet18; vmap wins only for
+    B = 1 on small victims once there are >= 4 rows (1.4x at 4–16 rows, 2x at 64). On CUDA
+    vectorising is expected to pay from 2 rows on (not measured: no GPU in that session)."""
+
+    cpu_vmap_max_batch: int = 1
+    cpu_vmap_min_rows: int = 4
+    cpu_vmap_max_params: int = 1_000_000
+    cuda_vmap_min_rows: int = 2
+
+    def choose(self, *, device: torch.device, batch: int, rows: int, params: int) -> str:
+        if device.type == "cuda":
+            return "vmap" if rows >= self.cuda_vmap_min_rows else "loop"
+        small = batch <= self.cpu_vmap_max_batch and params <= self.cpu_vmap_max_params
+        return "vmap" if small and rows >= self.cpu_vmap_min_rows else "loop"
+
+
+DEFAULT_POLICY = PathPolicy()
+
+
+def choose_path(problems: Sequence[InversionProblem], restarts: int, path: str = "auto") -> str:
+    """`path` itself unless "auto"; then DEFAULT_POLICY for the problems' shape and device."""
+    _check(path in PATHS, "path", f"must be one of {PATHS}", path)
+    if path != "auto":
+        return path
+    first = problems[0]
+    return DEFAULT_POLICY.choose(
+        device=first.labels.device,
+        batch=first.batch_size,
+        rows=len(problems) * restarts,
+        params=sum(p.numel() for p in first.victim.parameters()),
+    )
+
+
+def make_cost(problem: InversionProblem, config: BaseConfig, *, path: str = "auto") -> CostFn:
+    """c(x) = d(∇θ ℓ(fθ(x), y), g) + tv·TV(x) + bn·R_BN(x) (eq. 3 + eq. 4 + Yin's BN prior),
+    one value per row of x (rows, B, C, H, W)."""
+    return make_batch_cost([problem], config, path=choose_path([problem], config.restarts, path))
+
+
+def make_batch_cost(
+    problems: Sequence[InversionProblem], config: BaseConfig, *, path: str
+) -> CostFn:
+    """The cost of P problems at once: rows are problem-major (P × rows per problem)."""
+    if config.bn > 0 and any(p.bn_target is None for p in problems):
         raise ConfigError("params.bn: the BN prior needs the batch's BN statistics (bn_target)")
-    victim = prepare_victim(problem.victim)
-    params, grad_of = victim_params(victim), gradient_fn(victim)
+    if path == "vmap":
+        return _vmap_cost(problems, config)
+    return _loop_cost(problems, config)
 
-    def one(x: Tensor) -> Tensor:  # x: (B, C, H, W)
-        grads, stats = grad_of(params, x, problem.labels)
-        cost = gradient_distance(
-            list(grads.values()), problem.target, kind=config.distance, masks=problem.masks
-        )
-        if config.tv > 0:
-            cost = cost + config.tv * total_variation(x, form=config.tv_form)
+
+def _row_cost(
+    grads: Sequence[Tensor],
+    x: Tensor,
+    stats: BNStats,
+    problem: InversionProblem,
+    config: BaseConfig,
+) -> Tensor:
+    """The scalar cost of one candidate batch x (B, C, H, W) given its parameter gradient."""
+    cost = gradient_distance(grads, problem.target, kind=config.distance, masks=problem.masks)
+    if config.tv > 0:
+        cost = cost + config.tv * total_variation(x, form=config.tv_form)
+    if config.bn > 0:
+        cost = cost + config.bn * bn_regulariser(stats, problem.bn_target or [])
+    return cost
+
+
+def _loop_cost(problems: Sequence[InversionProblem], config: BaseConfig) -> CostFn:
+    """Plain autograd, one row at a time: the victim's parameters are leaves and
+    ∇θ ℓ is taken with create_graph=True (the double backward of Geiping et al.)."""
+    victims: dict[int, tuple[nn.Module, dict[str, Tensor]]] = {}
+    for p in problems:
+        if id(p.victim) not in victims:
+            v = prepare_victim(p.victim)
+            victims[id(p.victim)] = (
+                v,
+                {n: t.requires_grad_(True) for n, t in v.named_parameters()},
+            )
+    n_problems = len(problems)
+
+    def one(x: Tensor, problem: InversionProblem) -> Tensor:  # x: (B, C, H, W)
+        victim, params = victims[id(problem.victim)]
+        stats: BNStats = []
+        if config.bn > 0:  # BN statistics hooks only when the BN term is on
+            logits, stats = forward_with_bn_stats(victim, params, x)
+        else:
+            logits = victim(x)
+        loss = F.cross_entropy(logits, problem.labels)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        return _row_cost(grads, x, stats, problem, config)
+
+    def cost(xs: Tensor) -> Tensor:
+        per = xs.shape[0] // n_problems
+        return torch.stack([one(x, problems[i // per]) for i, x in enumerate(xs.unbind(0))])
+
+    return cost
+
+
+def _vmap_cost(problems: Sequence[InversionProblem], config: BaseConfig) -> CostFn:
+    """torch.func: vmap over the rows of each problem (and over problems, with per-problem
+    victim parameters, targets, labels, masks and BN targets) of grad of the victim's loss."""
+    victims = [prepare_victim(p.victim) for p in problems]
+    template, first = victims[0], problems[0]
+
+    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, BNStats]:
         if config.bn > 0:
-            cost = cost + config.bn * bn_regulariser(stats, problem.bn_target or [])
-        return cost
+            logits, stats = forward_with_bn_stats(template, params, x)
+        else:
+            logits, stats = functional_call(template, params, (x,)), []
+        return F.cross_entropy(logits, y), stats
 
-    return vmap(one)
+    grad_of = grad(loss, has_aux=True)
+
+    def one(x: Tensor, params: dict[str, Tensor], data: dict[str, Any]) -> Tensor:
+        grads, stats = grad_of(params, x, data["labels"])
+        problem = InversionProblem(
+            template,
+            data["target"],
+            data["labels"],
+            first.image_shape,
+            masks=data.get("masks"),
+            bn_target=data.get("bn"),
+        )
+        return _row_cost(list(grads.values()), x, stats, problem, config)
+
+    if len(problems) == 1:
+        params, data = victim_params(template), _problem_data(first)
+        rows = vmap(one, in_dims=(0, None, None))
+        return lambda xs: rows(xs, params, data)
+    shared = all(p.victim is first.victim for p in problems)
+    params = victim_params(template) if shared else _stack([victim_params(v) for v in victims])
+    data = _stack(
+        [_problem_data(p, masks=any(q.masks is not None for q in problems)) for p in problems]
+    )
+    both = vmap(vmap(one, in_dims=(0, None, None)), in_dims=(0, None if shared else 0, 0))
+    n = len(problems)
+    return lambda xs: both(xs.unflatten(0, (n, -1)), params, data).flatten()
+
+
+def _problem_data(problem: InversionProblem, *, masks: bool = False) -> dict[str, Any]:
+    data: dict[str, Any] = {"target": list(problem.target), "labels": problem.labels}
+    if problem.masks is not None or masks:
+        data["masks"] = list(problem.masks or [torch.ones_like(t) for t in problem.target])
+    if problem.bn_target is not None:
+        data["bn"] = list(problem.bn_target)
+    return data
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+    """Stack matching pytrees (dicts / lists / tuples of tensors) along a new leading dim."""
+    head = trees[0]
+    if isinstance(head, Tensor):
+        return torch.stack(list(trees))
+    if isinstance(head, dict):
+        return {k: _stack([t[k] for t in trees]) for k in head}
+    return type(head)(_stack([t[i] for t in trees]) for i in range(len(head)))
 
 
 def run_stages(
@@ -161,21 +329,62 @@ def run_stages(
     progress: Callable[[Progress], None] | None,
     should_stop: Callable[[], bool] | None,
 ) -> AttackResult:
-    """`optimise` with the cost of `problem` under `config`: the body of every attack."""
-    return optimise(
-        stages,
-        make_cost(problem, config),
-        initial,
-        curve_every=config.curve_every,
-        state=state,
-        progress=progress,
-        should_stop=should_stop,
-        signed_grad=config.signed_grad,
+    """`optimise` with the cost of `problem` under `config`: the body of every attack.
+    Inside `capture_stages` (batched cells) the call is handed to the batch instead."""
+    call = StagesCall(stages, problem, config, initial, state, progress, should_stop)
+    if _INTERCEPT:
+        return _INTERCEPT[-1](call)
+    return solve_batch([call])[0]
+
+
+@dataclass(frozen=True)
+class StagesCall:
+    """The arguments of one attack's `run_stages`: what a batch needs to solve it."""
+
+    stages: Sequence[Stage]
+    problem: InversionProblem
+    config: BaseConfig
+    initial: Variables
+    state: dict[str, Any] | None = None
+    progress: Callable[[Progress], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+# A stack of handlers for run_stages (gi_core.attacks.batched sets one while it captures or
+# replays an attack); empty: run_stages solves its problem itself.
+_INTERCEPT: list[Callable[[StagesCall], AttackResult]] = []
+
+
+def solve_batch(calls: Sequence[StagesCall], *, path: str = "auto") -> list[AttackResult]:
+    """Solve calls with identical stages and config together (rows = P problems × R restarts);
+    one result per call, equal to solving it alone within float tolerance. A single call with
+    a `state` resumes it."""
+    first = calls[0]
+    problems = [c.problem for c in calls]
+    config = first.config
+    chosen = choose_path(problems, config.restarts, path)
+    run = _Run(
+        first.stages,
+        make_batch_cost(problems, config, path=chosen),
+        config,
+        problems=len(calls),
+        progress=[c.progress for c in calls],
+        should_stop=[c.should_stop for c in calls],
     )
+    initial = {k: torch.cat([c.initial[k] for c in calls]) for k in first.initial}
+    results = run.execute(initial, first.state if len(calls) == 1 else None)
+    for r in results:
+        r.extras["path"] = chosen
+    return results
 
 
 def milestones(iterations: int) -> list[int]:
     return [iterations * k // 8 for k in (3, 5, 7)]
+
+
+def prune_iterations(iterations: int, fractions: Sequence[float]) -> list[int]:
+    """Iterations of a stage after whose step the worse half of the restarts is pruned."""
+    return sorted({min(iterations - 1, max(0, round(f * iterations))) for f in fractions})
 
 
 def optimise(
@@ -189,76 +398,153 @@ def optimise(
     should_stop: Callable[[], bool] | None = None,
     signed_grad: bool = False,
 ) -> AttackResult:
-    """Run `stages` in order from `initial` (or from an exported `state`)."""
-    run = _Run(stages, cost, curve_every, progress, should_stop)
-    run.signed_grad = signed_grad
-    return run.execute(initial, state)
+    """Run `stages` in order from `initial` (or from an exported `state`) with a given cost."""
+    config = BaseConfig(restarts=1, curve_every=curve_every, signed_grad=signed_grad)
+    run = _Run(stages, cost, config, problems=1, progress=[progress], should_stop=[should_stop])
+    return run.execute(initial, state)[0]
 
 
 class _Run:
-    """Mutable loop state of one `optimise` call (kept on an object so it can be exported)."""
+    """Mutable loop state of one batch of P problems (kept on an object so it can be exported).
+
+    Variables hold the *active* rows only, problem-major: (P × Ra, ...) where Ra <= R restarts
+    survive pruning. `active` (P, Ra) names the surviving restart of each row; `parked` keeps
+    every row (P × R, ...) with a pruned restart's variables as they were when it was pruned."""
 
     def __init__(
         self,
         stages: Sequence[Stage],
         cost: CostFn,
-        curve_every: int,
-        progress: Callable[[Progress], None] | None,
-        should_stop: Callable[[], bool] | None,
+        config: BaseConfig,
+        *,
+        problems: int,
+        progress: Sequence[Callable[[Progress], None] | None],
+        should_stop: Sequence[Callable[[], bool] | None],
     ) -> None:
-        self.stages, self.cost, self.curve_every = list(stages), cost, curve_every
-        self.progress, self.should_stop = progress, should_stop
+        self.stages, self.cost, self.config = list(stages), cost, config
+        self.problems, self.progress, self.should_stop = problems, progress, should_stop
         self.total = sum(s.iterations for s in stages)
-        self.curve: list[Tensor] = []
+        self.curve: list[Tensor] = []  # each (P × R,): NaN for pruned rows
         self.curve_at: list[int] = []
-        self.signed_grad = False
+        self.restarts = 0
+        self.active = torch.zeros(0, dtype=torch.long)
+        self.parked: Variables | None = None
+        self.plateau: dict[str, float] = {"best": math.inf, "since": 0.0}
+        self.restart_iterations = 0  # per problem: rows optimised × iterations
+        self.stopped: int | None = None  # global iteration at which the plateau rule stopped
 
-    def execute(self, initial: Variables, state: dict[str, Any] | None) -> AttackResult:
+    def execute(self, initial: Variables, state: dict[str, Any] | None) -> list[AttackResult]:
+        if self.problems > 1 and self.config.plateau_window > 0:
+            raise ConfigError("params.plateau_window: plateau stopping runs one cell at a time")
         first, start_it, variables = 0, 0, initial
+        rows = int(next(iter(initial.values())).shape[0])
         if state is not None:
             first, start_it, variables = state["stage"], state["iteration"], state["variables"]
             self.curve, self.curve_at = list(state["curve"]), list(state["curve_at"])
+            rows = int(next(iter(variables.values())).shape[0])
+        self.restarts = int(state.get("restarts", rows)) if state else rows // self.problems
+        default_active = torch.arange(self.restarts).expand(self.problems, -1).clone()
+        self.active = state.get("active", default_active) if state else default_active
+        if state is not None:
+            self.parked = state.get("parked")
+            self.plateau = dict(state.get("plateau", self.plateau))
+            done = sum(s.iterations for s in self.stages[:first]) + start_it
+            self.restart_iterations = int(state.get("restart_iterations", done * rows))
         for index in range(first, len(self.stages)):
-            stage = self.stages[index]
             resumed = state is not None and index == first
             if not resumed:
-                variables = stage.start(_detached(variables))
+                variables = self._enter(self.stages[index], variables)
             result = self._run_stage(
                 index, variables, start_it if resumed else 0, state if resumed else None
             )
-            if isinstance(result, AttackResult):
+            if isinstance(result, list):
                 return result
             variables = result
         return self._finish(variables)
 
+    # -- rows ---------------------------------------------------------------------------------
+
+    def _rows(self) -> Tensor:
+        """(P × Ra,) indices of the active rows among all P × R rows."""
+        base = torch.arange(self.problems)[:, None] * self.restarts
+        return (base + self.active).flatten()
+
+    def _pruned(self) -> bool:
+        return int(self.active.shape[1]) < self.restarts
+
+    def _assemble(self, variables: Variables) -> Variables:
+        """All P × R rows: the active ones from `variables`, the pruned ones parked."""
+        if self.parked is None or not self._pruned():
+            return {k: v.detach() for k, v in variables.items()}
+        rows = self._rows().to(next(iter(variables.values())).device)
+        full = {k: v.clone() for k, v in self.parked.items()}
+        for k, v in variables.items():
+            full[k][rows] = v.detach()
+        return full
+
+    def _enter(self, stage: Stage, variables: Variables) -> Variables:
+        """Map the previous stage's variables (all rows, pruned ones included) into `stage`."""
+        full = stage.start(self._assemble(variables))
+        if not self._pruned():
+            return full
+        self.parked = {k: v.detach().clone() for k, v in full.items()}
+        rows = self._rows().to(next(iter(full.values())).device)
+        return {k: v[rows] for k, v in full.items()}
+
+    def _full(self, costs: Tensor) -> Tensor:
+        """(P × Ra,) costs -> (P × R,) with NaN for pruned rows."""
+        if not self._pruned():
+            return costs
+        out = torch.full((self.problems * self.restarts,), torch.nan, device=costs.device)
+        out[self._rows().to(costs.device)] = costs
+        return out
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _optimiser(
+        self,
+        stage: Stage,
+        variables: Variables,
+        opt_state: dict[str, Any] | None,
+        sched_state: dict[str, Any] | None,
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        opt = torch.optim.Adam([variables[k] for k in stage.trainable], lr=stage.lr)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(stage.iterations), gamma=0.1)
+        if opt_state is not None and sched_state is not None:
+            opt.load_state_dict(opt_state)
+            sched.load_state_dict(_unpack_sched(sched_state))
+        return opt, sched
+
     def _run_stage(
         self, index: int, variables: Variables, start_it: int, state: dict[str, Any] | None
-    ) -> Variables | AttackResult:
+    ) -> Variables | list[AttackResult]:
         stage = self.stages[index]
         variables = {
             k: v.detach().clone().requires_grad_(k in stage.trainable) for k, v in variables.items()
         }
-        opt = torch.optim.Adam([variables[k] for k in stage.trainable], lr=stage.lr)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(stage.iterations), gamma=0.1)
-        if state is not None:
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(_unpack_sched(state["scheduler"]))
+        opt, sched = self._optimiser(
+            stage, variables, *((state["optimizer"], state["scheduler"]) if state else (None, None))
+        )
         offset = sum(s.iterations for s in self.stages[:index])
+        prunes = prune_iterations(stage.iterations, self.config.prune_at)
+        last = index == len(self.stages) - 1
         for it in range(start_it, stage.iterations):
-            if self.should_stop is not None and self.should_stop():
-                state_now = _exporter(self, index, it, variables, opt, sched)()
-                return self._interrupted(state_now, variables, offset + it)
+            if last and self._plateau_reached(offset + it):
+                self.stopped = offset + it
+                break
+            if any(stop() for stop in self.should_stop if stop is not None):
+                return self._interrupted(index, it, variables, opt, sched)
             costs = self._step(stage, variables, opt, sched)
-            if it % self.curve_every == 0:
-                self.curve.append(costs)
+            self.restart_iterations += int(self.active.shape[1])
+            full = self._full(costs)
+            if it % self.config.curve_every == 0:
+                self.curve.append(full)
                 self.curve_at.append(offset + it)
-            if self.progress is not None:
-                export = _exporter(self, index, it + 1, variables, opt, sched)
-                best = _best_cost(costs)
-                render = _renderer(stage, variables)
-                self.progress(
-                    Progress(stage.name, offset + it + 1, self.total, best, export, render)
-                )
+            if it in prunes and self.active.shape[1] > 1:
+                variables, opt, sched = self._prune(stage, variables, opt, sched, costs)
+            if last and self.config.plateau_window > 0:
+                self._track_plateau(full, offset + it + 1)
+            self._report(stage, index, it + 1, offset, variables, opt, sched, full)
         return {k: v.detach() for k, v in variables.items()}
 
     def _step(
@@ -270,12 +556,12 @@ class _Run:
     ) -> Tensor:
         opt.zero_grad(set_to_none=True)
         costs = self.cost(stage.render(variables))
-        costs.sum().backward()
-        if self.signed_grad:
-            for name in stage.trainable:
-                grad = variables[name].grad
-                if grad is not None:
-                    grad.sign_()
+        # Gradients of the trainable variables only: on the plain-autograd path the victim's
+        # parameters are leaves too, and their gradient would be wasted work.
+        trainable = [variables[k] for k in stage.trainable]
+        grads = torch.autograd.grad(costs.sum(), trainable, allow_unused=True)
+        for v, g in zip(trainable, grads, strict=True):
+            v.grad = g.sign() if self.config.signed_grad and g is not None else g
         opt.step()
         sched.step()
         if stage.project is not None:
@@ -283,10 +569,89 @@ class _Run:
                 stage.project(variables)
         return costs.detach()
 
-    def _finish(self, variables: Variables) -> AttackResult:
-        images = self.stages[-1].render(variables).detach()
+    def _prune(
+        self,
+        stage: Stage,
+        variables: Variables,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler,
+        costs: Tensor,
+    ) -> tuple[Variables, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """Successive halving: keep the ceil(Ra / 2) lowest-cost restarts of each problem (by
+        the costs of this iteration; NaN counts as +inf, ties keep the lower restart index)."""
+        n_problems, n_active = self.active.shape
+        keep = math.ceil(n_active / 2)
+        ranked = torch.nan_to_num(costs.view(n_problems, n_active).cpu(), nan=math.inf)
+        order = torch.sort(ranked, dim=1, stable=True).indices[:, :keep].sort(dim=1).values
+        if (
+            self._pruned() and self.parked is not None
+        ):  # refresh the parked copy of rows that are about to be parked
+            rows = self._rows().to(costs.device)
+            for k, v in variables.items():
+                self.parked[k][rows] = v.detach()
+        else:
+            self.parked = {k: v.detach().clone() for k, v in variables.items()}
+        local = (torch.arange(n_problems)[:, None] * n_active + order).flatten()
+        self.active = torch.gather(self.active, 1, order)
+        dev_local = local.to(costs.device)
+        kept = {
+            k: v.detach()[dev_local].clone().requires_grad_(k in stage.trainable)
+            for k, v in variables.items()
+        }
+        opt_state = _select_rows(opt.state_dict(), dev_local, n_problems * n_active)
+        opt, sched = self._optimiser(stage, kept, opt_state, _pack_sched(sched.state_dict()))
+        return kept, opt, sched
+
+    def _track_plateau(self, costs: Tensor, iteration: int) -> None:
+        """Remember the iteration of the last relative improvement of the best cost by tol."""
+        best = _best_cost(costs)
+        ref = self.plateau["best"]
+        if math.isfinite(best) and (
+            not math.isfinite(ref) or best < ref - self.config.plateau_tol * abs(ref)
+        ):
+            self.plateau = {"best": best, "since": float(iteration)}
+
+    def _plateau_reached(self, iteration: int) -> bool:
+        window = self.config.plateau_window
+        return window > 0 and iteration - int(self.plateau["since"]) >= window
+
+    def _report(
+        self,
+        stage: Stage,
+        index: int,
+        it: int,
+        offset: int,
+        variables: Variables,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler,
+        costs: Tensor,
+    ) -> None:
+        per = costs.view(self.problems, self.restarts)
+        for p, callback in enumerate(self.progress):
+            if callback is None:
+                continue
+            export = _exporter(self, index, it, variables, opt, sched, p)
+            render = _renderer(self, stage, variables, p)
+            best = _best_cost(per[p])
+            callback(Progress(stage.name, offset + it, self.total, best, export, render))
+
+    # -- results ------------------------------------------------------------------------------
+
+    def _finish(self, variables: Variables) -> list[AttackResult]:
+        images = self.stages[-1].render(self._assemble(variables)).detach()
         with torch.enable_grad():  # the cost differentiates the victim, not the images
             final = self.cost(images).detach()
+        done = self.stopped if self.stopped is not None else self.total
+        return [
+            self._result(images[sl], final[sl], self._curve(final, sl), done)
+            for sl in self._slices()
+        ]
+
+    def _slices(self) -> list[slice]:
+        r = self.restarts
+        return [slice(p * r, (p + 1) * r) for p in range(self.problems)]
+
+    def _result(self, images: Tensor, final: Tensor, curve: Tensor, done: int) -> AttackResult:
         finite = torch.isfinite(final)
         status = "ok" if bool(finite.any()) else "diverged"
         best = int(torch.where(finite, final, torch.inf).argmin()) if status == "ok" else -1
@@ -296,37 +661,55 @@ class _Run:
             restart_images=images,
             restart_costs=final,
             best_restart=best,
-            loss_curve=self._curve(final),
-            curve_iterations=torch.tensor(self.curve_at + [self.total]),
+            loss_curve=curve,
+            curve_iterations=torch.tensor(self.curve_at + [done]),
             status=status,
-            iterations=self.total,
-        )
-
-    def _curve(self, last: Tensor) -> Tensor:
-        return torch.stack([*self.curve, last]).cpu()
-
-    def _interrupted(self, state: dict[str, Any], variables: Variables, done: int) -> AttackResult:
-        stage = self.stages[state["stage"]]
-        with torch.no_grad():
-            images = stage.render(variables).detach()
-        empty = torch.full((images.shape[0],), torch.nan)
-        return AttackResult(
-            images=images[0],
-            restart_images=images,
-            restart_costs=empty,
-            best_restart=-1,
-            loss_curve=torch.stack(self.curve).cpu() if self.curve else empty[None],
-            curve_iterations=torch.tensor(self.curve_at),
-            status="interrupted",
             iterations=done,
-            state=state,
+            extras={"restart_iterations": self.restart_iterations},
         )
 
+    def _curve(self, last: Tensor, sl: slice) -> Tensor:
+        return torch.stack([*self.curve, last])[:, sl].cpu()
 
-def _renderer(stage: Stage, variables: Variables) -> Callable[[], Tensor]:
+    def _interrupted(
+        self,
+        index: int,
+        it: int,
+        variables: Variables,
+        opt: torch.optim.Optimizer,
+        sched: torch.optim.lr_scheduler.LRScheduler,
+    ) -> list[AttackResult]:
+        with torch.no_grad():
+            images = self.stages[index].render(self._assemble(variables)).detach()
+        done = sum(s.iterations for s in self.stages[:index]) + it
+        results = []
+        for p, sl in enumerate(self._slices()):
+            empty = torch.full((self.restarts,), torch.nan)
+            curve = torch.stack(self.curve)[:, sl].cpu() if self.curve else empty[None]
+            results.append(
+                AttackResult(
+                    images=images[sl][0],
+                    restart_images=images[sl],
+                    restart_costs=empty,
+                    best_restart=-1,
+                    loss_curve=curve,
+                    curve_iterations=torch.tensor(self.curve_at),
+                    status="interrupted",
+                    iterations=done,
+                    state=_exporter(self, index, it, variables, opt, sched, p)(),
+                    extras={"restart_iterations": self.restart_iterations},
+                )
+            )
+        return results
+
+
+def _renderer(run: _Run, stage: Stage, variables: Variables, problem: int) -> Callable[[], Tensor]:
+    """Renders problem `problem`'s current images (R, B, C, H, W) on demand."""
+
     def render() -> Tensor:
         with torch.no_grad():
-            return stage.render(variables).detach()
+            images = stage.render(run._assemble(variables)).detach()
+        return images[problem * run.restarts : (problem + 1) * run.restarts]
 
     return render
 
@@ -338,21 +721,48 @@ def _exporter(
     variables: Variables,
     opt: torch.optim.Optimizer,
     sched: torch.optim.lr_scheduler.LRScheduler,
+    problem: int,
 ) -> Callable[[], dict[str, Any]]:
-    """A closure that snapshots the loop at the boundary *before* iteration `it` of a stage."""
+    """A closure that snapshots problem `problem` at the boundary *before* iteration `it` of a
+    stage, as the state of a single-problem run (a batch exports one state per cell)."""
 
     def export() -> dict[str, Any]:
+        n_problems, n_active = run.active.shape
+        rows = slice(problem * n_active, (problem + 1) * n_active)
+        full = slice(problem * run.restarts, (problem + 1) * run.restarts)
+        local = torch.arange(rows.start, rows.stop)
         return {
             "stage": index,
             "iteration": it,
-            "variables": {k: v.detach().clone() for k, v in variables.items()},
-            "optimizer": _clone_tree(opt.state_dict()),
+            "variables": {k: v.detach()[rows].clone() for k, v in variables.items()},
+            "optimizer": _select_rows(opt.state_dict(), local, n_problems * n_active),
             "scheduler": _pack_sched(sched.state_dict()),
-            "curve": [c.clone() for c in run.curve],
+            "curve": [c[full].clone() for c in run.curve],
             "curve_at": list(run.curve_at),
+            "restarts": run.restarts,
+            "active": run.active[problem : problem + 1].clone(),
+            "parked": None
+            if run.parked is None
+            else {k: v[full].clone() for k, v in run.parked.items()},
+            "plateau": dict(run.plateau),
+            "restart_iterations": run.restart_iterations,
         }
 
     return export
+
+
+def _select_rows(obj: Any, index: Tensor, rows: int) -> Any:
+    """A copy of an optimiser state dict keeping rows `index` of every per-row tensor (those
+    whose first dimension is `rows`); scalars such as Adam's step are copied whole."""
+    if isinstance(obj, Tensor):
+        if obj.dim() > 0 and obj.shape[0] == rows:
+            return obj.detach()[index.to(obj.device)].clone()
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _select_rows(v, index, rows) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_select_rows(v, index, rows) for v in obj)
+    return obj
 
 
 def _pack_sched(sd: dict[str, Any]) -> dict[str, Any]:
@@ -362,20 +772,6 @@ def _pack_sched(sd: dict[str, Any]) -> dict[str, Any]:
 
 def _unpack_sched(sd: dict[str, Any]) -> dict[str, Any]:
     return {**sd, "milestones": collections.Counter(sd["milestones"])}
-
-
-def _clone_tree(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_clone_tree(v) for v in obj)
-    return obj
-
-
-def _detached(variables: Variables) -> Variables:
-    return {k: v.detach() for k, v in variables.items()}
 
 
 def _best_cost(costs: Tensor) -> float:
