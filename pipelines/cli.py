@@ -265,6 +265,20 @@ def pretrain(
 
 @app.command()
 @_errors
+def multigrad(
+    spec: Path,
+    executor: str | None = typer.Option(None, help="inline | local | slurm (default: the spec's)"),
+    out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
+    verbose: bool = typer.Option(False, help="show Prefect's logs"),
+) -> None:
+    """Appendix D (issue 10): one x against T gradients of the same batch; PSNR vs T."""
+    from pipelines.multigrad import run_command
+
+    typer.echo(run_command(spec, executor=executor, out=out, verbose=verbose))
+
+
+@app.command()
+@_errors
 def demo(
     executor: str = typer.Option("local", help="inline | local | slurm"),
     out: Path = typer.Option(Path("runs/smoke"), help="run directory"),
