@@ -81,7 +81,8 @@ def render(page: Page) -> str:
 def _styled(styler: Styler | None, table_id: str) -> str:
     if styler is None:
         return "<p>(nothing to compare yet)</p>"
-    return styler.set_table_attributes(f'id="{table_id}"').to_html()
+    # Styler gives its <table> its own id (T_<uuid>): ours goes on a wrapper
+    return f'<div id="{table_id}" class="table">{styler.to_html()}</div>'
 
 
 def _figure(f: Figure) -> str:
