@@ -40,14 +40,38 @@ SUMMARY_COLUMNS = ("metric", "mean", "ci_low", "ci_high", "n", "images", "diverg
 Selector = Mapping[str, Any] | str
 
 
+# Columns that also tell configurations apart (issue 8: two configurations never share a row).
+# Prior columns belong to the method's configuration (a table column); the others are settings
+# (a block of the table). Each is used only where it varies within `df`.
+PRIOR_AXES: tuple[str, ...] = ("generator", "generator_checkpoint_sha256")
+EXTRA_SETTING_AXES: tuple[str, ...] = (
+    "defense_p", "defense_sigma", "defense_clip", "defense_bits",
+    "dataset", "image_size", "data_seed",
+    "victim", "victim_width", "victim_seed", "victim_checkpoint_sha256",
+)  # fmt: skip
+
+
+def _varying(df: pd.DataFrame, axes: Sequence[str], *, within: Sequence[str] = ()) -> list[str]:
+    """The axes of `axes` present in df that take more than one value (within a group)."""
+    present = [a for a in axes if a in df.columns]
+    if within:
+        counts = df.groupby(list(within), dropna=False)[present].nunique(dropna=False)
+        return [a for a in present if bool((counts[a] > 1).any())]
+    return [a for a in present if df[a].nunique(dropna=False) > 1]
+
+
 def config_columns(df: pd.DataFrame) -> list[str]:
-    """What identifies a method configuration: method + variant (method until variant exists)."""
-    return ["method", "variant"] if "variant" in df.columns else ["method"]
+    """What identifies a method configuration: method + variant (method until variant exists),
+    plus the prior's kind and checkpoint where they vary for one method."""
+    base = ["method", "variant"] if "variant" in df.columns else ["method"]
+    return base + _varying(df, PRIOR_AXES, within=["method"])
 
 
 def default_by(df: pd.DataFrame) -> list[str]:
-    """Configuration columns plus the setting axes present in `df`."""
-    return config_columns(df) + [a for a in SETTING_AXES if a in df.columns]
+    """Configuration columns plus the setting axes present in `df` (and every further
+    configuration column that varies, e.g. a DP clip sweep or several victims)."""
+    extra = _varying(df, EXTRA_SETTING_AXES)
+    return config_columns(df) + [a for a in SETTING_AXES if a in df.columns] + extra
 
 
 def higher_is_better(metric: str) -> bool:
@@ -305,4 +329,8 @@ def label_of(config: Mapping[str, Any]) -> str:
     """'gi-z/w' or 'gi-z/w [tuned]': the configuration's display label."""
     variant = config.get("variant")
     method = str(config["method"])
-    return method if variant in (None, "", method) or pd.isna(variant) else f"{method} [{variant}]"
+    label = method if variant in (None, "", method) or pd.isna(variant) else f"{method} [{variant}]"
+    prior = config.get("generator_checkpoint_sha256", config.get("generator"))
+    if any(k in config for k in PRIOR_AXES) and isinstance(prior, str):
+        label += f" ({prior[:12]})"
+    return label

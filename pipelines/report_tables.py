@@ -42,6 +42,7 @@ def setting_label(row: pd.Series | dict, setting: Sequence[str]) -> str:
         parts.append(defense if defense == "none" else f"{defense} {level:g}")
     if "batch_size" in setting:
         parts.append(f"B={int(row['batch_size'])}")
+    parts += [f"{a}={row[a]}" for a in setting if a in ag.EXTRA_SETTING_AXES]
     return ", ".join(parts) or "all"
 
 

@@ -170,7 +170,7 @@ class InversionCell:
             "variant": self.variant,
             "preset": config["preset"],
             "method_params": canonical_json(config),
-            **{f"param_{k}": val for k, val in config.items() if k != "preset"},
+            **{f"param_{k}": param_value(val) for k, val in config.items() if k != "preset"},
             "dataset": g.dataset,
             "image_size": g.image_size,
             "data_seed": g.shuffle_seed,
@@ -225,6 +225,14 @@ def expand(spec: GridSpec) -> Plan:
         for seed in spec.seeds
     )
     return Plan(gradients, inversions)
+
+
+def param_value(value: Any) -> Any:
+    """A config value as a flat metrics column: scalars as they are, anything else (tuples,
+    None in a union field) as canonical JSON text (storage.metrics types such columns str)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return canonical_json(value)
 
 
 def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[BaseConfig]) -> list[str]:
