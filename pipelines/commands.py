@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gi_core.errors import ConfigError
 from pipelines.calibrate import seconds_per_iteration
+from pipelines.memory import check_memory, memory_lines
 from pipelines.planner import (
     estimate_seconds,
     grid_status,
@@ -70,6 +71,7 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
         f"submission ({spec.execution.executor}): gradients {grad_shape.describe()}; "
         f"inversions {shape.describe()}; {grad_shape.sbatch_calls + shape.sbatch_calls} "
         "sbatch call(s) in all",
+        *memory_lines(spec, todo or status.plan.inversion_cells),
     ]
     return "\n".join(lines)
 
@@ -107,6 +109,7 @@ def run_grid(
     todo = grid_status(spec, existing).todo if existing else plan.inversion_cells
     check_before_submission(run_path, todo, [c.gradient for c in todo],
                             keep_restarts=spec.storage.keep_restarts)
+    check_memory(spec, todo, executor=executor or spec.execution.executor)  # exit 2 if too big
     if not verbose:
         # Prefect logs every failed task/flow with a traceback; the CLI prints one error line.
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")

@@ -1,0 +1,182 @@
+"""Peak memory of one inversion cell, estimated from parameter counts before anything runs.
+
+Used by `gi-eval plan` (shown) and `gi-eval run` (refused when a cell cannot fit the job's
+memory, exit 2). A rough upper estimate in float32 bytes, per stage, the largest stage wins:
+
+* victim: its weights, plus per restart the parameter gradient and the gradient of that
+  gradient (the cost differentiates ∇θ ℓ): P_v (1 + 2R); activations of the double backward:
+  3 R B A_v, A_v = the victim's activation elements per image (counted on the meta device).
+* generator: its weights P_g; a per-image stage (GI-w, GI-z/w) holds R B copies of the
+  searched parameters with their gradient and Adam's two moments: 4 R B P_s; activations of
+  rendering R B images with autograd: 2 R B A_g.
+* pixels / latents: 4 (value, gradient, two moments) R B x their size; negligible.
+* a fixed 1.5 GiB for the interpreter, torch, LPIPS and the loaded data.
+
+The per-image copies dominate for a StyleGAN2 prior: at 64 px (~24 M synthesis parameters),
+R = 4 and B = 4 they alone are 4 x 16 x 24 M x 4 B ~ 6 GiB.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gi_core.datasets import dataset_info
+from gi_core.errors import ConfigError
+from gi_core.generators import build_generator
+from gi_core.stylegan2 import StyleGAN2Config, load_stylegan2_checkpoint, parameter_counts
+from gi_core.victims import build_victim
+from tasks.cells import InversionCell
+from tasks.spec import GeneratorSpec, GridSpec, VictimSpec
+
+BASE_BYTES = int(1.5 * 2**30)
+FLOAT = 4
+_PER_IMAGE = ("gi-w", "gi-z/w", "gi-z/w+bn")
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    cell_id: str
+    method: str
+    bytes: int
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / 2**30
+
+
+def estimate_cell(cell: InversionCell) -> MemoryEstimate:
+    g = cell.gradient
+    restarts, batch = int(getattr(cell.config, "restarts", 1)), g.batch_size
+    p_v, a_v = _victim_size(g.victim, g.dataset, g.image_size)
+    total = BASE_BYTES + FLOAT * (p_v * (1 + 2 * restarts) + 3 * restarts * batch * a_v)
+    total += FLOAT * 4 * restarts * batch * 3 * g.image_size**2  # pixels / rendered images
+    if cell.generator is not None:
+        p_all, p_searched, a_g = _generator_size(cell.generator, g.image_size)
+        copies = 4 * restarts * batch * p_searched if cell.method in _PER_IMAGE else 0
+        total += FLOAT * (p_all + copies + 2 * restarts * batch * a_g)
+    return MemoryEstimate(cell.id, cell.method, int(total))
+
+
+def job_memory_limit(spec: GridSpec, executor: str) -> int | None:
+    """Bytes one job may use: slurm.mem_gb for CPU Slurm jobs, the machine's RAM for local and
+    inline runs; None for GPU jobs (the spec does not state the device memory)."""
+    if executor == "slurm":
+        slurm = spec.execution.slurm
+        return None if slurm.gpus_per_task > 0 else int(slurm.mem_gb * 2**30)
+    pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    return int(pages * size)
+
+
+def memory_problems(spec: GridSpec, cells: Sequence[InversionCell], *, executor: str) -> list[str]:
+    """One line per (method, generator) whose largest cell does not fit `job_memory_limit`."""
+    limit = job_memory_limit(spec, executor)
+    if limit is None or not cells:
+        return []
+    worst: dict[tuple[str, str], MemoryEstimate] = {}
+    for cell in cells:
+        est = estimate_cell(cell)
+        key = (cell.method, cell.generator.kind if cell.generator else "-")
+        if key not in worst or est.bytes > worst[key].bytes:
+            worst[key] = est
+    where = "execution.slurm.mem_gb" if executor == "slurm" else "this machine's memory"
+    return [
+        f"methods: {method} needs ~{est.gib:.1f} GiB per cell (estimate from parameter counts, "
+        f"docs/paper-scale.md), more than {where} ({limit / 2**30:.1f} GiB); lower restarts "
+        "or batch_sizes, raise mem_gb, or run on GPUs"
+        for (method, _), est in sorted(worst.items())
+        if est.bytes > limit
+    ]
+
+
+def check_memory(spec: GridSpec, cells: Sequence[InversionCell], *, executor: str) -> None:
+    problems = memory_problems(spec, cells, executor=executor)
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _victim_size(victim: VictimSpec, dataset: str, image_size: int) -> tuple[int, int]:
+    """(parameters, activation elements per image), built and run on the meta device."""
+    classes = dataset_info(dataset, image_size=image_size).num_classes
+    extra = {"width": victim.width} if victim.width is not None else {}
+    with torch.device("meta"):
+        model = build_victim(
+            victim.arch, num_classes=classes, image_size=image_size, seed=None, **extra
+        )
+        params = sum(p.numel() for p in model.parameters())
+        acts = _activations(model, torch.empty(1, 3, image_size, image_size))
+    return params, acts
+
+
+def _activations(model: nn.Module, x: torch.Tensor) -> int:
+    """Output elements of every leaf module for one input (what autograd keeps, roughly)."""
+    counted = [0]
+
+    def hook(_m: nn.Module, _i: object, out: object) -> None:
+        if isinstance(out, torch.Tensor):
+            counted[0] += out.numel()
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return counted[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _generator_size(spec: GeneratorSpec, image_size: int) -> tuple[int, int, int]:
+    """(all parameters incl. frozen mapping, searched parameters, activations per image)."""
+    if spec.kind == "stylegan2":
+        config = _stylegan2_config(spec)
+        mapping, synthesis = parameter_counts(config)
+        return mapping + synthesis, synthesis, _stylegan2_activations(config)
+    native = 32 if spec.kind == "dcgan32" else 64
+    with torch.device("meta"):
+        gen = build_generator(spec.kind, output_size=min(image_size, native), seed=0)
+        params = sum(p.numel() for p in gen.parameters())
+        acts = _activations(gen.main, torch.empty(1, gen.latent_dim, 1, 1))
+    return params, params, acts
+
+
+def _stylegan2_config(spec: GeneratorSpec) -> StyleGAN2Config:
+    if spec.stylegan2 is not None:
+        return spec.stylegan2.config()
+    assert spec.checkpoint is not None  # the spec requires one of the two
+    config, _ = load_stylegan2_checkpoint(spec.checkpoint)
+    return config
+
+
+def _stylegan2_activations(config: StyleGAN2Config) -> int:
+    # per 3x3 layer ~6 maps of C x r x r kept for backward (scaled input, conv, blur, noise,
+    # bias + lrelu, demodulation), torgb and the skip ~4 x 3 x r x r per block
+    total = 0
+    for i, channels in enumerate(config.channels):
+        r = 4 * 2**i
+        layers = 1 if i == 0 else 2
+        total += layers * 6 * channels * r * r + 4 * 3 * r * r
+    return int(math.ceil(total))
+
+
+def memory_lines(spec: GridSpec, cells: Sequence[InversionCell]) -> list[str]:
+    """`gi-eval plan` lines: the largest per-cell estimate and the job limit it must fit."""
+    if not cells:
+        return []
+    worst = max((estimate_cell(c) for c in cells), key=lambda e: e.bytes)
+    limit = job_memory_limit(spec, spec.execution.executor)
+    fits = "no job limit checked (GPU jobs)" if limit is None else f"limit {limit / 2**30:.1f} GiB"
+    lines = [f"memory: up to ~{worst.gib:.1f} GiB per cell ({worst.method}); {fits}"]
+    return lines + memory_problems(spec, cells, executor=spec.execution.executor)
