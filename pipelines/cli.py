@@ -205,12 +205,17 @@ def tables(run_dir: Path) -> None:
 
 @app.command()
 @_errors
-def report(run_dir: Path) -> None:
+def report(
+    run_dir: Path,
+    publish: Path | None = typer.Option(
+        None, help="also write a results page (markdown + its figures) here, e.g. docs/results/x.md"
+    ),
+) -> None:
     """Write the run's tables, figures and self-contained report.html into RUN_DIR/reports/
     (works on a partial run: it says how many cells it covers)."""
     from pipelines.commands import report_text
 
-    typer.echo(report_text(run_dir))
+    typer.echo(report_text(run_dir, publish=publish))
 
 
 @app.command("convert-generator")

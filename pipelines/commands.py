@@ -232,8 +232,10 @@ def tables_text(run_dir: Path) -> str:
     return path.read_text() + f"\nwritten: {path}, {path.with_suffix('.csv')} and {figure}"
 
 
-def report_text(run_dir: Path) -> str:
-    """`gi-eval report`: write reports/ (tables, figures, report.html); say what it covers."""
+def report_text(run_dir: Path, *, publish: Path | None = None) -> str:
+    """`gi-eval report`: write reports/ (tables, figures, report.html); say what it covers;
+    `publish`: also a results page for docs/ (pipelines.report.publish)."""
+    from pipelines.report import publish as publish_page
     from pipelines.report import write_report
 
     run = _require_run(run_dir)
@@ -243,10 +245,15 @@ def report_text(run_dir: Path) -> str:
             "somewhere writable, or use `gi-eval tables` to print Table 1 without writing"
         )
     report = write_report(run)
-    return (
-        f"{report.coverage.describe()}\n"
-        f"written: {len(report.files)} files in {run.reports_dir}\nreport: {report.html}"
-    )
+    lines = [
+        report.coverage.describe(),
+        f"written: {len(report.files)} files in {run.reports_dir}",
+        f"report: {report.html}",
+    ]
+    if publish is not None:
+        command = f"gi-eval report {run_dir} --publish {publish}"
+        lines.append(f"results page: {publish_page(report, run, publish, command=command)}")
+    return "\n".join(lines)
 
 
 def verify_run(run_dir: Path, *, deep: bool, dry_run: bool) -> str:

@@ -126,6 +126,7 @@ def _activations(model: nn.Module, x: torch.Tensor) -> int:
         if isinstance(out, torch.Tensor):
             counted[0] += out.numel()
 
+    model.eval()  # BN in train mode refuses one image with 1x1 maps (ResNet at 32 px)
     leaves = [m for m in model.modules() if not list(m.children())]
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
