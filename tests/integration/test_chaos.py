@@ -1,0 +1,235 @@
+"""Issue 13: chaos. A grid interrupted at random moments must end exactly as if it never was.
+
+Local: a 24-cell grid on the local executor, interrupted >= 8 times at seeded-random moments,
+alternating SIGKILL of the driver's whole process group (driver, submitit controllers and
+their tasks) and SIGKILL of one worker (a task process; the driver lives on and Prefect's retry
+resubmits the missing cells). Then one uninterrupted `gi-eval run` finishes the grid.
+
+Slurm: a small grid whose driver is `kill -9`ed while its jobs run (the jobs live on), then
+one job is `scancel`led and another gets USR2 (checkpoint + requeue) under the next driver.
+
+At the end, for both: exactly one committed result per cell, 0 duplicate rows or part files,
+0 leftovers (temp files, checkpoints, quarantine), and every metric and reconstruction equal
+to an uninterrupted inline run of the same grid. Figures go to stdout (pytest -s) and to
+`chaos-figures.json` in the test's temp directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+import storage
+from tasks.cells import expand
+from tasks.spec import load_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER_TIMEOUT_S = 900
+METRICS = ["psnr", "ssim", "lpips", "final_cost", "status", "iterations", "label"]
+
+# 2 methods x 2 defenses x 6 batches of 1 = 24 cells on 12 gradients; cells take a few seconds,
+# checkpoints every second, so kills land before, inside and after cells.
+LOCAL: dict[str, Any] = {
+    "name": "chaos",
+    "data": {"dataset": "lfw-faces", "image_size": 32, "num_batches": 6},
+    "victim": {"arch": "convnet", "width": 4, "seed": 0},
+    "methods": [
+        {"name": "gi-x", "params": {"iterations": 120, "restarts": 1}},
+        {"name": "gi-x+bn", "params": {"iterations": 120, "restarts": 1}},
+    ],
+    "defenses": [{"kind": "none"}, {"kind": "sparsity", "p": 0.9}],
+    "batch_sizes": [1],
+    "execution": {"executor": "local", "cells_per_job": 2, "max_parallel": 2},
+}
+SLURM: dict[str, Any] = {
+    **LOCAL,
+    "name": "chaos-slurm",
+    "data": {"dataset": "lfw-faces", "image_size": 32, "num_batches": 2},
+    "methods": [{"name": "gi-x", "params": {"iterations": 600, "restarts": 1}}],
+    "execution": {
+        "executor": "slurm",
+        "cells_per_job": 1,
+        "slurm": {"cpus_per_task": 1, "gpus_per_task": 0, "mem_gb": 1, "timeout_min": 20,
+                  "array_parallelism": 4},
+    },
+}
+
+
+def _gi_eval() -> list[str]:
+    script = Path(sys.executable).with_name("gi-eval")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "pipelines.cli"]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+            "GI_CHECKPOINT_EVERY_S": "1"}
+
+
+def _write(path: Path, spec: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _driver(spec: Path, out: Path, log: Path, *executor: str) -> subprocess.Popen[bytes]:
+    # Its own session: killpg takes the driver, its submitit controllers and their tasks.
+    with open(log, "ab") as f:
+        return subprocess.Popen([*_gi_eval(), "run", str(spec), "--out", str(out), *executor],
+                                cwd=ROOT, env=_env(), stdout=f, stderr=f, start_new_session=True)
+
+
+def _finish(spec: Path, out: Path, log: Path, *executor: str) -> None:
+    proc = _driver(spec, out, log, *executor)
+    assert proc.wait(timeout=DRIVER_TIMEOUT_S) == 0, log.read_text()[-4000:]
+
+
+def _workers(out: Path) -> list[int]:
+    """Pids of submitit task processes of this run (their command line names its logs)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"submitit.core._submit" in args and any(str(out).encode() in a for a in args):
+            pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def _kill(pid: int, *, group: bool = False) -> bool:
+    try:
+        (os.killpg if group else os.kill)(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _compare(run: storage.RunDir, ref: storage.RunDir, cells: set[str]) -> dict[str, int]:
+    """Duplicates, lost cells, leftovers and mismatches against the uninterrupted reference."""
+    df, rf = run.metrics(), ref.metrics()
+    parts = [p for p in run.metrics_dir.rglob("part-*.parquet")]
+    key = ["cell_id", "image_index"]
+    joined = df.set_index(key)[METRICS].sort_index()
+    expected = rf.set_index(key)[METRICS].sort_index()
+    mismatched = {c for c in cells if not joined.loc[c].equals(expected.loc[c])} \
+        if set(df["cell_id"]) == cells else cells
+    for c in cells - mismatched:
+        a = storage.read_reconstruction(run.reconstruction_path(c))
+        b = storage.read_reconstruction(ref.reconstruction_path(c))
+        if not (np.array_equal(a.images, b.images) and np.array_equal(a.loss_curve, b.loss_curve)):
+            mismatched.add(c)
+    return {
+        "cells": len(cells),
+        "committed": len(run.committed_cells() & cells),
+        "lost": len(cells - run.committed_cells()),
+        "duplicate_rows": int(df.duplicated(key).sum()),
+        "duplicate_parts": len(parts) - len({p.name for p in parts}),
+        "leftover_temp_files": sum(1 for p in run.root.rglob(".*.tmp-*") if p.is_file()),
+        "leftover_checkpoints": len(list((run.root / "checkpoints").glob("*.pt"))),
+        "quarantined": sum(1 for p in (run.root / "quarantine").rglob("*") if p.is_file())
+        if (run.root / "quarantine").is_dir() else 0,
+        "mismatches": len(mismatched),
+    }
+
+
+def _report(tmp_path: Path, name: str, figures: dict[str, Any]) -> None:
+    print(f"\n{name} chaos figures: {json.dumps(figures)}")
+    (tmp_path / "chaos-figures.json").write_text(json.dumps(figures, indent=1))
+
+
+def _assert_clean(figures: dict[str, Any]) -> None:
+    assert figures["committed"] == figures["cells"] and figures["lost"] == 0, figures
+    for k in ("duplicate_rows", "duplicate_parts", "leftover_temp_files", "leftover_checkpoints",
+              "quarantined", "mismatches"):
+        assert figures[k] == 0, (k, figures)
+
+
+@pytest.mark.slow
+def test_local_grid_survives_random_kills(tmp_path: Path) -> None:
+    spec = _write(tmp_path / "chaos.yaml", LOCAL)
+    cells = {c.id for c in expand(load_spec(spec)).inversion_cells}
+    assert len(cells) >= 24
+    log = tmp_path / "drivers.log"
+    _finish(spec, tmp_path / "ref", log, "--executor", "inline")
+    start = time.monotonic()
+    out, rng = tmp_path / "run", random.Random(13)
+    kills: list[str] = []
+    driver: subprocess.Popen[bytes] | None = None
+    while len(kills) < 8:
+        if driver is None or driver.poll() is not None:
+            driver = _driver(spec, out, log)
+        try:
+            driver.wait(timeout=rng.uniform(4.0, 25.0))
+            continue  # it ended (done, or gave up after retries): start the next one
+        except subprocess.TimeoutExpired:
+            pass
+        workers = _workers(out)
+        if len(kills) % 2 == 1 and workers and _kill(rng.choice(workers)):
+            kills.append("worker")
+        elif _kill(driver.pid, group=True):
+            driver.wait()
+            kills.append("driver-group")
+    if driver.poll() is None:
+        driver.wait(timeout=DRIVER_TIMEOUT_S)
+    _finish(spec, out, log)
+    figures = {"interruptions": len(kills), "driver_group_kills": kills.count("driver-group"),
+               "worker_kills": kills.count("worker"),
+               **_compare(storage.open_run(out), storage.open_run(tmp_path / "ref"), cells),
+               "wall_s": round(time.monotonic() - start, 1)}
+    _report(tmp_path, "local", figures)
+    assert figures["interruptions"] >= 8 and figures["worker_kills"] >= 1
+    _assert_clean(figures)
+
+
+def _squeue(name: str) -> list[tuple[str, str]]:
+    out = subprocess.run(["squeue", "--noheader", "--array", "--name", name, "--format=%i %T"],
+                         capture_output=True, text=True, check=False).stdout
+    return [tuple(line.split()) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
+
+
+def _wait_for_running(name: str, n: int, *, timeout_s: float = 300) -> list[str]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        running = [j for j, state in _squeue(name) if state == "RUNNING"]
+        if len(running) >= n:
+            return running
+        time.sleep(1)
+    raise AssertionError(f"fewer than {n} {name} jobs running: {_squeue(name)}")
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_grid_survives_kill9_scancel_and_usr2(tmp_path: Path, slurm_cluster: Any) -> None:
+    spec = _write(tmp_path / "chaos-slurm.yaml", SLURM)
+    cells = {c.id for c in expand(load_spec(spec)).inversion_cells}
+    log = tmp_path / "drivers.log"
+    _finish(spec, tmp_path / "ref", log, "--executor", "inline")
+    start, out, events = time.monotonic(), tmp_path / "run", []
+    name = "chaos-slurm-inversions-0"  # job names carry the grid name
+    driver = _driver(spec, out, log)
+    _wait_for_running(name, 2)
+    _kill(driver.pid, group=True)  # kill -9 of the driver: its jobs live on in Slurm
+    driver.wait()
+    events.append("kill-9-driver")
+    first, second = sorted(_wait_for_running(name, 2))[:2]
+    time.sleep(3)  # let the attack loop start (and checkpoint) before the signals
+    subprocess.run(["scancel", "--signal=USR2", first], check=True, timeout=60)
+    events.append("usr2")
+    subprocess.run(["scancel", second], check=True, timeout=60)
+    events.append("scancel")
+    _finish(spec, out, log)  # waits for the requeued job, redoes the cancelled cell
+    figures = {"interruptions": len(events), "events": events,
+               **_compare(storage.open_run(out), storage.open_run(tmp_path / "ref"), cells),
+               "wall_s": round(time.monotonic() - start, 1)}
+    _report(tmp_path, "slurm", figures)
+    _assert_clean(figures)
