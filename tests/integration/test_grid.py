@@ -449,15 +449,20 @@ def test_cpu_grids_plan_cleanly(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", PAPER_GRIDS)
 def test_paper_grids_fail_only_on_their_data_path(name: str) -> None:
-    """Paper-scale grids point at data that is not here: that, and only that, is refused."""
+    """Paper-scale grids point at data and weights that are not here: that, and only that, is
+    refused."""
     data = yaml.safe_load((GRIDS / name).read_text())
     with pytest.raises(ConfigError) as info:
         parse_spec(data)
-    problems = str(info.value).splitlines()[1:]
-    assert problems and all(p.strip().startswith("data.dataset:") for p in problems), problems
-    # With a data set that is here (and large enough) everything else validates.
+    problems = [p.strip() for p in str(info.value).splitlines()[1:]]
+    assert problems and all(
+        p.startswith(("data.dataset:", "generator.checkpoint:")) for p in problems
+    ), problems
+    # With a data set and a prior that are here everything else validates.
     data["data"]["dataset"] = "natural-photos"
     data["data"]["num_batches"] = 1
+    arch = {"resolution": 64, "channels": [16] * 5}
+    data["generator"] = {**data["generator"], "checkpoint": None, "stylegan2": arch}
     spec = parse_spec(data)
     assert spec.execution.executor == "slurm"
     assert len(expand(spec).inversion_cells) > 0
