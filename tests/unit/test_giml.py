@@ -149,3 +149,41 @@ def test_config_and_task_set_are_checked(setup):
         GIMLConfig(inner_optimizer="rmsprop")
     with pytest.raises(ConfigError, match="tasks_per_step"):
         initial_state(gen, num_tasks=1, config=CFG)
+
+
+def _giml_spec(**changes):
+    import yaml
+
+    from tasks.giml_spec import GIMLSpec
+
+    body = yaml.safe_load(open("grids/giml_faces_cpu.yaml").read())
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        body[section][field] = value
+    return GIMLSpec.model_validate(body)
+
+
+def test_clients_never_hold_an_evaluation_face():
+    from tasks.giml import client_indices, held_out_indices
+
+    spec = _giml_spec()
+    held = held_out_indices(spec)
+    groups = client_indices(spec)
+    assert len(held) == 16 and len(groups) == 20
+    flat = [i for g in groups for i in g]
+    assert len(set(flat)) == len(flat) == 80 and not set(flat) & held
+    with pytest.raises(ConfigError, match="fl.clients"):
+        client_indices(_giml_spec(fl__clients=22))  # 88 faces > the 84 not held out
+
+
+def test_bad_giml_spec_names_the_field(tmp_path):
+    from tasks.giml_spec import GIMLSpec, load_yaml_spec
+
+    text = open("grids/giml_faces_cpu.yaml").read().replace("meta_lr: 0.5", "meta_lr: 2.0")
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="giml.meta_lr"):
+        load_yaml_spec(path, GIMLSpec)
+    path.write_text(text.replace("meta_lr: 2.0", "meta_rate: 0.5"))
+    with pytest.raises(ConfigError, match="meta_rate"):
+        load_yaml_spec(path, GIMLSpec)
