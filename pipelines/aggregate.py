@@ -69,8 +69,10 @@ def config_columns(df: pd.DataFrame) -> list[str]:
 
 def default_by(df: pd.DataFrame) -> list[str]:
     """Configuration columns plus the setting axes present in `df` (and every further
-    configuration column that varies, e.g. a DP clip sweep or several victims)."""
-    extra = _varying(df, EXTRA_SETTING_AXES)
+    configuration column that varies within a setting, e.g. a DP clip sweep or several
+    victims; not e.g. defense_p, which the defense and its level already determine)."""
+    setting = [a for a in SETTING_AXES if a in df.columns]
+    extra = _varying(df, EXTRA_SETTING_AXES, within=setting)
     return config_columns(df) + [a for a in SETTING_AXES if a in df.columns] + extra
 
 
@@ -170,13 +172,12 @@ def _metric_summary(
     confidence: float,
     seed: int,
 ) -> pd.DataFrame:
-    groups = df.groupby(by, dropna=False, sort=True)
-    units = unit_values(df, metric, by=by, best_in_batch=best_in_batch)
-    per_group = dict(iter(units.groupby(by, dropna=False, sort=True)))
     rows = []
-    for key, group in groups:
+    for key, group in df.groupby(by, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        values = per_group.get(key, pd.DataFrame({"value": []}))["value"].to_numpy(float)
+        # units from the group itself: a key holding NaN (e.g. no generator) never matches
+        # itself in a dict lookup
+        values = unit_values(group, metric, best_in_batch=best_in_batch)["value"].to_numpy(float)
         low, high = bootstrap_ci(values, confidence=confidence, seed=seed)
         rows.append(
             {

@@ -142,3 +142,27 @@ def test_single_unit_has_no_ci() -> None:
     df = pd.DataFrame(_rows("gi-x", offset=0.0)).query("gradient_id == 'g0' and seed == 0")
     row = ag.summary(df, metrics=["psnr"]).iloc[0]
     assert row["n"] == 1 and np.isnan(row["ci_low"]) and np.isnan(row["ci_high"])
+
+
+def test_setting_axes_split_only_what_varies_within_a_setting(metrics: pd.DataFrame) -> None:
+    sparse = metrics.assign(
+        defense="sparsity",
+        defense_level=0.9,
+        defense_p=0.9,
+        gradient_id=metrics["gradient_id"] + "-s",
+    )
+    clip = metrics.assign(defense="dp", defense_level=0.1, defense_p=np.nan)
+    clip = pd.concat(
+        [
+            clip.assign(defense_clip=1.0, gradient_id=clip["gradient_id"] + "-c1"),
+            clip.assign(defense_clip=2.0, gradient_id=clip["gradient_id"] + "-c2"),
+        ]
+    )
+    df = pd.concat([metrics.assign(defense_p=np.nan), sparse, clip], ignore_index=True)
+    by = ag.default_by(df)
+    # defense_p follows from (defense, level): no extra split; the DP clip sweep is one
+    assert "defense_p" not in by and "defense_clip" in by
+    table = ag.summary(df, metrics=["psnr"])
+    none = table[(table["defense"] == "none") & (table["method"] == "gi-x")]
+    assert none["mean"].tolist() == pytest.approx([12.5])  # NaN keys still find their units
+    assert len(table[table["defense"] == "dp"]) == 4  # 2 methods x 2 clips
