@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from gi_core.attacks import InversionProblem, Progress, reconstruct
+from gi_core.attacks.batched import batchable, reconstruct_batch
+from gi_core.attacks.engine import choose_path
 from gi_core.datasets import dataset_info, load_images
 from gi_core.defenses import apply_defense
 from gi_core.errors import DegenerateInputError, ExecutionError
@@ -50,6 +52,7 @@ from storage.zarr_store import (
     write_gradient,
     write_reconstruction,
 )
+from tasks.batching import cell_bytes, device_budget, group_by_key, group_cells
 from tasks.cells import GeneratorSpec, GradientCell, InversionCell
 from tasks.executors import job_environment
 
@@ -85,6 +88,10 @@ class Chunk:
     keep_restarts: bool = False
     threads: int | None = None  # torch threads of the job (None: leave the process default)
     snapshots: tuple[int, ...] = ()  # iterations at which to store images (storage.snapshots)
+    # Batched cells (issue 12): solve cells of one batch key together under a memory budget
+    # (None: from the device); see tasks.batching and execution.batch_cells in the spec.
+    batch_cells: bool = False
+    memory_budget_gb: float | None = None
 
 
 def run_chunk(chunk: Chunk, preemption: Preemption | None = None) -> int:
@@ -93,20 +100,68 @@ def run_chunk(chunk: Chunk, preemption: Preemption | None = None) -> int:
     if chunk.threads is not None:
         torch.set_num_threads(chunk.threads)
     ran, failed = 0, []
-    for d in chunk.cells:
+    for unit in _units(run, chunk):
         try:
-            ran += _run_cell(run, chunk, d, preemption)
+            ran += _run_unit(run, chunk, unit, preemption)
         except Exception:  # noqa: BLE001 - re-raised below as one error naming every failed cell
             # One failing cell must not hide the others: finish the chunk, then fail it.
-            log.exception("cell %s failed", d["id"])
-            failed.append(d["id"])
-            _record_failure(run, d)
+            log.exception("cell(s) %s failed", ", ".join(d["id"] for d in unit))
+            for d in unit:
+                failed.append(d["id"])
+                _record_failure(run, d)
     if failed:
         raise ExecutionError(
             f"{len(failed)} cell(s) failed: {', '.join(failed)} (tracebacks in "
             "this job's log); the other cells of the chunk are committed"
         )
     return ran
+
+
+def _units(run: RunDir, chunk: Chunk) -> list[list[dict[str, Any]]]:
+    """The chunk's cells as units of work: one cell each, or groups of inversion cells solved
+    as one batch (same batch key, sized under the memory budget; tasks.batching)."""
+    if chunk.kind != "inversions" or not chunk.batch_cells:
+        return [[d] for d in chunk.cells]
+    by_id = {d["id"]: d for d in chunk.cells}
+    cells = [InversionCell.from_dict(d) for d in chunk.cells]
+    budget = device_budget(device(), chunk.memory_budget_gb)
+    units: list[list[dict[str, Any]]] = []
+    for group in group_by_key(cells):
+        if not batchable(group[0].method, group[0].config):
+            units.extend([[by_id[c.id]] for c in group])
+            continue
+        per_cell = _cell_bytes(group[0])
+        for part in group_cells(group, per_cell_bytes=per_cell, budget=budget):
+            units.append([by_id[c.id] for c in part])
+    return units
+
+
+def _cell_bytes(cell: InversionCell) -> int:
+    victim = victim_for(cell.gradient)
+    generator = generator_for(cell)
+    per_image_copies = cell.method.startswith(("gi-w", "gi-z/w"))
+    copies = sum(p.numel() for p in generator.parameters()) if generator and per_image_copies else 0
+    return cell_bytes(
+        params=sum(p.numel() for p in victim.parameters()),
+        image_numel=3 * cell.gradient.image_size**2,
+        batch=len(cell.gradient.indices),
+        restarts=cell.config.restarts,
+        copies=copies,
+    )
+
+
+def _run_unit(
+    run: RunDir, chunk: Chunk, unit: list[dict[str, Any]], preemption: Preemption
+) -> int:
+    if len(unit) == 1:
+        return _run_cell(run, chunk, unit[0], preemption)
+    return invert_group(
+        run,
+        [InversionCell.from_dict(d) for d in unit],
+        preemption=preemption,
+        keep_restarts=chunk.keep_restarts,
+        snapshots=chunk.snapshots,
+    )
 
 
 def _run_cell(run: RunDir, chunk: Chunk, d: dict[str, Any], preemption: Preemption) -> int:
@@ -221,29 +276,122 @@ def invert(
     """Attack one stored gradient, resuming from a checkpoint; commit curve, then metrics last."""
     if run.is_committed(cell.id, cell.method):
         return 0
-    start, dev = time.perf_counter(), device()
+    start = time.perf_counter()
+    p = _prepare(run, cell, snapshots)
+    result = reconstruct(
+        cell.method,
+        p.problem,
+        cell.config,
+        seed=cell.seed,
+        generator=p.generator,
+        state=p.state,
+        progress=p.trace.around(_checkpointer(p.checkpoint_path, preemption, p.trace)),
+    )
+    return _commit_inversion(run, p, result, time.perf_counter() - start, keep_restarts)
+
+
+@dataclass
+class _Prepared:
+    """One inversion cell loaded and ready to attack (shared by `invert` and `invert_group`)."""
+
+    cell: InversionCell
+    stored: StoredGradient
+    problem: InversionProblem
+    label_acc: float
+    generator: Generator | None
+    checkpoint_path: Any
+    state: dict[str, Any] | None
+    trace: Trace
+
+
+def _prepare(run: RunDir, cell: InversionCell, snapshots: Sequence[int]) -> _Prepared:
+    dev = device()
     stored = read_gradient(run.gradient_path(cell.gradient_id))
     problem = _problem(stored, victim_for(cell.gradient), dev)
     labels, label_acc = attack_labels(problem.target, problem.labels, mode=cell.config.labels)
     problem = dataclasses.replace(problem, labels=labels)
-    generator = generator_for(cell)
     checkpoint_path = run.checkpoint_path(cell.id)
     state = load_checkpoint(checkpoint_path)
     trace = Trace.resume(state, snapshots)
-    result = reconstruct(
-        cell.method,
-        problem,
-        cell.config,
-        seed=cell.seed,
-        generator=generator,
-        state=state,
-        progress=trace.around(_checkpointer(checkpoint_path, preemption, trace)),
+    return _Prepared(
+        cell, stored, problem, label_acc, generator_for(cell), checkpoint_path, state, trace
     )
+
+
+def invert_group(
+    run: RunDir,
+    cells: Sequence[InversionCell],
+    *,
+    preemption: Preemption,
+    keep_restarts: bool,
+    snapshots: Sequence[int] = (),
+) -> int:
+    """Cells of one batch key (tasks.batching) solved as one batch where the engine's measured
+    policy says vectorising pays; cells with a checkpoint, or where it does not pay, run alone.
+    Each cell keeps its own checkpoint, and wall_seconds is the batch's time / its cells."""
+    todo = [c for c in cells if not run.is_committed(c.id, c.method)]
+    start = time.perf_counter()
+    prepared = [_prepare(run, c, snapshots) for c in todo]
+    fresh = [p for p in prepared if p.state is None]
+    together = len(fresh) > 1 and all(p.generator is fresh[0].generator for p in fresh)
+    restarts = fresh[0].cell.config.restarts if fresh else 1
+    problems = [p.problem for p in fresh]
+    if not together or choose_path(problems, restarts) != "vmap":
+        return sum(
+            invert(run, p.cell, preemption=preemption, keep_restarts=keep_restarts,
+                   snapshots=snapshots)
+            for p in prepared
+        )
+    alone = [p for p in prepared if p.state is not None]
+    # Only the last cell's callback lets a deferred preemption through, after every cell of
+    # the batch has saved its checkpoint at this iteration boundary.
+    gates = [_SeesPreemption(preemption)] * (len(fresh) - 1) + [preemption]
+    results = reconstruct_batch(
+        fresh[0].cell.method,
+        problems,
+        fresh[0].cell.config,
+        seeds=[p.cell.seed for p in fresh],
+        generator=fresh[0].generator,
+        progress=[
+            p.trace.around(_checkpointer(p.checkpoint_path, gate, p.trace))
+            for p, gate in zip(fresh, gates, strict=True)
+        ],
+    )
+    share = (time.perf_counter() - start) / len(fresh)
+    done = sum(
+        _commit_inversion(run, p, r, share, keep_restarts)
+        for p, r in zip(fresh, results, strict=True)
+    )
+    return done + sum(
+        invert(run, p.cell, preemption=preemption, keep_restarts=keep_restarts,
+               snapshots=snapshots)
+        for p in alone
+    )
+
+
+class _SeesPreemption:
+    """Sees a preemption request (to checkpoint) but leaves the safe point to another cell."""
+
+    def __init__(self, inner: Preemption) -> None:
+        self.inner = inner
+
+    @property
+    def requested(self) -> bool:
+        return self.inner.requested
+
+    def safe_point(self) -> None:
+        return None
+
+
+def _commit_inversion(
+    run: RunDir, p: _Prepared, result: Any, wall: float, keep_restarts: bool
+) -> int:
+    cell, stored, problem, trace, dev = p.cell, p.stored, p.problem, p.trace, device()
+    label_acc, checkpoint_path = p.label_acc, p.checkpoint_path
     truth = torch.as_tensor(stored.images, device=dev)
     # given labels keep positions; recovered ones are a sorted set: match by Hungarian assignment
     known = problem.labels if cell.config.labels == "given" else None
     scores = evaluate_batch(result.images, truth, labels=known, lpips=lpips_model())
-    wall = time.perf_counter() - start
     write_reconstruction(
         run.reconstruction_path(cell.id),
         dataclasses.replace(_stored_result(cell, result, wall, dev), **trace.snapshot_arrays()),

@@ -1,0 +1,133 @@
+"""Batched cells: several attacks of one method and config solved in one optimisation.
+
+Every variable of the engine has a row dimension; P problems with R restarts each become
+P × R rows (problem-major) with per-problem victim parameters, targets, labels, masks and BN
+targets (vmap over problems on the `vmap` path, one row at a time on the `loop` path), and
+stacked per-image generator copies for GI-z/w. Each problem's rows get exactly the updates they
+would get alone (Adam is elementwise), so per-cell results equal solving each cell alone within
+float tolerance (tests/unit/test_batching.py).
+
+How: each attack runs once with `run_stages` intercepted (its stages, problem, config and initial
+variables are captured, nothing is optimised), the captured calls are solved together by
+`engine.solve_batch`, and each attack runs again with `run_stages` returning its own result,
+so anything an attack does around `run_stages` still happens.
+
+    from gi_core.attacks.batched import reconstruct_batch
+    results = reconstruct_batch("gi-x", problems, config, seeds=[0, 1, 2])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from gi_core.attacks import engine
+from gi_core.attacks.engine import AttackResult, BaseConfig, InversionProblem, Progress, StagesCall
+from gi_core.attacks.registry import entry_point
+from gi_core.errors import ConfigError
+from gi_core.generators import Generator
+
+Thunk = Callable[[], AttackResult]
+
+
+class _Captured(Exception):  # noqa: N818 - control flow inside this module only, never escapes
+    def __init__(self, call: StagesCall) -> None:
+        super().__init__("run_stages captured")
+        self.call = call
+
+
+def batchable(method: str, config: BaseConfig) -> bool:
+    """Whether cells of `method` can share one optimisation. GI-w from an untrained start
+    draws its own generator per seed (a different render per cell); plateau stopping ends
+    each cell at its own iteration."""
+    if getattr(config, "plateau_window", 0) > 0:
+        return False
+    return not (method == "gi-w" and getattr(config, "start", "untrained") == "untrained")
+
+
+def reconstruct_batch(
+    method: str,
+    problems: Sequence[InversionProblem],
+    config: BaseConfig,
+    *,
+    seeds: Sequence[int],
+    generator: Generator | None = None,
+    progress: Sequence[Callable[[Progress], None] | None] | None = None,
+    should_stop: Sequence[Callable[[], bool] | None] | None = None,
+    path: str = "auto",
+) -> list[AttackResult]:
+    """`method` on every problem (seed per problem), solved together; one result per problem."""
+    if not batchable(method, config):
+        raise ConfigError(f"method: {method} with these params cannot be batched")
+    fn = entry_point(method)
+    n = len(problems)
+    progress = progress or [None] * n
+    should_stop = should_stop or [None] * n
+
+    def thunk(i: int) -> Thunk:
+        return lambda: fn(
+            problems[i],
+            config,
+            seed=seeds[i],
+            generator=generator,
+            progress=progress[i],
+            should_stop=should_stop[i],
+        )
+
+    return solve_thunks([thunk(i) for i in range(n)], path=path)
+
+
+def solve_thunks(thunks: Sequence[Thunk], *, path: str = "auto") -> list[AttackResult]:
+    """Run attack calls (each calls `run_stages` once) as one batch."""
+    calls = [_capture(t) for t in thunks]
+    _check_compatible(calls)
+    results = engine.solve_batch(calls, path=path)
+    return [_replay(t, r) for t, r in zip(thunks, results, strict=True)]
+
+
+def _capture(thunk: Thunk) -> StagesCall:
+    def intercept(call: StagesCall) -> AttackResult:
+        raise _Captured(call)
+
+    engine._INTERCEPT.append(intercept)
+    try:
+        thunk()
+    except _Captured as captured:
+        return captured.call
+    finally:
+        engine._INTERCEPT.pop()
+    raise ConfigError("method: this attack does not optimise through run_stages; not batchable")
+
+
+def _replay(thunk: Thunk, result: AttackResult) -> AttackResult:
+    engine._INTERCEPT.append(lambda call: result)
+    try:
+        return thunk()
+    finally:
+        engine._INTERCEPT.pop()
+
+
+def _check_compatible(calls: Sequence[StagesCall]) -> None:
+    """Same config, stage layout, image shape and victim architecture in every call."""
+    first = calls[0]
+    for c in calls[1:]:
+        same = (
+            c.config == first.config
+            and _layout(c) == _layout(first)
+            and c.problem.image_shape == first.problem.image_shape
+            and c.problem.batch_size == first.problem.batch_size
+            and _architecture(c.problem) == _architecture(first.problem)
+            and c.state is None
+        )
+        if not same:
+            raise ConfigError("cells of one batch must share method, params, shapes and victim")
+
+
+def _layout(call: StagesCall) -> list[tuple[Any, ...]]:
+    shapes = {k: tuple(v.shape[1:]) for k, v in call.initial.items()}
+    stages = [(s.name, s.iterations, s.lr, s.trainable) for s in call.stages]
+    return [*stages, tuple(sorted(shapes.items()))]
+
+
+def _architecture(problem: InversionProblem) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(p.shape)) for n, p in problem.victim.named_parameters()]
