@@ -233,3 +233,5 @@ def test_slurm_grid_survives_kill9_scancel_and_usr2(tmp_path: Path, slurm_cluste
                "wall_s": round(time.monotonic() - start, 1)}
     _report(tmp_path, "slurm", figures)
     _assert_clean(figures)
+    df = storage.open_run(out).metrics(columns=["slurm_job_id", "slurm_array_index", "host"])
+    assert df["slurm_job_id"].notna().all() and df["host"].notna().all()  # where each cell ran
