@@ -71,7 +71,15 @@ def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
     cells = inversion_chunks(
         run, status.todo, per_job=per_job, threads=threads, keep_restarts=spec.storage.keep_restarts
     )
-    cells = [replace(c, snapshots=spec.storage.snapshots) for c in cells]
+    cells = [
+        replace(
+            c,
+            snapshots=spec.storage.snapshots,
+            batch_cells=ex.batch_cells,
+            memory_budget_gb=ex.memory_budget_gb,
+        )
+        for c in cells
+    ]
     timeout = ex.array_timeout_h * 3600 if ex.array_timeout_h else None
     planned = frozenset(c.id for c in status.plan.inversion_cells)
     get_run_logger().info(

@@ -331,6 +331,11 @@ class ExecutionSpec(_Model):
     # Prefect task timeout of one job array (submission to last commit); on timeout the array's
     # jobs are cancelled and the run fails (committed cells stay). None: wait as long as it takes.
     array_timeout_h: float | None = Field(default=None, gt=0)
+    # Batched cells (issue 12): a job element solves cells of one method, config and victim
+    # architecture together where the engine's measured policy says vectorising pays, in
+    # groups that fit `memory_budget_gb` (None: a share of the device's memory).
+    batch_cells: bool = True
+    memory_budget_gb: float | None = Field(default=None, gt=0)
     slurm: SlurmSpec = SlurmSpec()  # frozen, so one shared default is safe
 
 
