@@ -180,10 +180,16 @@ def _param_count(cell: GradientCell) -> int:
     key = f"{v.arch}/{v.width}/{classes}/{cell.image_size}"
     if key not in _PARAMS:
         extra = {"width": v.width} if v.width is not None else {}
-        with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-            model = build_victim(v.arch, num_classes=classes, image_size=cell.image_size,
-                                 **extra)
-        _PARAMS[key] = sum(p.numel() for p in model.parameters())
+        try:
+            with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+                model = build_victim(v.arch, num_classes=classes, image_size=cell.image_size,
+                                     **extra)
+        except (RuntimeError, NotImplementedError, TypeError, ValueError):
+            # a user model that cannot be built on the meta device: its gradient is left out
+            # of the estimate (the job builds it for real and reports any real problem)
+            _PARAMS[key] = 0
+        else:
+            _PARAMS[key] = sum(p.numel() for p in model.parameters())
     return _PARAMS[key]
 
 
