@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -29,6 +30,7 @@ from pipelines.planner import (
     inversion_chunks,
     prepare_run,
     read_spec,
+    run_dir_for,
 )
 from pipelines.report import write_report
 from storage.run import open_run
@@ -147,7 +149,31 @@ def _artifact_key(name: str) -> str:
     return key or "grid"
 
 
-@flow(name="evaluation-grid", log_prints=False, flow_run_name=_flow_run_name)
+def _cancel_jobs(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_cancellation hook. Cancelling a flow run in the Prefect UI makes the worker SIGTERM
+    the flow-run process; Slurm jobs (and local submitit jobs) are not its children and would
+    keep running, so the hook does what `gi-eval cancel RUN_DIR` does: mark the run cancelled
+    (an array still polling raises RunCancelled instead of retrying) and cancel its jobs."""
+    from pipelines.commands import cancel_run
+
+    log = logging.getLogger(__name__)
+    params = flow_run.parameters
+    try:
+        spec, _ = read_spec(params["spec_path"])
+    except ConfigError as e:  # nothing can have been submitted for an invalid spec
+        log.warning("cancellation: spec unreadable, no jobs to cancel (%s)", e)
+        return
+    run_path = run_dir_for(spec, params.get("out"))
+    if (run_path / "grid.yaml").is_file():
+        log.warning("flow run cancelled: %s", cancel_run(run_path))
+
+
+@flow(
+    name="evaluation-grid",
+    log_prints=False,
+    flow_run_name=_flow_run_name,
+    on_cancellation=[_cancel_jobs],
+)
 def evaluation_grid(
     spec_path: str, executor: Executor | None = None, out: str | None = None
 ) -> str:
