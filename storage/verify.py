@@ -2,8 +2,8 @@
 
 What counts as broken (each found object becomes a `Finding`):
   * a metrics part or compact file that pyarrow cannot read (truncated, overwritten, foreign);
-  * a committed cell whose reconstruction group is missing (deleted) or, in a deep check, whose
-    zip fails its CRC check or cannot be opened;
+  * a committed cell whose reconstruction group is missing (deleted), is not a readable zip
+    (truncated, foreign) or, in a deep check, fails its CRC check;
   * (deep check) a gradient group that is not a readable zip.
 
 Repair moves each finding to <run>/quarantine/<time>-<pid>/<its path in the run> and writes
@@ -13,8 +13,9 @@ the good cells of that file are written back as part files (they stay committed 
 because a cell listed in a manifest *and* present as a part is committed once), then the
 manifest and the compact file move to quarantine.
 
-The quick check (the resume scan of every `gi-eval run`) reads Parquet footers and lists the
-reconstruction groups; the deep check (`gi-eval verify --deep`) reads every row and every zip.
+The quick check (the resume scan of every `gi-eval run`) reads Parquet footers and the zip
+directory of each committed cell's group; the deep check (`gi-eval verify --deep`) reads every
+row and checks every zip's CRCs, gradient groups included.
 """
 
 from __future__ import annotations
@@ -155,17 +156,19 @@ def _cells_without_group(
         if cell not in groups:
             problem: str | None = "committed, but its reconstruction group is missing"
         else:
-            problem = _zip_problem(run.reconstruction_path(cell)) if deep else None
+            problem = _zip_problem(run.reconstruction_path(cell), crc=deep)
             problem = problem and f"reconstruction group {problem}"
         if problem is not None:
             found.append(Finding(path, problem, (cell,), compact))
     return found
 
 
-def _zip_problem(path: Path) -> str | None:
+def _zip_problem(path: Path, *, crc: bool = True) -> str | None:
+    """Why the group zip at `path` is unusable, or None. Without `crc` only its directory (at
+    the end of the file) is read: that catches truncated and foreign files cheaply."""
     try:
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+            bad = z.testzip() if crc else None
             names = set(z.namelist())
     except FileNotFoundError:
         return None

@@ -178,6 +178,15 @@ def test_deleted_group_uncommits_the_cell_at_the_next_run(tmp_path: Path) -> Non
     assert (run.root / QUARANTINE_DIR).is_dir()
 
 
+def test_truncated_group_is_found_by_the_quick_scan(tmp_path: Path) -> None:
+    run, ids = committed_run(tmp_path / "run", cells=2)
+    group = run.reconstruction_path(ids[0])
+    group.write_bytes(group.read_bytes()[:200])
+    report = verify_and_repair(run)
+    assert report.cells == {ids[0]} and "not a readable zip" in report.findings[0].reason
+    assert run.committed_cells() == {ids[1]}
+
+
 def test_bad_cell_in_a_compact_file_keeps_the_others_committed(tmp_path: Path) -> None:
     run, ids = committed_run(tmp_path / "run", cells=2)
     run.compact(min_parts=2)
