@@ -45,6 +45,12 @@ def _configs(df: pd.DataFrame) -> list[dict[str, Any]]:
     return df[cols].drop_duplicates().sort_values(cols).to_dict("records")
 
 
+def _label(df: pd.DataFrame, row: dict[str, Any]) -> str:
+    """The configuration label of a full metrics row (only its configuration columns count:
+    e.g. the prior's checkpoint hash only where it tells configurations apart)."""
+    return ag.label_of({k: row[k] for k in ag.config_columns(df)})
+
+
 def fig3_gradient(df: pd.DataFrame) -> str | None:
     """The gradient attacked by most configurations (ties: no defense, smallest B, first)."""
     ok = df[df["status"] == "ok"]
@@ -85,7 +91,7 @@ def fig3_curves(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
         curve = _chosen_restart(curves[curves["cell_id"] == c["cell_id"]])
         if curve.empty:
             continue
-        (line,) = ax.plot(curve["iteration"], curve["cost"], label=ag.label_of(c), lw=1.4)
+        (line,) = ax.plot(curve["iteration"], curve["cost"], label=_label(df, c), lw=1.4)
         # dotted line where a later stage starts (e.g. GI-z/w switching from z to w)
         starts = curve.groupby("stage", sort=False)["iteration"].min().sort_values()
         for it in starts.iloc[1:]:
@@ -132,7 +138,7 @@ def fig3_strip(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
             if int(i) < rec.iterations
         ]
         frames.append((f"final ({rec.iterations})", rec.images[0]))
-        rows.append((ag.label_of(c), frames))
+        rows.append((_label(df, c).replace(" [", "\n["), frames))
     if not rows:
         return None
     width = max(len(f) for _, f in rows) + 1
@@ -175,7 +181,7 @@ def fig4a(df: pd.DataFrame, path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes) + 1, 3.4), squeeze=False)
     for ax, b in zip(axes[0], sizes, strict=True):
         a, s = avg[avg["batch_size"] == b], best[best["batch_size"] == b]
-        labels = [ag.label_of(r) for r in a.to_dict("records")]
+        labels = [_label(df, r) for r in a.to_dict("records")]
         x = np.arange(len(labels))
         for offset, rows, name in ((-0.2, a, "average"), (0.2, s, "best in batch")):
             ax.bar(
@@ -257,7 +263,7 @@ def image_grid(run: RunDir, df: pd.DataFrame, path: Path, *, worst: bool) -> Pat
     for c in cells.to_dict("records"):
         psnr = ok.loc[ok["cell_id"] == c["cell_id"], "psnr"].mean()
         images = read_reconstruction(run.reconstruction_path(c["cell_id"])).images
-        rows.append((f"{ag.label_of(c)}\n{psnr:.1f} dB", images))
+        rows.append((f"{_label(df, c)}\n{psnr:.1f} dB", images))
     first = cells.iloc[0]
     title = (
         f"{'worst' if worst else 'best'} batch: {first['defense']} "
@@ -282,7 +288,7 @@ def first_batch_grid(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
     truth = read_gradient(run.gradient_path(cells["gradient_id"].iloc[0])).images
     rows: list[tuple[str, np.ndarray]] = [("ground truth", truth)] + [
         (
-            f"{ag.label_of(c)}\n{c['defense']} {c['defense_level']:g}",
+            f"{_label(df, c)}\n{c['defense']} {c['defense_level']:g}",
             read_reconstruction(run.reconstruction_path(c["cell_id"])).images,
         )
         for c in cells.to_dict("records")
