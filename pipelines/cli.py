@@ -76,6 +76,11 @@ def classify(error: BaseException) -> tuple[int, str]:
         return EXIT_ENVIRONMENT, str(error)
     if isinstance(error, GIError):
         return EXIT_BUG, str(error)
+    if isinstance(error, TimeoutError):  # a Prefect task timeout (execution.array_timeout_h)
+        return EXIT_BUG, (
+            f"a job array ran past execution.array_timeout_h ({error}); its jobs were "
+            "cancelled, committed cells are kept and `gi-eval run` resumes"
+        )
     if isinstance(error, OSError):
         problem = environment_problem(error, Path(str(error.filename or "the run directory")))
         if problem is not None:
@@ -112,12 +117,16 @@ def methods() -> None:
 def plan(
     spec: Path,
     out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
-    calibrate: bool = typer.Option(True, help="time a few iterations per method for the estimate"),
+    calibrate: bool = typer.Option(
+        False, help="time each method in ONE job on the target executor before estimating"
+    ),
+    executor: str | None = typer.Option(None, help="target executor: inline | local | slurm"),
 ) -> None:
-    """Cells total / done / to do, gradients to generate, cost estimate, submission shape."""
+    """Cells total / done / to do, gradients to generate, cost estimate, submission shape.
+    The cost comes from the cost model (measured tables, this run's cells), not from attacks."""
     from pipelines.commands import plan_report
 
-    typer.echo(plan_report(spec, out, calibrate=calibrate))
+    typer.echo(plan_report(spec, out, calibrate=calibrate, executor=executor))
 
 
 @app.command()

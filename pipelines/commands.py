@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,10 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gi_core.errors import ConfigError
-from pipelines.calibrate import seconds_per_iteration
+from pipelines.calibrate import calibrate_on_executor
+from pipelines.costmodel import estimate
 from pipelines.memory import check_memory, memory_lines
 from pipelines.planner import (
-    estimate_seconds,
     grid_status,
     prepare_run,
     read_spec,
@@ -42,15 +43,28 @@ def _existing_run(path: Path) -> RunDir | None:
     return open_run(path) if (path / "grid.yaml").is_file() else None
 
 
-def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
+def plan_report(
+    spec_path: Path, out: Path | None, *, calibrate: bool, executor: str | None = None
+) -> str:
+    """Counts, cost and submission shape in seconds: the cost comes from the cost model
+    (pipelines.costmodel), never from attacks on this machine; `calibrate` runs one
+    calibration job on the target executor first."""
     spec, _ = read_spec(spec_path)
     run = _existing_run(run_dir_for(spec, out))
     queued = queued_cells(run) if run else set()
     status = grid_status(spec, run, queued=queued)
     todo = status.todo
-    stored = stored_timings(run)
-    timings = stored or (seconds_per_iteration(status.plan) if calibrate and todo else {})
-    seconds = estimate_seconds(todo, timings)
+    calibrated = {}
+    if calibrate and todo:
+        from pipelines.flows import executor_config  # Prefect: imported only when needed
+
+        log_dir = (run.root / "logs") if run else Path(tempfile.gettempdir())
+        calibrated = calibrate_on_executor(
+            status.plan, executor_config(spec, executor), log_dir=log_dir
+        )
+    cost = estimate(
+        spec, todo, executor=executor, run_timings=stored_timings(run), calibrated=calibrated
+    )
     per_job = spec.execution.cells_per_job
     grad_shape = submission_shape(len(status.gradients_todo), per_job=per_job)
     shape = submission_shape(len(todo), per_job=per_job)
@@ -60,14 +74,7 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
         f"{len(queued)} in queue, {len(todo)} to do",
         f"gradients: {len(status.plan.gradient_cells)} total, "
         f"{len(status.gradients_todo)} to generate",
-        "estimate: "
-        + (
-            f"~{_duration(seconds)} of attack time in total "
-            f"({'stored timings' if stored else 'calibration on this machine'}"
-            ", divide by the number of parallel jobs)"
-            if seconds is not None
-            else "n/a (no stored timings; pass --calibrate)"
-        ),
+        *cost.lines(),
         f"submission ({spec.execution.executor}): gradients {grad_shape.describe()}; "
         f"inversions {shape.describe()}; {grad_shape.sbatch_calls + shape.sbatch_calls} "
         "sbatch call(s) in all",
@@ -110,10 +117,6 @@ def run_grid(
     check_before_submission(run_path, todo, [c.gradient for c in todo],
                             keep_restarts=spec.storage.keep_restarts)
     check_memory(spec, todo, executor=executor or spec.execution.executor)  # exit 2 if too big
-    if not verbose:
-        # Prefect logs every failed task/flow with a traceback; the CLI prints one error line.
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-        logging.getLogger("prefect").setLevel(logging.CRITICAL)
     run_path.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     waiting = "waiting for the other `gi-eval run` on {} ({}) to finish (--wait)"
@@ -127,6 +130,10 @@ def run_grid(
         run = prepare_run(spec, text, out)
         for line in prepare_resume(run):
             notify(line)
+        if not verbose:
+            # Prefect logs every failed task/flow with a traceback; the CLI prints one line.
+            os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
+            logging.getLogger("prefect").setLevel(logging.CRITICAL)
         with _progress(cell_ids, run_path):
             table_path = evaluation_grid(str(spec_path), executor, str(run_path))
     wall = time.perf_counter() - start
