@@ -117,16 +117,12 @@ def methods() -> None:
 def plan(
     spec: Path,
     out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
-    calibrate: bool = typer.Option(
-        False, help="time each method in ONE job on the target executor before estimating"
-    ),
-    executor: str | None = typer.Option(None, help="target executor: inline | local | slurm"),
+    calibrate: bool = typer.Option(True, help="time a few iterations per method for the estimate"),
 ) -> None:
-    """Cells total / done / to do, gradients to generate, cost estimate, submission shape.
-    The cost comes from the cost model (measured tables, this run's cells), not from attacks."""
+    """Cells total / done / to do, gradients to generate, cost estimate, submission shape."""
     from pipelines.commands import plan_report
 
-    typer.echo(plan_report(spec, out, calibrate=calibrate, executor=executor))
+    typer.echo(plan_report(spec, out, calibrate=calibrate))
 
 
 @app.command()
