@@ -117,12 +117,16 @@ def methods() -> None:
 def plan(
     spec: Path,
     out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
-    calibrate: bool = typer.Option(True, help="time a few iterations per method for the estimate"),
+    calibrate: bool = typer.Option(
+        False, help="time each method in ONE job on the target executor before estimating"
+    ),
+    executor: str | None = typer.Option(None, help="target executor: inline | local | slurm"),
 ) -> None:
-    """Cells total / done / to do, gradients to generate, cost estimate, submission shape."""
+    """Cells total / done / to do, gradients to generate, cost estimate, submission shape.
+    The cost comes from the cost model (measured tables, this run's cells), not from attacks."""
     from pipelines.commands import plan_report
 
-    typer.echo(plan_report(spec, out, calibrate=calibrate))
+    typer.echo(plan_report(spec, out, calibrate=calibrate, executor=executor))
 
 
 @app.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,10 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from gi_core.errors import ConfigError
-from pipelines.calibrate import seconds_per_iteration
+from pipelines.calibrate import calibrate_on_executor
+from pipelines.costmodel import estimate
 from pipelines.memory import check_memory, memory_lines
 from pipelines.planner import (
-    estimate_seconds,
     grid_status,
     prepare_run,
     read_spec,
@@ -42,15 +43,28 @@ def _existing_run(path: Path) -> RunDir | None:
     return open_run(path) if (path / "grid.yaml").is_file() else None
 
 
-def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
+def plan_report(
+    spec_path: Path, out: Path | None, *, calibrate: bool, executor: str | None = None
+) -> str:
+    """Counts, cost and submission shape in seconds: the cost comes from the cost model
+    (pipelines.costmodel), never from attacks on this machine; `calibrate` runs one
+    calibration job on the target executor first."""
     spec, _ = read_spec(spec_path)
     run = _existing_run(run_dir_for(spec, out))
     queued = queued_cells(run) if run else set()
     status = grid_status(spec, run, queued=queued)
     todo = status.todo
-    stored = stored_timings(run)
-    timings = stored or (seconds_per_iteration(status.plan) if calibrate and todo else {})
-    seconds = estimate_seconds(todo, timings)
+    calibrated = {}
+    if calibrate and todo:
+        from pipelines.flows import executor_config  # Prefect: imported only when needed
+
+        log_dir = (run.root / "logs") if run else Path(tempfile.gettempdir())
+        calibrated = calibrate_on_executor(
+            status.plan, executor_config(spec, executor), log_dir=log_dir
+        )
+    cost = estimate(
+        spec, todo, executor=executor, run_timings=stored_timings(run), calibrated=calibrated
+    )
     per_job = spec.execution.cells_per_job
     grad_shape = submission_shape(len(status.gradients_todo), per_job=per_job)
     shape = submission_shape(len(todo), per_job=per_job)
@@ -60,26 +74,13 @@ def plan_report(spec_path: Path, out: Path | None, *, calibrate: bool) -> str:
         f"{len(queued)} in queue, {len(todo)} to do",
         f"gradients: {len(status.plan.gradient_cells)} total, "
         f"{len(status.gradients_todo)} to generate",
-        "estimate: "
-        + (
-            f"~{_duration(seconds)} of attack time in total "
-            f"({'stored timings' if stored else 'calibration on this machine'}"
-            ", divide by the number of parallel jobs)"
-            if seconds is not None
-            else "n/a (no stored timings; pass --calibrate)"
-        ),
+        *cost.lines(),
         f"submission ({spec.execution.executor}): gradients {grad_shape.describe()}; "
         f"inversions {shape.describe()}; {grad_shape.sbatch_calls + shape.sbatch_calls} "
         "sbatch call(s) in all",
         *memory_lines(spec, todo or status.plan.inversion_cells),
     ]
     return "\n".join(lines)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def run_grid(

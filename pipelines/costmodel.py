@@ -1,0 +1,203 @@
+"""What a grid will cost, without running attacks (issue 12).
+
+Seconds per iteration of each cell come from, in order of preference:
+1. the run's own committed cells (wall seconds / iterations per method): *measured (this run)*;
+2. `--calibrate`: a one-element job on the target executor timing each method: *calibrated*;
+3. the committed table `docs/results/performance.json` (written by benchmarks/performance.py):
+   the row of the same method family, victim, image size and device, scaled linearly in
+   B × R: *measured (table)*;
+4. the nearest row of the same family and device scaled by the victim's forward FLOPs per image
+   and by B × R: *scaled by FLOPs*.
+Per-iteration cost is dominated by the victim's forward + double backward for every restart and
+image, which is why FLOPs × B × R is the scaling variable. Gradient cells cost ~1 iteration each
+and are left out.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.cells import InversionCell
+from tasks.spec import GridSpec
+
+TABLE = Path(__file__).resolve().parent.parent / "docs" / "results" / "performance.json"
+PIXEL_METHODS = ("gi-x", "gi-x+bn")  # the rest search a generator's latents or weights
+
+
+@dataclass(frozen=True)
+class CellCost:
+    seconds_per_iteration: float
+    source: str  # measured (this run) | calibrated | measured (table) | scaled by FLOPs | none
+
+
+@dataclass(frozen=True)
+class Estimate:
+    device: str  # cpu | cuda: where the cells will run
+    seconds: float  # device-seconds of attack time over all cells
+    wall_seconds: float  # at the spec's parallelism
+    parallel: int
+    cores_per_job: int
+    sources: dict[str, str] = field(default_factory=dict)  # method -> source
+    unknown: int = 0  # cells without any number (no table row for their device)
+
+    def lines(self) -> list[str]:
+        if self.seconds <= 0 and self.unknown:
+            return [
+                f"estimate: n/a on {self.device} ({self.unknown} cells: no {self.device} "
+                "measurement in docs/results/performance.json; pass --calibrate)"
+            ]
+        hours = self.seconds / 3600
+        usage = (
+            f"{hours:.2f} GPU-hours"
+            if self.device == "cuda"
+            else f"{hours * self.cores_per_job:.2f} CPU core-hours"
+        )
+        out = [
+            f"estimate ({self.device}): {usage}; wall time ~{_duration(self.wall_seconds)} at "
+            f"{self.parallel} parallel job(s)",
+            "  seconds/iteration: "
+            + "; ".join(f"{m}: {s}" for m, s in sorted(self.sources.items())),
+        ]
+        if self.unknown:
+            out.append(f"  {self.unknown} cells have no number (not in the total)")
+        return out
+
+
+def target_device(spec: GridSpec, executor: str | None) -> str:
+    """cuda when the cells will get a GPU: Slurm with gpus_per_task > 0, else this machine's."""
+    kind = executor or spec.execution.executor
+    if kind == "slurm":
+        return "cuda" if spec.execution.slurm.gpus_per_task > 0 else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parallelism(spec: GridSpec, executor: str | None) -> tuple[int, int]:
+    """(jobs running at once, cores per job) for the target executor."""
+    kind = executor or spec.execution.executor
+    if kind == "slurm":
+        return spec.execution.slurm.array_parallelism, spec.execution.slurm.cpus_per_task
+    if kind == "inline":
+        return 1, max(1, torch.get_num_threads())
+    cores = max(1, (_cpu_count() or 1) // spec.execution.max_parallel)
+    return spec.execution.max_parallel, cores
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    return os.cpu_count()
+
+
+def load_table(path: Path = TABLE) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = json.loads(path.read_text()).get("cost_table", [])
+    return rows
+
+
+def estimate(
+    spec: GridSpec,
+    cells: Sequence[InversionCell],
+    *,
+    executor: str | None = None,
+    run_timings: Mapping[str, float] | None = None,
+    calibrated: Mapping[str, float] | None = None,
+    table: Sequence[Mapping[str, Any]] | None = None,
+) -> Estimate:
+    """Attack seconds of `cells` on the target device and the wall time at its parallelism."""
+    device = target_device(spec, executor)
+    rows = load_table() if table is None else table
+    parallel, cores = parallelism(spec, executor)
+    total, unknown, sources = 0.0, 0, {}
+    for cell in cells:
+        cost = cell_cost(
+            cell, device=device, table=rows, run=run_timings or {}, calibrated=calibrated or {}
+        )
+        sources.setdefault(cell.method, _label(cost))
+        if cost.source == "none":
+            unknown += 1
+            continue
+        total += cost.seconds_per_iteration * iterations(cell.config)
+    wall = total / max(1, min(parallel, max(1, len(cells))))
+    return Estimate(device, total, wall, parallel, cores, sources, unknown)
+
+
+def _label(cost: CellCost) -> str:
+    if cost.source == "none":
+        return "none"
+    return f"{cost.seconds_per_iteration * 1000:.1f} ms ({cost.source})"
+
+
+def cell_cost(
+    cell: InversionCell,
+    *,
+    device: str,
+    table: Sequence[Mapping[str, Any]],
+    run: Mapping[str, float],
+    calibrated: Mapping[str, float],
+) -> CellCost:
+    if cell.method in run:
+        return CellCost(run[cell.method], "measured (this run)")
+    if cell.method in calibrated:
+        return CellCost(calibrated[cell.method], "calibrated")
+    g = cell.gradient
+    work = len(g.indices) * cell.config.restarts
+    family = family_of(cell.method)
+    same = [r for r in table if r["device"] == device and r["family"] == family]
+    exact = [
+        r
+        for r in same
+        if r["victim"] == g.victim.arch
+        and r["image_size"] == g.image_size
+        and r["mode"] == "engine"
+    ]
+    if exact:
+        ref = min(exact, key=lambda r: abs(math.log(r["batch"] * r["restarts"] / work)))
+        scale = work / (ref["batch"] * ref["restarts"])
+        return CellCost(ref["seconds_per_iteration"] * scale, "measured (table)")
+    engine_rows = [r for r in same if r["mode"] == "engine" and r.get("forward_gflop")]
+    if not engine_rows:
+        return CellCost(math.nan, "none")
+    flop = forward_gflop(g.victim.arch, g.victim.width, g.image_size)
+    ref = min(engine_rows, key=lambda r: abs(math.log(r["forward_gflop"] / flop)))
+    scale = (flop * work) / (ref["forward_gflop"] * ref["batch"] * ref["restarts"])
+    return CellCost(ref["seconds_per_iteration"] * scale, "scaled by FLOPs")
+
+
+def family_of(method: str) -> str:
+    """The table's method family: pixel search (gi-x) or generator search (gi-z/w)."""
+    return "gi-x" if method in PIXEL_METHODS else "gi-z/w"
+
+
+def iterations(config: Any) -> int:
+    names = ("iterations", "z_iterations", "w_iterations", "x_iterations")
+    return sum(int(getattr(config, n, 0) or 0) for n in names)
+
+
+@functools.lru_cache(maxsize=64)
+def forward_gflop(arch: str, width: int | None, image_size: int) -> float:
+    """GFLOPs of one image's forward pass through the victim (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gi_core.victims import build_victim
+
+    extra = {"width": width} if width is not None else {}
+    model = build_victim(arch, num_classes=10, image_size=image_size, seed=0, **extra).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

@@ -1,0 +1,102 @@
+"""The cost model behind `gi-eval plan` (issue 12): no attacks, numbers labelled by source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.commands import plan_report
+from pipelines.costmodel import cell_cost, estimate, forward_gflop, iterations, target_device
+from tasks.cells import expand
+from tasks.spec import parse_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _spec(**over: Any) -> Any:
+    spec: dict[str, Any] = {
+        "name": "t",
+        "data": {"dataset": "synthetic", "image_size": 32, "num_batches": 2},
+        "victim": {"arch": "convnet", "width": 16, "seed": 0},
+        "generator": {"kind": "dcgan32"},
+        "methods": [
+            {"name": "gi-x", "params": {"iterations": 100, "restarts": 2}},
+            {"name": "gi-z/w", "params": {"z_iterations": 50, "w_iterations": 50}},
+        ],
+        "defenses": [{"kind": "none"}],
+        "batch_sizes": [4],
+        "seeds": [0],
+        "execution": {"executor": "local", "max_parallel": 2},
+    }
+    return parse_spec({**spec, **over})
+
+
+ROW = {"device": "cpu", "victim": "convnet", "image_size": 32, "mode": "engine"}
+TABLE = [
+    {
+        **ROW,
+        "family": "gi-x",
+        "batch": 1,
+        "restarts": 4,
+        "seconds_per_iteration": 0.02,
+        "forward_gflop": forward_gflop("convnet", 16, 32),
+    },
+    {
+        **ROW,
+        "family": "gi-z/w",
+        "batch": 1,
+        "restarts": 4,
+        "seconds_per_iteration": 0.04,
+        "forward_gflop": forward_gflop("convnet", 16, 32),
+    },
+]
+
+
+def test_table_rows_are_scaled_by_images_times_restarts() -> None:
+    spec = _spec()
+    cells = expand(spec).inversion_cells
+    gi_x = next(c for c in cells if c.method == "gi-x")
+    cost = cell_cost(gi_x, device="cpu", table=TABLE, run={}, calibrated={})
+    assert cost.source == "measured (table)"
+    assert cost.seconds_per_iteration == pytest.approx(0.02 * (4 * 2) / (1 * 4))
+    result = estimate(spec, cells, table=TABLE)
+    expected = 2 * (0.04 * 100) + 2 * (0.04 * (4 * 4) / 4 * 100)  # 2 batches per method
+    assert result.seconds == pytest.approx(expected)
+    assert result.wall_seconds == pytest.approx(expected / 2)  # max_parallel = 2
+    assert result.device == "cpu" and result.unknown == 0
+    text = "\n".join(result.lines())
+    assert "CPU core-hours" in text and "measured (table)" in text
+
+
+def test_unmeasured_victims_scale_by_flops_and_the_run_s_own_timings_win() -> None:
+    spec = _spec(victim={"arch": "lenet", "seed": 0})
+    cell = next(c for c in expand(spec).inversion_cells if c.method == "gi-x")
+    cost = cell_cost(cell, device="cpu", table=TABLE, run={}, calibrated={})
+    ratio = forward_gflop("lenet", None, 32) / forward_gflop("convnet", 16, 32)
+    assert cost.source == "scaled by FLOPs"
+    assert cost.seconds_per_iteration == pytest.approx(0.02 * ratio * 8 / 4)
+    own = cell_cost(cell, device="cpu", table=TABLE, run={"gi-x": 0.5}, calibrated={"gi-x": 9})
+    assert (own.seconds_per_iteration, own.source) == (0.5, "measured (this run)")
+    calibrated = cell_cost(cell, device="cpu", table=TABLE, run={}, calibrated={"gi-x": 9.0})
+    assert calibrated.source == "calibrated"
+
+
+def test_gpu_targets_without_gpu_rows_say_so_instead_of_guessing() -> None:
+    slurm = {"executor": "slurm", "slurm": {"gpus_per_task": 1, "array_parallelism": 8}}
+    spec = _spec(execution=slurm)
+    assert target_device(spec, None) == "cuda"
+    result = estimate(spec, expand(spec).inversion_cells, table=TABLE)
+    assert result.unknown == len(expand(spec).inversion_cells) and result.seconds == 0
+    assert "no cuda measurement" in result.lines()[0]
+    assert iterations(expand(spec).inversion_cells[1].config) == 100
+
+
+def test_plan_report_runs_no_attack_and_labels_its_numbers(tmp_path: Path) -> None:
+    report = plan_report(ROOT / "grids" / "smoke.yaml", tmp_path / "run", calibrate=False)
+    assert "cells: 8 total, 0 done" in report
+    assert "estimate" in report
+    if (ROOT / "docs" / "results" / "performance.json").is_file():
+        assert "measured (table)" in report or "scaled by FLOPs" in report
+    assert not (tmp_path / "run").exists()  # planning creates nothing
