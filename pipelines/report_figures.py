@@ -175,7 +175,8 @@ def fig4a(df: pd.DataFrame, path: Path) -> Path | None:
     by = [*ag.config_columns(df), "batch_size"]
     avg = ag.summary(part, by, ["psnr"])
     best = ag.summary(part, by, ["psnr"], best_in_batch=True)
-    sizes = sorted(avg["batch_size"].unique())
+    # B = 1: the batch's best image is its only image, nothing to compare
+    sizes = sorted(b for b in avg["batch_size"].unique() if b > 1)
     if avg.empty or not sizes:
         return None
     fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes) + 1, 3.4), squeeze=False)

@@ -69,8 +69,10 @@ def _blocks(
     index, text_rows, bold_rows = [], [], []
     for s in settings:
         part = numbers[numbers["setting"] == s]
+        # with one image per batch the best image is the batch: no separate "best" rows
+        single = "batch_size" in part.columns and bool((part["batch_size"] == 1).all())
         for metric in ag.METRICS:
-            for kind in ("avg", "best"):
+            for kind in ("avg",) if single else ("avg", "best"):
                 rows = part[(part["metric"] == metric) & (part["kind"] == kind)]
                 by_config = rows.set_index("config")
                 index.append((s, f"{METRIC_LABELS[metric]} {kind}"))
