@@ -269,6 +269,8 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     reports = run.reports_dir
     header = "\n".join(line[1:].removeprefix(" ") for line in _leading_comment(run.spec_text()))
+    for stale in target.parent.glob(f"{target.stem}_*.png"):  # figures of an earlier publish
+        stale.unlink()
     figures = []
     for path in report.files:
         if path.suffix == ".png":
