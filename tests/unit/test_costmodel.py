@@ -100,3 +100,11 @@ def test_plan_report_runs_no_attack_and_labels_its_numbers(tmp_path: Path) -> No
     if (ROOT / "docs" / "results" / "performance.json").is_file():
         assert "measured (table)" in report or "scaled by FLOPs" in report
     assert not (tmp_path / "run").exists()  # planning creates nothing
+
+
+@pytest.mark.slow  # times every method of the smoke grid (a few short attacks)
+def test_calibrate_runs_one_job_on_the_target_executor(tmp_path: Path) -> None:
+    report = plan_report(
+        ROOT / "grids" / "smoke.yaml", tmp_path / "run", calibrate=True, executor="inline"
+    )
+    assert "gi-x: " in report and "(calibrated)" in report
