@@ -134,15 +134,16 @@ def test_ui_view_of_a_run_and_cancel_stops_slurm_jobs(
         )
         assert done.state.type == StateType.COMPLETED, done.state
         assert done.name.startswith("ui-tiny-"), done.name
-        logs = [
-            r.message
-            for r in client.read_logs(
-                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[done.id]))
-            )
-        ]
-        text = "\n".join(logs)
-        for needle in ("cells planned", "to submit", "job ids", "logs in", "report: "):
-            assert needle in text, f"{needle!r} not in the flow run's logs:\n{text}"
+        needles = ("cells planned", "to submit", "job ids", "logs in", "report: ")
+        deadline = time.monotonic() + 60  # logs reach the API in batches, after the state
+        while True:
+            log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[done.id]))
+            text = "\n".join(r.message for r in client.read_logs(log_filter=log_filter))
+            missing = [n for n in needles if n not in text]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        assert not missing, f"{missing} not in the flow run's logs:\n{text}"
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[done.id]))
         )
