@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test test-unit lint bench bench-table1 bench-storage bench-speed clean
+.PHONY: setup demo test test-unit lint bench bench-table1 bench-storage bench-speed bench-performance clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,11 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy gi_core storage
 
-bench: bench-speed bench-storage bench-table1
+bench: bench-performance bench-speed bench-storage bench-table1
+
+# Engine vs plain loop, batched cells, pruning, cost table for `gi-eval plan` (docs/results/performance.md)
+bench-performance: setup
+	$(BIN)/python benchmarks/performance.py
 
 bench-speed: setup
 	$(BIN)/python benchmarks/restarts_speed.py
