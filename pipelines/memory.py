@@ -8,7 +8,7 @@ memory, exit 2). A rough upper estimate in float32 bytes, per stage, the largest
   3 R B A_v, A_v = the victim's activation elements per image (counted on the meta device).
 * generator: its weights P_g; a per-image stage (GI-w, GI-z/w) holds R B copies of the
   searched parameters with their gradient and Adam's two moments: 4 R B P_s; activations of
-  rendering R B images with autograd: 2 R B A_g.
+  rendering R B images with autograd and their gradients: 3 R B A_g.
 * pixels / latents: 4 (value, gradient, two moments) R B x their size; negligible.
 * a fixed 1.5 GiB for the interpreter, torch, LPIPS and the loaded data.
 
@@ -60,7 +60,7 @@ def estimate_cell(cell: InversionCell) -> MemoryEstimate:
     if cell.generator is not None:
         p_all, p_searched, a_g = _generator_size(cell.generator, g.image_size)
         copies = 4 * restarts * batch * p_searched if cell.method in _PER_IMAGE else 0
-        total += FLOAT * (p_all + copies + 2 * restarts * batch * a_g)
+        total += FLOAT * (p_all + copies + 3 * restarts * batch * a_g)
     return MemoryEstimate(cell.id, cell.method, int(total))
 
 
