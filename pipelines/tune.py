@@ -29,7 +29,8 @@ from gi_core.attacks.registry import method_config, preset_values
 from gi_core.errors import ConfigError
 from pipelines.planner import read_spec, run_dir_for
 from storage.run import open_run
-from tasks.spec import GridSpec, MethodSpec, tuning_batches
+from tasks.cells import resolve_config
+from tasks.spec import GridSpec, MethodSpec, canonical_json, tuning_batches
 
 # Default search space per method: param -> (low, high) log-uniform, or a list of choices.
 # At least the TV weight and form and the learning rate of every stage (issue 8).
@@ -42,6 +43,11 @@ _SPACE: dict[str, dict[str, Any]] = {
     "gi-z/x": {"z_lr": (3e-3, 0.3), "x_lr": (0.01, 0.3)},
 }
 ROUND_SIZE = 4  # configurations per method per grid run: fewer runs, still a guided search
+# Published recipes tried right after the paper preset: starting points, not answers (the search
+# keeps whatever scores best on the held-out batches). GI-x as inversefed / the GIAS code ship it.
+_RECIPES: dict[str, list[dict[str, Any]]] = {
+    "gi-x": [{"tv": 0.2, "tv_form": "zero_pad", "signed_grad": True, "lr": 0.1}],
+}
 
 
 def default_space(method: str) -> dict[str, Any]:
@@ -105,8 +111,10 @@ def tune(
         path.write_text(yaml.safe_dump(tuning_spec, sort_keys=False))
         run_grid(path, run_dir)
         scores = _scores(run_dir)
+        scale = spec.budgets.iterations_scale
         for m, t, params in asked:
-            psnr = scores.get((m.name, _label(m.name, t.number)), math.nan)
+            config = resolve_config(MethodSpec(name=m.name, params={**m.params, **params}), scale)
+            psnr = scores.get((m.name, canonical_json(dataclasses.asdict(config))), math.nan)
             if math.isfinite(psnr):
                 studies[m.name].tell(t, psnr)
             else:  # every cell of the trial diverged or failed: no number, a failed trial
@@ -170,6 +178,10 @@ def _study(optuna: Any, spec: GridSpec, m: MethodSpec) -> Any:
     defaults = dataclasses.asdict(method_config(m.name, paper))
     start = {k: defaults[k] for k in _space(spec, m.name) if k in defaults}
     study.enqueue_trial(start)  # trial 0: the paper's values
+    space = _space(spec, m.name)
+    for recipe in _RECIPES.get(m.name.removesuffix("+bn"), []):
+        if set(recipe) <= set(space):
+            study.enqueue_trial(recipe)
     return study
 
 
@@ -211,10 +223,11 @@ def _tuning_spec(
 
 
 def _scores(run_dir: Path) -> dict[tuple[str, str], float]:
-    """Mean PSNR per (method, trial label) over the held-out images. A trial with a diverged
-    cell gets no score (it fails), never a mean over fewer images."""
+    """Mean PSNR per (method, resolved config JSON) over the held-out images: keyed by the
+    configuration, not the trial label, so a configuration committed under another label (a
+    rerun) still counts. A trial with a diverged cell gets no score (it fails)."""
     df = open_run(run_dir).metrics()
-    by = df.groupby(["method", "variant"])
+    by = df.groupby(["method", "method_params"])
     complete = by["status"].agg(lambda s: bool((s == "ok").all()))
     means = by["psnr"].mean()
     return {k: float(v) for k, v in means.items() if complete[k]}

@@ -215,7 +215,7 @@ def expand(spec: GridSpec) -> Plan:
     """
     gradients = _unique(_gradient_cells(spec))
     scale = spec.budgets.iterations_scale
-    attacks = [(m.name, _resolve_config(m, scale)) for m in spec.methods]
+    attacks = [(m.name, resolve_config(m, scale)) for m in spec.methods]
     labels = variant_labels(spec.methods, [config for _, config in attacks])
     inversions = _unique(
         InversionCell(g, name, config, generator, seed, label)
@@ -298,7 +298,7 @@ def gradient_cells(
     return cells
 
 
-def _resolve_config(method: MethodSpec, iterations_scale: float) -> BaseConfig:
+def resolve_config(method: MethodSpec, iterations_scale: float) -> BaseConfig:
     """The method's full config with its iteration counts scaled by the grid's budget.
 
     Ints in float fields are made floats so that `lr: 1` and `lr: 1.0` give one id.

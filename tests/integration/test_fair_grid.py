@@ -34,19 +34,7 @@ SWEEP: dict[str, Any] = {
     "execution": {"executor": "inline"},
 }
 
-TUNE: dict[str, Any] = {
-    "name": "tune-smoke",
-    "data": {"dataset": "lfw-faces", "image_size": 32, "num_batches": 1},
-    "victim": {"arch": "convnet", "width": 4, "seed": 0},
-    "generator": {"kind": "digiface"},
-    "methods": [
-        {"name": "gi-x", "params": {"iterations": 4, "restarts": 1}},
-        {"name": "gi-z/w", "params": {"z_iterations": 2, "w_iterations": 2, "restarts": 1}},
-    ],
-    "batch_sizes": [2],
-    "tuning": {"batches": 1, "trials": 2},
-    "execution": {"executor": "inline"},
-}
+SMOKE = Path(__file__).resolve().parents[2] / "grids" / "smoke.yaml"
 
 
 def _gi_eval(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,27 +69,35 @@ def test_lr_and_clip_sweeps_are_separate_rows_everywhere(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_tune_writes_a_spec_that_runs(tmp_path: Path) -> None:
-    spec = _write(tmp_path / "tune.yaml", TUNE)
-    tuned = tmp_path / "tuned.yaml"
+def test_tune_on_the_smoke_grid_writes_a_spec_that_runs(tmp_path: Path) -> None:
+    tuned = tmp_path / "smoke.tuned.yaml"
     proc = _gi_eval(
-        "tune", str(spec), "--out", str(tmp_path / "tune-run"), "--write-spec", str(tuned)
+        "tune",
+        str(SMOKE),
+        "--executor",
+        "inline",
+        "--trials",
+        "2",
+        "--out",
+        str(tmp_path / "tune-run"),
+        "--write-spec",
+        str(tuned),
     )
     assert "gi-x: held-out PSNR" in proc.stdout and "gi-z/w: held-out PSNR" in proc.stdout
     report = tmp_path / "tune-run" / "reports"
     trials = pd.read_csv(report / "tuning.csv")
     assert len(trials) == 2 * 2 and trials["psnr"].notna().all()
     assert (report / "tuning.png").stat().st_size > 1000
-    # tuning ran on held-out batches only: the last batch of the plan, not batch 0
-    tune_metrics = open_run(tmp_path / "tune-run").metrics()
-    assert set(tune_metrics["batch_index"]) == {49}
+    assert "evaluator-side" in (report / "tuning.md").read_text()
+    # tuning ran on the held-out batches only (the plan's last two of B = 2), never on 0-1
+    assert set(open_run(tmp_path / "tune-run").metrics()["batch_index"]) == {48, 49}
     chosen = yaml.safe_load(tuned.read_text())
     gix = chosen["methods"][0]["params"]
     assert {"tv", "tv_form", "lr", "signed_grad"} <= set(gix)
     best = trials[trials["method"] == "gi-x"].sort_values("psnr").iloc[-1]
     assert gix["tv"] == pytest.approx(best["tv"])
     out = tmp_path / "eval"
-    _gi_eval("run", str(tuned), "--out", str(out))
+    _gi_eval("run", str(tuned), "--executor", "inline", "--out", str(out))
     df = open_run(out).metrics()
-    assert set(df["method"]) == {"gi-x", "gi-z/w"} and set(df["batch_index"]) == {0}
+    assert set(df["method"]) == {"gi-x", "gi-z/w"} and set(df["batch_index"]) == {0, 1}
     assert (df["param_tv"][df["method"] == "gi-x"] == gix["tv"]).all()
