@@ -77,3 +77,22 @@ def test_spec_validates_victim_names_and_keeps_old_ids() -> None:
         VictimSpec(arch="convnet", normalize={"mean": [0.5], "std": [0.5]})
     with pytest.raises(ValueError, match="> 0"):
         VictimSpec(arch="convnet", normalize={"mean": [0, 0, 0], "std": [1, 0, 1]})
+
+
+def test_generator_spec_stylegan2_fields() -> None:
+    from tasks.spec import GeneratorSpec
+
+    assert GeneratorSpec(kind="dcgan32").model_dump() == {"kind": "dcgan32", "checkpoint": None}
+    arch = {"resolution": 16, "channels": [8, 8, 8]}
+    spec = GeneratorSpec(kind="stylegan2", stylegan2=arch, latent_space="w+", noise="random")
+    options = spec.stylegan2_options()
+    assert (options.latent_space, options.noise) == ("w+", "random")
+    assert GeneratorSpec(kind="stylegan2", stylegan2=arch).stylegan2_options().latent_space == "w"
+    with pytest.raises(ValueError, match="stylegan2 option"):
+        GeneratorSpec(kind="dcgan64", latent_space="w")
+    with pytest.raises(ValueError, match="exactly one of checkpoint"):
+        GeneratorSpec(kind="stylegan2")
+    with pytest.raises(ValueError, match="one entry per resolution"):
+        GeneratorSpec(kind="stylegan2", stylegan2={"resolution": 16, "channels": [8]})
+    with pytest.raises(ValueError, match="latent_space"):
+        GeneratorSpec(kind="stylegan2", stylegan2=arch, latent_space="s")
