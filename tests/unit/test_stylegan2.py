@@ -8,7 +8,7 @@ import torch
 
 from gi_core.attacks import InversionProblem, method_config, reconstruct
 from gi_core.errors import ConfigError
-from gi_core.gradients import client_gradient
+from gi_core.gradients import bn_statistics, client_gradient
 from gi_core.stylegan2 import (
     StyleGAN2Config,
     StyleGAN2Options,
@@ -36,7 +36,8 @@ def _problem(size: int = 16, batch: int = 2):
         x = truth_gen(torch.randn(batch, TINY.z_dim, generator=torch.Generator().manual_seed(3)))
     y = torch.arange(batch)
     model = build_victim("convnet", num_classes=4, image_size=size, width=4, seed=0)
-    return InversionProblem(model, client_gradient(model, x, y), y, (3, size, size)), x
+    grads, stats = client_gradient(model, x, y), bn_statistics(model, x)
+    return InversionProblem(model, grads, y, (3, size, size), bn_target=stats), x
 
 
 def test_shapes_range_and_pooling() -> None:
@@ -84,7 +85,7 @@ def test_modulated_conv_equals_per_sample_weight_scaling() -> None:
     from gi_core.stylegan2 import modulated_conv
 
     g = torch.Generator().manual_seed(0)
-    x, weight, s = torch.randn(3, 5, 6, 6, generator=g), torch.randn(4, 5, 3, 3, generator=g), None
+    x, weight = torch.randn(3, 5, 6, 6, generator=g), torch.randn(4, 5, 3, 3, generator=g)
     s = torch.rand(3, 5, generator=g) + 0.5
     w = weight[None] * s[:, None, :, None, None]  # (N, O, I, k, k)
     w = w * (w.square().sum((2, 3, 4), keepdim=True) + 1e-8).rsqrt()
@@ -176,8 +177,6 @@ def test_every_method_runs_on_stylegan2() -> None:
     for name in [m for m in METHOD_NAMES if uses_generator(m)]:
         cls_fields = method_config(name).__dataclass_fields__
         params = {k: v for k, v in short.items() if k in cls_fields}
-        if "bn" in name:
-            continue  # needs BN statistics; covered through the grid tests
         result = reconstruct(name, problem, method_config(name, params), seed=0, generator=_gen())
         assert result.status == "ok", name
         assert result.images.shape == (2, 3, 16, 16)
