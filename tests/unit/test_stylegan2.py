@@ -223,3 +223,36 @@ def test_config_is_validated() -> None:
         StyleGAN2Options("y")
     with pytest.raises(ConfigError, match="output_size"):
         _gen(size=12)
+
+
+def test_the_pipeline_draws_fixed_noise_from_each_cells_seed() -> None:
+    from tasks.cells import expand
+    from tasks.spec import parse_spec
+    from tasks.work import generator_for
+
+    spec = parse_spec(
+        {
+            "name": "noise",
+            "data": {"dataset": "synthetic", "image_size": 32, "num_batches": 2},
+            "victim": {"arch": "convnet", "width": 4},
+            "generator": {
+                "kind": "stylegan2",
+                "stylegan2": {"resolution": 32, "channels": [8, 8, 8, 8], "z_dim": 8, "w_dim": 8},
+            },
+            "methods": ["gi-z"],
+            "seeds": [0, 1],
+        }
+    )
+    cells = expand(spec).inversion_cells
+    by_seed: dict[int, list] = {}
+    for cell in cells:
+        by_seed.setdefault(cell.seed, []).append(generator_for(cell))
+    same, other = by_seed[0], by_seed[1]
+    assert len(same) == 2 and same[0] is same[1]  # one seed: one object (cells can batch)
+    noise = [g.synthesis.b32.conv1.noise_const for g in (same[0], other[0])]
+    assert not torch.equal(noise[0], noise[1])
+    fresh = build_stylegan2(spec.generator.stylegan2.config(), output_size=32, seed=0)
+    fresh.draw_noise_(1)
+    assert torch.equal(
+        other[0].synthesis.b32.conv1.noise_const, fresh.synthesis.b32.conv1.noise_const
+    )
