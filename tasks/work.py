@@ -417,8 +417,17 @@ def generator_for(cell: InversionCell) -> Generator | None:
     gen = _generator(cell.generator, cell.gradient.image_size)
     if isinstance(gen, StyleGAN2Generator) and gen.options.noise == "fixed":
         # fixed noise maps are drawn from the cell's seed: a cell is deterministic on its own
-        return gen.with_noise_seed(cell.seed)
+        return _with_noise_seed(cell.generator, cell.gradient.image_size, cell.seed)
     return gen
+
+
+@functools.lru_cache(maxsize=4)
+def _with_noise_seed(spec: GeneratorSpec, output_size: int, seed: int) -> Generator:
+    # One object per (prior, seed): cells of one seed share it, so invert_group can still
+    # batch them (it batches cells whose generator is the same object).
+    gen = _generator(spec, output_size)
+    assert isinstance(gen, StyleGAN2Generator)
+    return gen.with_noise_seed(seed)
 
 
 def _problem(stored: StoredGradient, victim: nn.Module, dev: torch.device) -> InversionProblem:
