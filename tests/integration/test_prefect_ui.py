@@ -147,12 +147,15 @@ def test_ui_view_of_a_run_and_cancel_stops_slurm_jobs(
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[done.id]))
         )
-        by_type = {a.type: a for a in artifacts}
-        assert {"progress", "markdown", "link"} <= set(by_type), artifacts
-        assert float(by_type["progress"].data) == 100.0
-        assert "PSNR" in str(by_type["markdown"].data)
-        assert str(by_type["link"].data).endswith("report.html)") or "report.html" in str(
-            by_type["link"].data
+        # keys: <run directory name>-{progress,table-1,report}; Prefect stores a link artifact
+        # as markdown "[text](url)"
+        by_key = {a.key: a for a in artifacts}
+        assert {"tiny-progress", "tiny-table-1", "tiny-report"} <= set(by_key), artifacts
+        assert by_key["tiny-progress"].type == "progress"
+        assert float(by_key["tiny-progress"].data) == 100.0
+        assert "PSNR" in str(by_key["tiny-table-1"].data)
+        assert re.search(
+            r"\(file://.*/tiny/reports/report\.html\)", str(by_key["tiny-report"].data)
         )
         print("\n--- flow run", done.name, "logs:\n" + text)
         for a in artifacts:
