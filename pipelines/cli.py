@@ -206,7 +206,7 @@ def cancel(run_dir: Path) -> None:
 @app.command()
 @_errors
 def tables(run_dir: Path) -> None:
-    """Write reports/table.md and table.csv of a run and print the table."""
+    """Write the run's report (reports/table.md, figures, report.html) and print Table 1."""
     from pipelines.commands import tables_text
 
     typer.echo(tables_text(run_dir))
