@@ -222,7 +222,8 @@ def _imagefolder_source(path: str) -> _Source:
             "one sub-folder of images per class"
         )
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files, unsupported = [], []
+    files: list[tuple[Path, int]] = []
+    unsupported: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         for f in sorted((root / name).rglob("*")):
             if f.is_dir() or f.name.startswith("."):
