@@ -112,3 +112,23 @@ def test_groups_respect_the_memory_budget() -> None:
     assert [len(g) for g in huge] == [1, 1, 1]
     capped = group_cells(list(range(10)), per_cell_bytes=1, budget=GroupBudget(2**30, 4))
     assert [len(g) for g in capped] == [4, 4, 2]
+
+
+def test_vmap_and_loop_paths_give_the_same_image_gradient_on_a_bn_victim() -> None:
+    """In float64 both paths must agree to rounding; torch.func's native BN under vmap was off
+    by ~0.1 % (ARCHITECTURE decision 57), which this would catch."""
+    from gi_core.attacks.engine import make_batch_cost
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        problems = _problems(2, batch=2)
+        config = method_config("gi-x+bn", {"restarts": 2})
+        x = torch.rand(4, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        grads = []
+        for path in ("vmap", "loop"):
+            xx = x.clone().requires_grad_(True)
+            cost = make_batch_cost(problems, config, path=path)(xx)
+            grads.append(torch.autograd.grad(cost.sum(), [xx])[0])
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)
