@@ -60,7 +60,7 @@ SLURM: dict[str, Any] = {
     "execution": {
         "executor": "slurm",
         "cells_per_job": 1,
-        "slurm": {"cpus_per_task": 1, "gpus_per_task": 0, "mem_gb": 1, "timeout_min": 20,
+        "slurm": {"cpus_per_task": 1, "gpus_per_task": 0, "mem_gb": 2, "timeout_min": 20,
                   "array_parallelism": 4},
     },
 }
@@ -200,9 +200,14 @@ def _squeue(name: str) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in out.splitlines() if line.strip()]  # type: ignore[misc]
 
 
-def _wait_for_running(name: str, n: int, *, timeout_s: float = 300) -> list[str]:
-    deadline = time.monotonic() + timeout_s
+def _wait_for_running(
+    name: str, n: int, *, driver: subprocess.Popen[bytes] | None = None, log: Path | None = None,
+    timeout_s: float = 600,
+) -> list[str]:
+    deadline = time.monotonic() + timeout_s  # a hang guard, not a speed requirement
     while time.monotonic() < deadline:
+        if driver is not None and driver.poll() is not None and log is not None:
+            raise AssertionError(f"the driver ended first:\n{log.read_text()[-3000:]}")
         running = [j for j, state in _squeue(name) if state == "RUNNING"]
         if len(running) >= n:
             return running
@@ -220,7 +225,7 @@ def test_slurm_grid_survives_kill9_scancel_and_usr2(tmp_path: Path, slurm_cluste
     start, out, events = time.monotonic(), tmp_path / "run", []
     name = "chaos-slurm-inversions-0"  # job names carry the grid name
     driver = _driver(spec, out, log)
-    _wait_for_running(name, 2)
+    _wait_for_running(name, 2, driver=driver, log=log)
     _kill(driver.pid, group=True)  # kill -9 of the driver: its jobs live on in Slurm
     driver.wait()
     events.append("kill-9-driver")
