@@ -224,14 +224,18 @@ def fig5(df: pd.DataFrame, axis: str, path: Path) -> Path | None:
     by = [*ag.config_columns(df), x] + (["batch_size"] if x != "batch_size" else [])
     table = ag.summary(part, by, ["psnr"])
     panels = sorted(table["batch_size"].unique()) if x != "batch_size" else [None]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1, 3.4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.6 * len(panels) + 1, 3.4), squeeze=False, sharey=True
+    )
+    styles = _line_styles(table, ag.config_columns(df))
     for ax, b in zip(axes[0], panels, strict=True):
         rows = table if b is None else table[table["batch_size"] == b]
         for config, line in rows.groupby(ag.config_columns(df), sort=True, dropna=False):
             line = line.sort_values(x)
             label = ag.label_of(dict(zip(ag.config_columns(df), _tuple(config), strict=True)))
-            ax.plot(line[x], line["mean"], marker="o", ms=3, label=label)
-            ax.fill_between(line[x], line["ci_low"], line["ci_high"], alpha=0.2)
+            color, dash = styles[_tuple(config)]
+            ax.plot(line[x], line["mean"], marker="o", ms=3, label=label, color=color, ls=dash)
+            ax.fill_between(line[x], line["ci_low"], line["ci_high"], alpha=0.15, color=color)
         if x == "batch_size":
             ax.set_xscale("log", base=2)
         ax.set_xlabel(xlabel)
@@ -242,6 +246,19 @@ def fig5(df: pd.DataFrame, axis: str, path: Path) -> Path | None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Figure 5: PSNR vs {xlabel} (95 % CI bands)", fontsize=9)
     return _save(fig, path)
+
+
+def _line_styles(table: pd.DataFrame, configs: list[str]) -> dict[tuple[Any, ...], tuple[str, str]]:
+    """A colour per method and a dash per variant of it, so that variants with equal values
+    (e.g. two presets that agree) stay visible as overlapping lines."""
+    keys = [_tuple(k) for k, _ in table.groupby(configs, sort=True, dropna=False)]
+    methods = list(dict.fromkeys(k[0] for k in keys))
+    dashes = ("-", "--", ":", "-.")
+    out, seen = {}, dict.fromkeys(methods, 0)
+    for k in keys:
+        out[k] = (f"C{methods.index(k[0]) % 10}", dashes[seen[k[0]] % len(dashes)])
+        seen[k[0]] += 1
+    return out
 
 
 def _tuple(key: Any) -> tuple[Any, ...]:
