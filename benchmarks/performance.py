@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import resource
 import statistics
@@ -186,6 +187,7 @@ class Row:
     ms_per_it: float
     path: str
     gflop_plain: float = 0.0  # FLOPs of one plain iteration (one restart, one cell)
+    load: float = dataclasses.field(default_factory=lambda: os.getloadavg()[0])  # at measuring
 
     @property
     def images(self) -> int:
@@ -586,6 +588,7 @@ def cost_table(rows: Sequence[Row]) -> list[dict[str, Any]]:
                 "mode": "engine" if r.mode == "engine" else "batched",
                 "seconds_per_iteration": r.ms_per_it / 1000 / r.cells,
                 "forward_gflop": forward_gflop(r.victim, 16, r.size),
+                "load": r.load,
             }
         )
     return out

@@ -162,14 +162,23 @@ def cell_cost(
     if exact:
         ref = min(exact, key=lambda r: abs(math.log(r["batch"] * r["restarts"] / work)))
         scale = work / (ref["batch"] * ref["restarts"])
-        return CellCost(ref["seconds_per_iteration"] * scale, "measured (table)")
+        return CellCost(ref["seconds_per_iteration"] * scale, _table_source("measured", ref))
     engine_rows = [r for r in same if r["mode"] == "engine" and r.get("forward_gflop")]
     if not engine_rows:
         return CellCost(math.nan, "none")
     flop = forward_gflop(g.victim.arch, g.victim.width, g.image_size)
     ref = min(engine_rows, key=lambda r: abs(math.log(r["forward_gflop"] / flop)))
     scale = (flop * work) / (ref["forward_gflop"] * ref["batch"] * ref["restarts"])
-    return CellCost(ref["seconds_per_iteration"] * scale, "scaled by FLOPs")
+    return CellCost(ref["seconds_per_iteration"] * scale, _table_source("scaled by FLOPs", ref))
+
+
+def _table_source(kind: str, row: Mapping[str, Any]) -> str:
+    """The benchmark records the machine's load average with each row: on a shared machine
+    the table overestimates a quiet node's time, and the label says by how much it was loaded."""
+    where = "table" if kind == "measured" else "from a table row"
+    if "load" not in row:
+        return "measured (table)" if kind == "measured" else kind
+    return f"{kind} ({where} at load {row['load']:.0f})"
 
 
 def family_of(method: str) -> str:
