@@ -53,7 +53,10 @@ def results(run: RunDir, spec: MultiGradSpec) -> pd.DataFrame:
     """One row per cell: setting, T, batch, seed, mean PSNR over the batch's images."""
     rows = []
     for c in cells(spec):
-        body = json.loads(result_path(run, c["id"]).read_text())
+        path = result_path(run, c["id"])
+        if not path.is_file():  # a partial report (the flow reports only when all ran)
+            continue
+        body = json.loads(path.read_text())
         rows.append(
             {
                 "setting": c["config"]["setting"],
