@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test test-unit lint bench bench-table1 bench-storage bench-speed bench-performance clean
+.PHONY: setup demo test test-unit lint bench bench-table1 bench-objective bench-storage bench-speed bench-performance clean
 
 setup: $(STAMP)
 
@@ -33,7 +33,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy gi_core storage
 
-bench: bench-performance bench-speed bench-storage bench-table1
+bench: bench-performance bench-speed bench-storage bench-objective bench-table1
 
 # Engine vs plain loop, batched cells, pruning, cost table for `gi-eval plan` (docs/results/performance.md)
 bench-performance: setup
@@ -45,8 +45,15 @@ bench-speed: setup
 bench-storage: setup
 	$(BIN)/python benchmarks/storage.py
 
+# Table 1 through the pipeline (no stand-alone script): tuned presets are in the registry;
+# `gi-eval tune grids/table1_cpu.yaml` re-derives them (docs/results/tuning.md).
 bench-table1: setup
-	$(BIN)/python benchmarks/table1_cpu.py
+	$(BIN)/gi-eval run grids/table1_cpu.yaml
+	$(BIN)/gi-eval report runs/table1-cpu --publish docs/results/table1_cpu.md
+
+bench-objective: setup
+	$(BIN)/python benchmarks/objective_options.py --batches 2
+	$(BIN)/python benchmarks/objective_options.py --tuned
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -144,7 +144,7 @@ def write(rows: list[Any], batches: int, iterations: int) -> None:
     lines = [
         "# GI-x objective options: measured effect of each",
         "",
-        "Command: `.venv/bin/python benchmarks/objective_options.py`",
+        "Command: `.venv/bin/python benchmarks/objective_options.py --batches 2`",
         "",
         f"lfw-faces 32 px, `convnet` width 16 seed 0 (untrained, batch-statistics BN), B = 4, "
         f"batches 0-{batches - 1} of the unshuffled plan ({4 * batches} images), {iterations} "
