@@ -90,7 +90,11 @@ def _driver(spec: Path, out: Path, log: Path, *executor: str) -> subprocess.Pope
 
 def _finish(spec: Path, out: Path, log: Path, *executor: str) -> None:
     proc = _driver(spec, out, log, *executor)
-    assert proc.wait(timeout=DRIVER_TIMEOUT_S) == 0, log.read_text()[-4000:]
+    try:
+        code = proc.wait(timeout=DRIVER_TIMEOUT_S)
+    finally:
+        _kill(proc.pid, group=True)  # never leave a driver behind a failed test
+    assert code == 0, log.read_text()[-4000:]
 
 
 def _workers(out: Path) -> list[int]:
