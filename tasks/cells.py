@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -30,6 +30,7 @@ from tasks.spec import (
     VictimSpec,
     canonical_json,
     evaluation_batches,
+    variant_labels,
 )
 
 # Bump when the meaning of a stored cell changes without its fields changing (e.g. a fix in
@@ -233,29 +234,6 @@ def param_value(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return canonical_json(value)
-
-
-def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[BaseConfig]) -> list[str]:
-    """One table name per method entry: its `label`, else its preset followed by the
-    parameters it sets away from the preset and those whose values differ between entries of
-    the same method ('paper', 'tuned', 'paper lr=0.01, tv=0.2'). Budget fields (iterations,
-    restarts) are left out unless they differ. Distinct configurations get distinct names."""
-    dicts = [_asdict(c) for c in configs]
-    out = []
-    for m, d in zip(methods, dicts, strict=True):
-        if m.label is not None:
-            out.append(m.label)
-            continue
-        same = [o for n, o in zip(methods, dicts, strict=True) if n.name == m.name]
-        differ = {k for k in d if len({canonical_json(o[k]) for o in same}) > 1}
-        explicit = {k for k in m.params if not _is_budget(k)}
-        keys = sorted((differ | explicit) - {"preset"})
-        out.append(" ".join([d["preset"], ", ".join(f"{k}={d[k]}" for k in keys)]).strip())
-    return out
-
-
-def _is_budget(name: str) -> bool:
-    return _is_iteration_count(name) or name in ("restarts", "curve_every")
 
 
 def _gradient_cells(spec: GridSpec) -> list[GradientCell]:

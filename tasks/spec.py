@@ -14,7 +14,7 @@ import json
 import math
 import re
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -508,15 +508,43 @@ def _variant_problems(spec: GridSpec) -> list[str]:
         except (ConfigError, TypeError):
             continue  # unknown method or bad params: reported by _method_problems
     problems: list[str] = []
-    labels: dict[tuple[str, str], str] = {}
+    if len(configs) < len(spec.methods):
+        return problems
+    names = variant_labels(spec.methods, [resolved_config(m) for m in spec.methods])
+    seen: dict[tuple[str, str], str] = {}
     for i, config in configs.items():
         m = spec.methods[i]
-        if m.label is not None and labels.setdefault((m.name, m.label), config) != config:
+        if seen.setdefault((m.name, names[i]), config) != config:
             problems.append(
-                f"methods[{i}].label: {m.label!r} already names a different {m.name} "
+                f"methods[{i}].label: {names[i]!r} already names a different {m.name} "
                 "configuration; give each configuration its own label"
             )
     return problems
+
+
+def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[Any]) -> list[str]:
+    """One table name per method entry: its `label`, else its preset followed by the
+    parameters it sets away from the preset and those whose values differ between entries of
+    the same method ('paper', 'tuned', 'paper lr=0.01, tv=0.2'). Budget fields (iterations,
+    restarts) are left out unless they differ. Distinct configurations get distinct names."""
+    dicts = [dataclasses.asdict(c) for c in configs]
+    out = []
+    for m, d in zip(methods, dicts, strict=True):
+        if m.label is not None:
+            out.append(m.label)
+            continue
+        same = [o for n, o in zip(methods, dicts, strict=True) if n.name == m.name]
+        differ = {k for k in d if len({canonical_json(o[k]) for o in same}) > 1}
+        explicit = {k for k in m.params if not _is_budget(k)}
+        keys = sorted((differ | explicit) - {"preset"})
+        out.append(" ".join([d["preset"], ", ".join(f"{k}={d[k]}" for k in keys)]).strip())
+    return out
+
+
+def _is_budget(name: str) -> bool:
+    return (
+        name == "iterations" or name.endswith("_iterations") or name in ("restarts", "curve_every")
+    )
 
 
 def resolved_config(m: MethodSpec) -> Any:

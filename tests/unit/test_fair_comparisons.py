@@ -143,6 +143,15 @@ def test_a_label_reused_for_another_configuration_is_refused() -> None:
                 ]
             )
         )
+    with pytest.raises(ConfigError, match=r"methods\[1\]\.label"):  # a label = another's name
+        parse_spec(
+            spec(
+                methods=[
+                    {"name": "gi-x", "params": {"lr": 0.1}},
+                    {"name": "gi-x", "label": "paper lr=0.1", "params": {"lr": 0.01}},
+                ]
+            )
+        )
     with pytest.raises(ConfigError, match="either victim: or victims:"):
         parse_spec(spec(victims=[{"arch": "lenet"}]))
 
