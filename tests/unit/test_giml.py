@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from gi_core.gradients import victim_params
 from gi_core.victims import build_victim
 
 SIZE, B = 16, 2
+GRIDS = Path(__file__).resolve().parents[2] / "grids"
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +158,7 @@ def _giml_spec(**changes):
 
     from tasks.giml_spec import GIMLSpec
 
-    body = yaml.safe_load(open("grids/giml_faces_cpu.yaml").read())
+    body = yaml.safe_load(open(GRIDS / "giml_faces_cpu.yaml").read())
     for key, value in changes.items():
         section, _, field = key.partition("__")
         body[section][field] = value
@@ -179,7 +181,7 @@ def test_clients_never_hold_an_evaluation_face():
 def test_bad_giml_spec_names_the_field(tmp_path):
     from tasks.giml_spec import GIMLSpec, load_yaml_spec
 
-    text = open("grids/giml_faces_cpu.yaml").read().replace("meta_lr: 0.5", "meta_lr: 2.0")
+    text = open(GRIDS / "giml_faces_cpu.yaml").read().replace("meta_lr: 0.5", "meta_lr: 2.0")
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError, match="giml.meta_lr"):
@@ -187,3 +189,20 @@ def test_bad_giml_spec_names_the_field(tmp_path):
     path.write_text(text.replace("meta_lr: 2.0", "meta_rate: 0.5"))
     with pytest.raises(ConfigError, match="meta_rate"):
         load_yaml_spec(path, GIMLSpec)
+
+
+@pytest.mark.parametrize(
+    ("name", "model"),
+    [
+        ("giml_faces_cpu.yaml", "GIMLSpec"),
+        ("giml_faces.yaml", "GIMLSpec"),
+        ("prior_photos_cpu.yaml", "PretrainSpec"),
+        ("multigrad_cpu.yaml", "MultiGradSpec"),
+    ],
+)
+def test_shipped_giml_grids_validate(name, model):
+    from tasks import giml_spec, multigrad
+
+    cls = getattr(giml_spec, model, None) or getattr(multigrad, model)
+    spec, _ = giml_spec.load_yaml_spec(GRIDS / name, cls)
+    assert spec.name
