@@ -74,6 +74,9 @@ def test_cells_one_row_per_cell_with_status_and_reason(run: RunDir) -> None:
     assert failed["reason"] == "RuntimeError: out of memory" and failed["method"]
     ok = cells[cells["status"] == "ok"]
     assert (ok["images"] == 2).all() and (ok["wall_seconds"] > 0).all()
+    # where each cell ran (null outside a submitit job, as here) and what ran it
+    assert {"slurm_job_id", "host", "device_name", "variant", "preset"} <= set(cells.columns)
+    assert set(ok["variant"]) == {"paper"} and set(ok["device_name"]) == {"cpu"}
     assert set(ok["iterations"]) == {6, 8}
 
 
