@@ -34,7 +34,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
 SETTING_AXES: tuple[str, ...] = ("defense", "defense_level", "batch_size")
 UNIT: tuple[str, ...] = ("gradient_id", "seed")
 CONFIDENCE = 0.95
-N_RESAMPLES = 9999
+N_RESAMPLES = 2000  # enough for a 95 % CI (Efron & Tibshirani); a report holds thousands
 SUMMARY_COLUMNS = ("metric", "mean", "ci_low", "ci_high", "n", "images", "diverged", "best")
 
 Selector = Mapping[str, Any] | str
