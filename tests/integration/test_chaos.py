@@ -219,6 +219,34 @@ def _wait_for_running(
     raise AssertionError(f"fewer than {n} {name} jobs running: {_squeue(name)}")
 
 
+def _signal_youngest(name: str, command: list[str], *, skip: set[str]) -> str:
+    """Send `command` to the most recently started running element (least likely to finish
+    first); an element that completed meanwhile is skipped for the next one."""
+    for _ in range(20):
+        out = subprocess.run(["squeue", "--noheader", "--array", "--name", name,
+                              "--states=RUNNING", "--format=%i %M"],
+                             capture_output=True, text=True, check=False).stdout
+        rows = sorted((_seconds(t), j) for j, t in (line.split() for line in out.splitlines())
+                      if j not in skip)
+        if rows:
+            # `timeout`: scancel --signal can block on some Slurm versions (docs/slurm.md)
+            done = subprocess.run(["timeout", "60", *command, rows[0][1]], capture_output=True,
+                                  text=True, check=False)
+            if done.returncode == 0:
+                return f"{command[-1].removeprefix('--signal=')} {rows[0][1]}"
+        time.sleep(1)
+    raise AssertionError(f"{command}: no running {name} element took it ({_squeue(name)})")
+
+
+def _seconds(elapsed: str) -> int:
+    """squeue's %M ('1:02', '1:02:03', '1-02:03:04') in seconds."""
+    days, _, clock = elapsed.rpartition("-")
+    parts = [int(p) for p in clock.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_slurm_grid_survives_kill9_scancel_and_usr2(tmp_path: Path, slurm_cluster: Any) -> None:
@@ -233,15 +261,9 @@ def test_slurm_grid_survives_kill9_scancel_and_usr2(tmp_path: Path, slurm_cluste
     _kill(driver.pid, group=True)  # kill -9 of the driver: its jobs live on in Slurm
     driver.wait()
     events.append("kill-9-driver")
-    first, second = sorted(_wait_for_running(name, 2))[:2]
-    time.sleep(3)  # let the attack loop start (and checkpoint) before the signals
-    for event, command in (("usr2", ["scancel", "--signal=USR2", first]),
-                           ("scancel", ["scancel", second])):
-        # `timeout`: scancel --signal can block on some Slurm versions (docs/slurm.md)
-        done = subprocess.run(["timeout", "60", *command], capture_output=True, text=True,
-                              check=False)
-        assert done.returncode == 0, f"{command}: {done.stderr} (squeue: {_squeue(name)})"
-        events.append(event)
+    _wait_for_running(name, 1)
+    for command in (["scancel", "--signal=USR2"], ["scancel"]):
+        events.append(_signal_youngest(name, command, skip={e.split()[-1] for e in events}))
     _finish(spec, out, log)  # waits for the requeued job, redoes the cancelled cell
     figures = {"interruptions": len(events), "events": events,
                **_compare(storage.open_run(out), storage.open_run(tmp_path / "ref"), cells),
