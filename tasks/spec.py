@@ -525,15 +525,22 @@ def _variant_problems(spec: GridSpec) -> list[str]:
 def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[Any]) -> list[str]:
     """One table name per method entry: its `label`, else its preset followed by the
     parameters it sets away from the preset and those whose values differ between entries of
-    the same method ('paper', 'tuned', 'paper lr=0.01, tv=0.2'). Budget fields (iterations,
-    restarts) are left out unless they differ. Distinct configurations get distinct names."""
+    the same method and preset ('paper', 'tuned', 'paper lr=0.01, tv=0.2'). Budget fields
+    (iterations, restarts) are left out unless they differ. Distinct configurations get
+    distinct names."""
     dicts = [dataclasses.asdict(c) for c in configs]
     out = []
     for m, d in zip(methods, dicts, strict=True):
         if m.label is not None:
             out.append(m.label)
             continue
-        same = [o for n, o in zip(methods, dicts, strict=True) if n.name == m.name]
+        # compared within the same method AND preset: the preset name already tells a tuned
+        # entry from a paper one, so their differing values need not be spelled out
+        same = [
+            o
+            for n, o in zip(methods, dicts, strict=True)
+            if n.name == m.name and o["preset"] == d["preset"]
+        ]
         differ = {k for k in d if len({canonical_json(o[k]) for o in same}) > 1}
         explicit = {k for k in m.params if not _is_budget(k)}
         keys = sorted((differ | explicit) - {"preset"})
