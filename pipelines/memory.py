@@ -29,7 +29,7 @@ from torch import nn
 
 from gi_core.datasets import dataset_info
 from gi_core.errors import ConfigError
-from gi_core.generators import build_generator
+from gi_core.generators import LATENT_DIM, dcgan32, dcgan64
 from gi_core.stylegan2 import StyleGAN2Config, load_stylegan2_checkpoint, parameter_counts
 from gi_core.victims import build_victim
 from tasks.cells import InversionCell
@@ -145,11 +145,13 @@ def _generator_size(spec: GeneratorSpec, image_size: int) -> tuple[int, int, int
         config = _stylegan2_config(spec)
         mapping, synthesis = parameter_counts(config)
         return mapping + synthesis, synthesis, _stylegan2_activations(config)
-    native = 32 if spec.kind == "dcgan32" else 64
+    # the bare architecture: build_generator would also load weights or calibrate BN, which
+    # cannot run on the meta device (Tensor.item() / copies into meta parameters)
+    main = dcgan32 if spec.kind == "dcgan32" else dcgan64
     with torch.device("meta"):
-        gen = build_generator(spec.kind, output_size=min(image_size, native), seed=0)
-        params = sum(p.numel() for p in gen.parameters())
-        acts = _activations(gen.main, torch.empty(1, gen.latent_dim, 1, 1))
+        trunk = main()
+        params = sum(p.numel() for p in trunk.parameters())
+        acts = _activations(trunk, torch.empty(1, LATENT_DIM, 1, 1))
     return params, params, acts
 
 

@@ -55,3 +55,22 @@ def test_a_cell_that_cannot_fit_the_job_is_refused() -> None:
     check_memory(gpu, expand(gpu).inversion_cells, executor="slurm")
     assert "no job limit checked" in memory_lines(gpu, expand(gpu).inversion_cells)[0]
     assert any("gi-z/w needs" in line for line in memory_lines(spec, cells))
+
+
+@pytest.mark.parametrize("kind", ["dcgan32", "dcgan64", "digiface"])
+def test_dcgan_priors_are_estimated_without_building_weights(kind: str) -> None:
+    # random dcgan32/64 calibrate their BN and digiface loads weights: neither runs on the meta
+    # device, so the estimate must count the bare architecture (a regression: Tensor.item())
+    spec = parse_spec(
+        {
+            "name": "mem",
+            "data": {"dataset": "synthetic", "image_size": 32, "num_batches": 1},
+            "victim": {"arch": "lenet"},
+            "generator": {"kind": kind},
+            "methods": [{"name": "gi-z/w", "params": {"restarts": 2}}],
+            "batch_sizes": [2],
+        }
+    )
+    (cell,) = expand(spec).inversion_cells
+    assert estimate_cell(cell).bytes > 2 * 2 * 4 * 4 * 1_000_000  # 4 copies of a >1 M prior
+    assert any("memory" in line for line in memory_lines(spec, [cell]))
