@@ -80,6 +80,13 @@ def _param_columns() -> list[tuple[str, pa.DataType]]:
 
 _PARAMS = _param_columns()
 PARAM_COLUMNS = frozenset(name for name, _ in _PARAMS)
+# Configuration columns a writer may leave out (null): provenance of weights, defense
+# parameters, DP budget, shuffle seed. The pipeline always fills them (tasks.work); the
+# identifying ones (cell_id, method, variant, preset, method_params, ...) stay required.
+CONFIG_OPTIONAL = frozenset({
+    "data_seed", "victim_width", "victim_checkpoint_sha256", "generator_checkpoint_sha256",
+    "defense_p", "defense_sigma", "defense_clip", "defense_bits", "dp_epsilon", "dp_delta",
+})  # fmt: skip
 _PER_IMAGE = [
     ("image_index", pa.int64()),  # position in the batch, 0..B-1
     ("sample_index", pa.int64()),  # index into the data set
@@ -160,7 +167,8 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """A table with exactly SCHEMA (provenance filled in); StorageError names a bad column."""
     for i, row in enumerate(rows):
         # params and where-it-ran columns: null if absent
-        missing = sorted(set(ROW_COLUMNS) - set(row) - PARAM_COLUMNS - JOB_COLUMNS)
+        optional = PARAM_COLUMNS | JOB_COLUMNS | CONFIG_OPTIONAL
+        missing = sorted(set(ROW_COLUMNS) - set(row) - optional)
         extra = sorted(set(row) - set(ROW_COLUMNS))
         if missing or extra:
             raise StorageError(f"metrics row {i}: missing columns {missing}, unknown {extra}")

@@ -49,6 +49,7 @@ def _reconstruction(cell_id: str) -> storage.StoredReconstruction:
 def _rows(cell_id: str, gid: str, method: str) -> list[dict[str, object]]:
     return [{
         "cell_id": cell_id, "gradient_id": gid, "method": method, "dataset": "synthetic",
+        "variant": "paper", "preset": "paper", "method_params": "{}",
         "image_size": 8, "victim": "lenet", "victim_seed": 0, "generator": None,
         "defense": "none", "defense_level": 0.0, "batch_size": BATCH, "batch_index": 0,
         "seed": 0, "image_index": j, "sample_index": j, "label": j, "labels": "given",
