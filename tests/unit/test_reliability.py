@@ -288,7 +288,7 @@ def test_tables_of_a_read_only_run_print_without_writing(tmp_path: Path) -> None
         run, ids = committed_run(fs / "run", cells=2)
         remount_read_only(fs)
         text = tables_text(run.root)  # 848111e: compaction's lock file -> OSError EROFS
-        assert "| gi-x |" in text and "read-only: nothing was written" in text
+        assert "| gi-x [paper] |" in text and "read-only: nothing was written" in text
         assert not (run.root / "reports" / "table.md").exists()
 
 
