@@ -63,7 +63,7 @@ TINY: dict[str, Any] = {
         "executor": "local",
         "cells_per_job": 2,
         "max_parallel": 2,
-        "slurm": {"cpus_per_task": 1, "gpus_per_task": 0, "mem_gb": 1, "timeout_min": 20,
+        "slurm": {"cpus_per_task": 1, "gpus_per_task": 0, "mem_gb": 2, "timeout_min": 20,
                   "array_parallelism": 4},
     },
 }
@@ -79,7 +79,7 @@ LONG: dict[str, Any] = {
         "executor": "slurm",
         "cells_per_job": 1,
         # timeout_min > 10: the USR2 counts as a preemption, not a timeout (docs/slurm.md)
-        "slurm": {"cpus_per_task": 1, "gpus_per_task": 0, "mem_gb": 1, "timeout_min": 20},
+        "slurm": {"cpus_per_task": 1, "gpus_per_task": 0, "mem_gb": 2, "timeout_min": 20},
     },
 }
 
