@@ -19,9 +19,9 @@ import yaml
 
 from gi_core.generators import build_generator
 from storage.generator_snapshots import read_index, snapshot_path
-from storage.run import RunDir, create_run
+from storage.run import RunDir
 from tasks.executors import ExecutorConfig, kill_local_job, threads_per_job
-from tasks.giml import TrainJob, generate_task_set, held_out_indices, run_training
+from tasks.giml import held_out_indices
 from tasks.giml_spec import GIMLSpec
 
 if TYPE_CHECKING:
@@ -138,18 +138,34 @@ def _records(run: Path) -> list[dict[str, Any]]:
     return [r for p in sorted((run / "jobs").glob("*.json")) for r in json.loads(p.read_text())]
 
 
-def _reference_sha(tmp: Path, spec_path: Path, *, threads: int | None) -> str:
-    """The uninterrupted meta-training, in this process, at the jobs' thread count."""
-    text = spec_path.read_text()
-    spec = GIMLSpec.model_validate(yaml.safe_load(text))
-    run = create_run(tmp / "reference", text)
-    generate_task_set(run, spec)
-    before = torch.get_num_threads()
-    try:
-        run_training(TrainJob(str(run.root), "giml", threads))
-    finally:
-        torch.set_num_threads(before)
-    return str(read_index(run.root, spec.giml.config().meta_steps)["sha256"])
+REFERENCE = """
+import sys, torch, yaml
+from pathlib import Path
+from storage.generator_snapshots import read_index
+from storage.run import create_run
+from tasks.giml import TrainJob, generate_task_set, run_training
+from tasks.giml_spec import GIMLSpec
+spec_path, root, threads = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+text = spec_path.read_text()
+spec = GIMLSpec.model_validate(yaml.safe_load(text))
+run = create_run(root, text)
+generate_task_set(run, spec)
+run_training(TrainJob(str(run.root), "giml", threads))
+print(read_index(run.root, spec.giml.config().meta_steps)["sha256"])
+"""
+
+
+def _reference_sha(tmp: Path, spec_path: Path, *, threads: int) -> str:
+    """The uninterrupted meta-training at the jobs' thread count, in a process with the jobs'
+    environment: OMP_NUM_THREADS at start-up fixes the BLAS threads, which torch.set_num_threads
+    does not change, and so the reduction order (the pytest process has its own value)."""
+    done = subprocess.run(
+        [sys.executable, "-c", REFERENCE, str(spec_path), str(tmp / "reference"), str(threads)],
+        env=_env(), capture_output=True, text=True, check=False, timeout=TIMEOUT_S,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()[-1]
 
 
 @pytest.mark.slow
@@ -186,12 +202,6 @@ def test_giml_end_to_end_inline(tmp_path: Path) -> None:
     assert f"giml:{out.resolve()}@3" in (out / "eval" / "giml-00003.yaml").read_text()
 
 
-@pytest.mark.xfail(
-    reason="issue 10 open: since the concurrent engine/BN changes of this stop the resumed "
-    "meta-training's final w no longer equals the in-process reference (sha mismatch, seen "
-    "twice); the in-process resume is still bit-exact (tests/unit/test_giml.py)",
-    strict=False,
-)
 @pytest.mark.slow
 def test_sigkill_and_rerun_continues_to_the_uninterrupted_w(tmp_path: Path) -> None:
     spec = _spec(tmp_path, TRAIN)
@@ -219,12 +229,6 @@ def test_sigkill_and_rerun_continues_to_the_uninterrupted_w(tmp_path: Path) -> N
     assert json.loads((out / "giml" / "done.json").read_text())["steps"] == 20
 
 
-@pytest.mark.xfail(
-    reason="issue 10 open: since the concurrent engine/BN changes of this stop the resumed "
-    "meta-training's final w no longer equals the in-process reference (sha mismatch, seen "
-    "twice); the in-process resume is still bit-exact (tests/unit/test_giml.py)",
-    strict=False,
-)
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_usr2_requeue_continues_to_the_uninterrupted_w(
