@@ -173,12 +173,14 @@ def cell_cost(
 
 
 def _table_source(kind: str, row: Mapping[str, Any]) -> str:
-    """The benchmark records the machine's load average with each row: on a shared machine
-    the table overestimates a quiet node's time, and the label says by how much it was loaded."""
+    """The benchmark records the machine's load average and torch threads with each row: on a
+    shared machine the table overestimates a quiet node's time, and a job with fewer cores than
+    the benchmark had runs slower; the label says both."""
     where = "table" if kind == "measured" else "from a table row"
     if "load" not in row:
         return "measured (table)" if kind == "measured" else kind
-    return f"{kind} ({where} at load {row['load']:.0f})"
+    threads = f", {row['threads']} thread(s)" if "threads" in row else ""
+    return f"{kind} ({where} at load {row['load']:.0f}{threads})"
 
 
 def family_of(method: str) -> str:
