@@ -39,16 +39,17 @@ DRIVER_TIMEOUT_S = 1800  # a hang guard; a loaded 2-core machine is slow
 METRICS = ["psnr", "ssim", "lpips", "final_cost", "status", "iterations", "label"]
 
 # 2 methods x 2 defenses x 6 batches of 1 = 24 cells on 12 gradients; cells take a few seconds,
-# checkpoints every second, so kills land before, inside and after cells. The grid holds about
-# a minute of work for two workers and a kill comes within 3 s of work starting, so 8 kills land
-# long before it is done (CI once finished an 80-iteration grid after 7 kills).
+# checkpoints every second, so kills land before, inside and after cells. A kill comes within
+# 2 s of work starting and each cell is several seconds of work, so 8 kills land long before
+# the grid is done (CI once finished an 80-iteration grid after 7 kills); the figures record
+# the stored gradients, committed cells and mid-cell checkpoints at each kill.
 LOCAL: dict[str, Any] = {
     "name": "chaos",
     "data": {"dataset": "lfw-faces", "image_size": 32, "num_batches": 6},
     "victim": {"arch": "convnet", "width": 4, "seed": 0},
     "methods": [
-        {"name": "gi-x", "params": {"iterations": 300, "restarts": 1}},
-        {"name": "gi-x+bn", "params": {"iterations": 300, "restarts": 1}},
+        {"name": "gi-x", "params": {"iterations": 600, "restarts": 1}},
+        {"name": "gi-x+bn", "params": {"iterations": 600, "restarts": 1}},
     ],
     "defenses": [{"kind": "none"}, {"kind": "sparsity", "p": 0.9}],
     "batch_sizes": [1],
@@ -112,6 +113,10 @@ def _workers(out: Path) -> list[int]:
     return pids
 
 
+def _stored_gradients(out: Path) -> int:
+    return len(storage.open_run(out).stored_gradients()) if (out / "grid.yaml").is_file() else 0
+
+
 def _kill(pid: int, *, group: bool = False) -> bool:
     try:
         (os.killpg if group else os.kill)(pid, signal.SIGKILL)
@@ -163,13 +168,15 @@ def _assert_clean(figures: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_local_grid_survives_random_kills(tmp_path: Path) -> None:
     spec = _write(tmp_path / "chaos.yaml", LOCAL)
-    cells = {c.id for c in expand(load_spec(spec)).inversion_cells}
+    plan = expand(load_spec(spec))
+    cells, gradients = {c.id for c in plan.inversion_cells}, len(plan.gradient_cells)
     assert len(cells) >= 24
     log = tmp_path / "drivers.log"
     _finish(spec, tmp_path / "ref", log, "--executor", "inline")
     start = time.monotonic()
     out, rng = tmp_path / "run", random.Random(13)
     kills: list[str] = []
+    at_kills: list[tuple[int, int, int]] = []  # (gradients, committed cells, checkpoints)
     driver: subprocess.Popen[bytes] | None = None
     starts = 0
     while len(kills) < 8:
@@ -181,27 +188,40 @@ def test_local_grid_survives_random_kills(tmp_path: Path) -> None:
             assert driver is None or driver.returncode != 0, \
                 f"the grid finished after only {len(kills)} interruptions: give it more work"
             driver = _driver(spec, out, log)
-        # Kill while work is in flight: once a job runs, at a random moment within 3 s.
-        while driver.poll() is None and not _workers(out):
+        # Kill while work is in flight: once a job runs, at a random moment. The first two
+        # kills may land in gradient generation; the rest wait for the inversions, so cells
+        # are cut mid-way and resume from their checkpoints (before this, all 8 kills landed
+        # in gradient generation: job start-up there outlasted the kill delay).
+        inversions = len(kills) >= 2
+        while driver.poll() is None and not (
+            _workers(out) and (not inversions or _stored_gradients(out) == gradients)
+        ):
             time.sleep(0.3)
         if driver.poll() is not None:
             continue
-        time.sleep(rng.uniform(0.2, 3.0))
+        time.sleep(rng.uniform(0.5, 4.0) if inversions else rng.uniform(0.2, 2.0))
         workers = _workers(out)
         if len(kills) % 2 == 1 and workers and _kill(rng.choice(workers)):
             kills.append("worker")
         elif _kill(driver.pid, group=True):
             driver.wait()
             kills.append("driver-group")
+        else:
+            continue
+        run = storage.open_run(out)
+        at_kills.append((len(run.stored_gradients()), len(run.committed_cells()),
+                         len(list((out / "checkpoints").glob("*.pt")))))
     assert driver is not None
     driver.wait(timeout=DRIVER_TIMEOUT_S)  # after a worker kill the driver carries on
     _finish(spec, out, log)
     figures = {"interruptions": len(kills), "driver_group_kills": kills.count("driver-group"),
                "worker_kills": kills.count("worker"),
+               "gradients_cells_checkpoints_at_kills": at_kills,
                **_compare(storage.open_run(out), storage.open_run(tmp_path / "ref"), cells),
                "wall_s": round(time.monotonic() - start, 1)}
     _report(tmp_path, "local", figures)
     assert figures["interruptions"] >= 8 and figures["worker_kills"] >= 1
+    assert sum(g == gradients for g, _, _ in at_kills) >= 6  # most kills cut inversions
     _assert_clean(figures)
 
 
