@@ -364,7 +364,7 @@ def device_options(its: int) -> list[dict[str, Any]]:
             ms, quality = _plain_gi_x(
                 problem, truth, its, adam=adam, channels_last=channels_last, compiled=compiled
             )
-        except RuntimeError as e:  # fused Adam unsupported here; compile refuses double backward
+        except RuntimeError as e:  # e.g. fused Adam unsupported for this device / dtype
             note = str(e).splitlines()[0][:90]
             out.append({"option": name, "ms_per_it": None, "ratio": None, "note": note})
             continue
@@ -451,7 +451,7 @@ def op_profile(its: int) -> list[dict[str, Any]]:
 
 def generator_copies(counts: Sequence[int], its: int) -> list[dict[str, Any]]:
     """ms per generator copy for render + backward of DCGAN-32 per-image copies, vmapped over
-    the copies' weights (GI-z/w's and GI-w's w stage) against one plain module call."""
+    the copies' weights as GI-z/w's and GI-w's w stage does, for each number of copies."""
     from torch.func import functional_call, vmap
 
     gen = _generator(32)
@@ -609,7 +609,7 @@ def main() -> None:
         args.out.write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
         return
     quick = args.quick
-    its = 8  # 5 timed deltas per median (5 iterations gave 2: too noisy for 0.9-1.1x calls)
+    its = 8  # 5 timed deltas per mean (5 iterations gave 2: too noisy for 0.9-1.1x calls)
     started = time.perf_counter()
     report: dict[str, Any] = {
         "command": "python benchmarks/performance.py" + (" --quick" if quick else ""),

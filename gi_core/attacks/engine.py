@@ -266,7 +266,7 @@ class _RowByRow(torch.autograd.Function):
     """Row costs whose gradients w.r.t. the rows are taken row by row, inside the forward.
 
     Stacking the rows' costs and differentiating their sum kept every row's double-backward
-    graph alive at once: R graphs of ResNet18 made R restarts 5-10 % slower than R separate
+    graph alive at once: R graphs of ResNet18 made R restarts 5-9 % slower than R separate
     runs (docs/results/performance.md). Here each row's graph is freed before the next row
     is built. The gradients are the same numbers: autograd.grad of a row's cost starts from
     1.0, as the sum's backward did, and backward multiplies by the incoming 1.0 exactly."""

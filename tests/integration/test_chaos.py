@@ -39,10 +39,10 @@ DRIVER_TIMEOUT_S = 1800  # a hang guard; a loaded 2-core machine is slow
 METRICS = ["psnr", "ssim", "lpips", "final_cost", "status", "iterations", "label"]
 
 # 2 methods x 2 defenses x 6 batches of 1 = 24 cells on 12 gradients; cells take a few seconds,
-# checkpoints every second, so kills land before, inside and after cells. A kill comes within
-# 2 s of work starting and each cell is several seconds of work, so 8 kills land long before
-# the grid is done (CI once finished an 80-iteration grid after 7 kills); the figures record
-# the stored gradients, committed cells and mid-cell checkpoints at each kill.
+# checkpoints every second, so kills land before, inside and after cells. Two kills land in
+# gradient generation, six 0.5-4 s into the inversions; with cells of several seconds, 8 kills
+# land long before the grid is done (CI once finished an 80-iteration grid after 7 kills). The
+# figures record the stored gradients, committed cells and mid-cell checkpoints at each kill.
 LOCAL: dict[str, Any] = {
     "name": "chaos",
     "data": {"dataset": "lfw-faces", "image_size": 32, "num_batches": 6},
