@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test test-unit lint bench bench-table1 bench-objective bench-storage bench-speed bench-performance clean
+.PHONY: setup demo test test-unit gpu-check lint bench bench-table1 bench-objective bench-storage bench-speed bench-performance clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,12 @@ test: setup
 
 test-unit: setup
 	$(BIN)/python -m pytest -q tests/unit
+
+# The CUDA tier (tests/gpu), a paper-scale sample and the GPU benchmark rows -> docs/results/gpu.md
+# (docs/gpu.md). Without a CUDA device it says so and exits 0.
+gpu-check: setup
+	$(BIN)/python -m pytest -q -m gpu tests/gpu
+	$(BIN)/python benchmarks/gpu_check.py
 
 lint: setup
 	$(BIN)/ruff check .
