@@ -14,7 +14,7 @@ differentiated, which gives each task's latents exactly their own gradient (as t
 of the attacks). The inner optimiser is SGD as in Algorithm 2; `inner_optimizer="adam"` is the
 official code's choice (Adam, fresh for every meta step).
 
-The generator runs in eval mode throughout (as in every attack, docs/ARCHITECTURE.md #3): its
+The generator runs in eval mode throughout (as in every attack, docs/decisions/003): its
 BN running statistics are fixed buffers; w are its parameters. Everything a meta step needs
 (w, RNG state, task-sampling permutation and cursor, step) is in `MetaState`, which exports to
 plain tensors/ints/lists (torch.load(weights_only=True)-safe) and resumes bit-exactly on the
