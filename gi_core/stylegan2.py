@@ -64,13 +64,6 @@ _FIR = (1.0, 3.0, 3.0, 1.0)  # the blur / resampling filter of both official imp
 _LRELU_GAIN = math.sqrt(2.0)
 
 
-def default_channels(
-    resolution: int, *, channel_base: int = 32768, channel_max: int = 512
-) -> tuple[int, ...]:
-    """stylegan2-ada's rule min(channel_base // r, channel_max) for r = 4, 8, ..., resolution."""
-    return tuple(min(channel_base // r, channel_max) for r in _resolutions(resolution))
-
-
 def _resolutions(resolution: int) -> list[int]:
     return [2**i for i in range(2, int(math.log2(resolution)) + 1)]
 

@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from gi_core.errors import ConfigError
 from storage.run import RunDir, create_run, open_run, update_spec
@@ -143,22 +143,6 @@ def submission_shape(
     elements = math.ceil(n_cells / per_job) if n_cells else 0
     arrays = math.ceil(elements / max_array) if elements else 0
     return SubmissionShape(arrays, elements, per_job, arrays)
-
-
-def estimate_seconds(cells: Sequence[InversionCell], timings: dict[str, float]) -> float | None:
-    """Rough cost: mean stored wall seconds per iteration of each method x its iterations."""
-    if not timings:
-        return None
-    total = 0.0
-    for cell in cells:
-        per_it = timings.get(cell.method, sum(timings.values()) / len(timings))
-        total += per_it * _iterations(cell.config)
-    return total
-
-
-def _iterations(config: Any) -> int:
-    fields = ("iterations", "z_iterations", "w_iterations", "x_iterations")
-    return sum(int(getattr(config, f, 0) or 0) for f in fields)
 
 
 def stored_timings(run: RunDir | None) -> dict[str, float]:

@@ -196,12 +196,6 @@ def choose_path(problems: Sequence[InversionProblem], restarts: int, path: str =
     )
 
 
-def make_cost(problem: InversionProblem, config: BaseConfig, *, path: str = "auto") -> CostFn:
-    """c(x) = d(∇θ ℓ(fθ(x), y), g) + tv·TV(x) + bn·R_BN(x) (eq. 3 + eq. 4 + Yin's BN prior),
-    one value per row of x (rows, B, C, H, W)."""
-    return make_batch_cost([problem], config, path=choose_path([problem], config.restarts, path))
-
-
 def make_batch_cost(
     problems: Sequence[InversionProblem], config: BaseConfig, *, path: str
 ) -> CostFn:
