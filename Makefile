@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test test-unit gpu-check lint bench bench-table1 bench-objective bench-storage bench-speed bench-performance clean
+.PHONY: setup demo test test-fast test-unit gpu-check lint bench bench-table1 bench-objective bench-storage bench-speed bench-performance clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-test-unit: setup
-	$(BIN)/python -m pytest -q tests/unit
+# The everyday tier: unit tests (no services, no subprocess grids), well under 3 minutes.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/gpu
+
+test-unit: test-fast
 
 # The CUDA tier (tests/gpu), a paper-scale sample and the GPU benchmark rows -> docs/results/gpu.md
 # (docs/gpu.md). Without a CUDA device it says so and exits 0.
@@ -37,7 +40,7 @@ gpu-check: setup
 
 lint: setup
 	$(BIN)/ruff check .
-	$(BIN)/mypy gi_core storage
+	$(BIN)/mypy gi_core storage tasks pipelines
 
 bench: bench-performance bench-speed bench-storage bench-objective bench-table1
 

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gi_core.errors import ConfigError
-from gi_core.generators import Generator
+from gi_core.generator_base import Generator
 
 LATENT_SPACES = ("z", "w", "w+")
 NOISE_MODES = ("fixed", "random")
