@@ -35,7 +35,6 @@ from gi_core.gan_training import GANTraining
 from gi_core.generators import Generator, build_generator
 from gi_core.giml import GIMLTask, MetaState, TaskCost, generator_state, initial_state, meta_train
 from gi_core.gradients import ParamIndex
-from gi_core.victims import build_victim
 from storage.atomic import publishing, write_bytes_atomic
 from storage.checkpoints import load_checkpoint, save_checkpoint
 from storage.generator_snapshots import grid_image_path, save_snapshot
@@ -43,7 +42,8 @@ from storage.run import RunDir
 from storage.zarr_store import StoredGradient, read_gradient, write_gradient
 from tasks.cells import expand
 from tasks.giml_spec import GIMLSpec, PretrainSpec, PriorSpec
-from tasks.spec import MethodSpec, VictimSpec, parse_spec
+from tasks.models import victim_model
+from tasks.spec import MethodSpec, parse_spec
 from tasks.work import NoPreemption, Preemption, device
 
 SAMPLE_SEED, SAMPLE_COUNT = 1234, 64  # the fixed z of every sample grid (Figure 6a)
@@ -103,27 +103,10 @@ def client_indices(spec: GIMLSpec) -> list[tuple[int, ...]]:
 # --- task set -------------------------------------------------------------------------------
 
 
-def _victim(spec: VictimSpec, *, num_classes: int, image_size: int) -> nn.Module:
-    state = (
-        torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
-        if spec.checkpoint
-        else None
-    )
-    extra = {"width": spec.width} if spec.width is not None else {}
-    model = build_victim(
-        spec.arch,
-        num_classes=num_classes,
-        image_size=image_size,
-        seed=spec.seed,
-        state_dict=state,
-        **extra,
-    )
-    return model.to(device())
-
-
 def giml_victim(spec: GIMLSpec) -> nn.Module:
     classes = dataset_info(spec.data.dataset, image_size=spec.data.image_size).num_classes
-    return _victim(spec.victim, num_classes=classes, image_size=spec.data.image_size)
+    model = victim_model(spec.victim, num_classes=classes, image_size=spec.data.image_size)
+    return model.to(device())
 
 
 def tasks_index_path(run: RunDir) -> Path:

@@ -21,7 +21,7 @@ from gi_core.multigrad import MultiGradConfig, observe, reconstruct
 from storage.atomic import write_bytes_atomic
 from storage.run import RunDir
 from tasks.cells import cell_hash
-from tasks.giml import _victim
+from tasks.models import victim_model
 from tasks.spec import DataSpec, ExecutionSpec, Ints, VictimSpec, _Model
 from tasks.work import device
 
@@ -108,9 +108,8 @@ def _run_cell(run: RunDir, cell: dict[str, Any]) -> None:
     victim = VictimSpec.model_validate(cell["victim"])
 
     def build(seed: int) -> torch.nn.Module:
-        return _victim(
-            victim.model_copy(update={"seed": seed}), num_classes=classes, image_size=size
-        )
+        spec = victim.model_copy(update={"seed": seed})
+        return victim_model(spec, num_classes=classes, image_size=size).to(dev)
 
     config = MultiGradConfig(**cell["config"])
     observations = observe(build, images, labels, config, seed=victim.seed)
