@@ -15,15 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from gi_core.errors import ConfigError
-from gi_core.gradients import client_gradient, per_example_gradients
+from gi_core.gradients import client_gradient, per_example_gradients, prepare_victim
 
-DEFENSE_KINDS = ("none", "sparsity", "noise", "dp", "quantize")
+DEFENSE_KINDS = ("none", "sparsity", "noise", "dp", "quantize", "soteria")
 DP_DELTA = 1e-5
 
 
 @dataclass(frozen=True)
 class Defense:
-    """`kind` plus its parameters: sparsity(p), noise(sigma), dp(clip, sigma), quantize(bits)."""
+    """`kind` plus its parameters: sparsity(p), noise(sigma), dp(clip, sigma), quantize(bits),
+    soteria(p: the share of representation features whose gradient is pruned)."""
 
     kind: str = "none"
     p: float | None = None
@@ -37,7 +38,13 @@ class Defense:
     @property
     def level(self) -> float:
         """The defense's strength as one number (for tables): p, sigma or bits; 0 for none."""
-        value = {"none": 0.0, "sparsity": self.p, "noise": self.sigma, "dp": self.sigma}
+        value = {
+            "none": 0.0,
+            "sparsity": self.p,
+            "soteria": self.p,
+            "noise": self.sigma,
+            "dp": self.sigma,
+        }
         return float(value.get(self.kind, self.bits) or 0.0)
 
 
@@ -50,6 +57,7 @@ def _validate(d: Defense) -> None:
         "noise": ("sigma",),
         "dp": ("clip", "sigma"),
         "quantize": ("bits",),
+        "soteria": ("p",),
     }[d.kind]
     for name in ("p", "sigma", "clip", "bits"):
         value = getattr(d, name)
@@ -57,7 +65,7 @@ def _validate(d: Defense) -> None:
             verb = "needs" if value is None else "does not take"
             raise ConfigError(f"defense.{name}: {d.kind} {verb} {name!r}")
     if d.p is not None and not 0.0 <= d.p < 1.0:
-        raise ConfigError(f"defense.p: sparsity must be in [0, 1) (got {d.p})")
+        raise ConfigError(f"defense.p: {d.kind} must be in [0, 1) (got {d.p})")
     for name in ("sigma", "clip"):
         value = getattr(d, name)
         if value is not None and (value < 0 or not math.isfinite(value)):
@@ -92,11 +100,58 @@ def apply_defense(
     if defense.kind == "sparsity":
         masks = [topk_mask(g, p=float(defense.p or 0.0)) for g in grads]
         return DefendedGradient([g * m for g, m in zip(grads, masks, strict=True)], masks)
+    if defense.kind == "soteria":
+        return soteria(victim, images, grads, p=float(defense.p or 0.0))
     if defense.kind == "noise":
         return DefendedGradient(
             add_noise(grads, std=float(defense.sigma or 0.0), generator=generator)
         )
     return DefendedGradient([quantize(g, bits=int(defense.bits or 32)) for g in grads])
+
+
+def soteria(
+    victim: nn.Module, images: Tensor, grads: list[Tensor], *, p: float
+) -> DefendedGradient:
+    """Soteria (Sun et al., CVPR 2021, Alg. 1): prune the representation layer's gradient.
+
+    The representation r (B, F) is the input of the victim's last linear layer. For each feature
+    f the client scores how much the input is revealed per unit of that feature,
+    s_f = sum_b ||dr_bf/dx_b|| / r_bf, and zeroes the columns of the last layer's weight
+    gradient of the floor(p F) features with the smallest |s_f| (the official code thresholds
+    at the p-th percentile; the exact count makes the pruned share the documented one). A
+    feature that is 0 for some image (a dead ReLU) scores inf and is kept: its column carries
+    nothing of that image. `info["pruned"]` is the number of pruned features."""
+    model = prepare_victim(victim)
+    linear, position = _last_linear(model)
+    captured: list[Tensor] = []
+    handle = linear.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
+    x = images.detach().clone().requires_grad_(True)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    rep = captured[0].flatten(1)  # (B, F)
+    scores = torch.empty(rep.shape[1], device=rep.device)
+    for f in range(rep.shape[1]):
+        (dx,) = torch.autograd.grad(rep[:, f].sum(), x, retain_graph=True)
+        ratio = dx.flatten(1).norm(dim=1) / rep[:, f].detach()  # (B,): images are independent
+        scores[f] = ratio.sum()
+    scores = torch.nan_to_num(scores.abs(), nan=math.inf)
+    k = math.floor(round(rep.shape[1] * p, 9))
+    pruned = torch.argsort(scores)[:k]
+    out = [g.clone() for g in grads]
+    out[position][:, pruned] = 0.0
+    return DefendedGradient(out, info={"pruned": int(k)})
+
+
+def _last_linear(model: nn.Module) -> tuple[nn.Linear, int]:
+    """The victim's last nn.Linear and the index of its weight in parameter order."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError("defense.kind: soteria needs a victim that ends with a linear layer")
+    last = linears[-1]
+    index = next(i for i, q in enumerate(model.parameters()) if q is last.weight)
+    return last, index
 
 
 def topk_mask(g: Tensor, *, p: float) -> Tensor:
