@@ -37,6 +37,7 @@ from storage.run import open_run
 from tasks.arrays import POLL_S, run_array
 from tasks.executors import ExecutorConfig, threads_per_job
 from tasks.jobs import pending_records, queued_cells
+from tasks.resources import ArrayGroup, ArrayKind, inversion_groups, kind_config
 from tasks.spec import GridSpec
 from tasks.work import Chunk
 
@@ -57,6 +58,10 @@ class Work:
     queued: int  # cells left to jobs of an earlier run that are still queued or running
     started: float  # planning time: a `gi-eval cancel` after it stops this run
     planned: frozenset[str] = frozenset()  # every inversion cell id of the grid
+    # Resources per array kind and method (tasks.resources): the gradient jobs' config and one
+    # (name, chunks, config) per run of inversion arrays sharing one resource request.
+    gradient_executor: ExecutorConfig | None = None
+    inversion_arrays: tuple[tuple[str, tuple[Chunk, ...], ExecutorConfig], ...] = ()
 
 
 @task(name="plan", cache_policy=NO_CACHE)
@@ -68,20 +73,13 @@ def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
     queued = queued_cells(run)
     status = grid_status(spec, run, queued=queued)
     ex, config = spec.execution, executor_config(spec, executor)
-    per_job, threads = ex.cells_per_job, threads_per_job(config)
-    grads = gradient_chunks(run, status.gradients_todo, per_job=per_job, threads=threads)
-    cells = inversion_chunks(
-        run, status.todo, per_job=per_job, threads=threads, keep_restarts=spec.storage.keep_restarts
+    per_job, gradient_config = ex.cells_per_job, kind_config(spec, config, "gradients")
+    grads = gradient_chunks(
+        run, status.gradients_todo, per_job=per_job, threads=threads_per_job(gradient_config)
     )
-    cells = [
-        replace(
-            c,
-            snapshots=spec.storage.snapshots,
-            batch_cells=ex.batch_cells,
-            memory_budget_gb=ex.memory_budget_gb,
-        )
-        for c in cells
-    ]
+    groups = inversion_groups(spec, config, status.todo)
+    arrays = [(g, _group_chunks(spec, run, g, per_job=per_job)) for g in groups]
+    cells = [c for _, chunks in arrays for c in chunks]
     timeout = ex.array_timeout_h * 3600 if ex.array_timeout_h else None
     planned = frozenset(c.id for c in status.plan.inversion_cells)
     get_run_logger().info(
@@ -100,7 +98,45 @@ def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
         run.root,
         run.logs_dir,
     )
-    return Work(str(run.root), grads, cells, config, timeout, len(queued), started, planned)
+    return Work(
+        str(run.root), grads, cells, config, timeout, len(queued), started, planned,
+        gradient_executor=gradient_config,
+        inversion_arrays=_named_arrays(arrays),
+    )
+
+
+def _group_chunks(spec: GridSpec, run: Any, group: ArrayGroup, *, per_job: int) -> list[Chunk]:
+    """The job-array elements of one resource group (K cells each, torch threads = its CPUs)."""
+    ex = spec.execution
+    chunks = inversion_chunks(
+        run,
+        group.cells,
+        per_job=per_job,
+        threads=threads_per_job(group.config),
+        keep_restarts=spec.storage.keep_restarts,
+    )
+    return [
+        replace(
+            c,
+            snapshots=spec.storage.snapshots,
+            batch_cells=ex.batch_cells,
+            memory_budget_gb=ex.memory_budget_gb,
+        )
+        for c in chunks
+    ]
+
+
+def _named_arrays(
+    arrays: list[tuple[ArrayGroup, list[Chunk]]],
+) -> tuple[tuple[str, tuple[Chunk, ...], ExecutorConfig], ...]:
+    """One entry per job array: 'inversions-<i>' for the default resources, 'inversions-<method
+    key>-<i>' for a group with its own (so squeue and the job records tell them apart)."""
+    named = []
+    for group, chunks in arrays:
+        prefix = "inversions" if group.key == "default" else f"inversions-{group.tag}"
+        for i, part in enumerate(batched(chunks, ARRAY_ELEMENTS)):
+            named.append((f"{prefix}-{i}", tuple(part), group.config))
+    return tuple(named)
 
 
 @task(name="wait-for-earlier-jobs", cache_policy=NO_CACHE)
@@ -233,18 +269,27 @@ def run_work(work: Work, *, started: float) -> None:
     """Gradient arrays first (the inversions read them), then the inversion arrays at once;
     a `gi-eval cancel` after `started` stops them."""
     array = run_array.with_options(timeout_seconds=work.array_timeout_s)
+    gradient_executor = work.gradient_executor or work.executor
     for i, group in enumerate(batched(work.gradients, ARRAY_ELEMENTS)):
-        array(work.run_dir, list(group), work.executor, f"gradients-{i}", started)
+        array(work.run_dir, list(group), gradient_executor, f"gradients-{i}", started)
     arrays = [
-        array.submit(work.run_dir, list(group), work.executor, f"inversions-{i}", started)
-        for i, group in enumerate(batched(work.inversions, ARRAY_ELEMENTS))
+        array.submit(work.run_dir, list(chunks), config, name, started)
+        for name, chunks, config in work.inversion_arrays
     ]
     for future in arrays:
         future.result()
 
 
-def executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
-    """The spec's execution section (or the CLI's --executor) as an executor adapter config."""
+def executor_config(
+    spec: GridSpec, override: str | None, kind: ArrayKind | None = None
+) -> ExecutorConfig:
+    """The spec's execution section (or the CLI's --executor) as an executor adapter config;
+    `kind`: with the overrides of that array kind (tasks.resources)."""
+    base = _base_executor_config(spec, override)
+    return base if kind is None else kind_config(spec, base, kind)
+
+
+def _base_executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
     if override is not None and override not in EXECUTORS:
         raise ConfigError(f"executor: unknown {override!r}; choose one of {', '.join(EXECUTORS)}")
     ex, slurm = spec.execution, spec.execution.slurm
@@ -266,6 +311,7 @@ def executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
         signal_delay_s=slurm.signal_delay_s,
         constraint=slurm.constraint,
         gres=slurm.gres,
+        gpu_type=slurm.gpu_type,
         exclude=slurm.exclude,
         job_name_prefix=spec.name,
     )
