@@ -17,14 +17,15 @@ from tasks.cells import InversionCell
 from tasks.executors import ExecutorConfig
 from tasks.spec import GridSpec, SlurmResources, SlurmSpec
 
-ArrayKind = Literal["gradients", "giml", "driver"]
+ArrayKind = Literal["gradients", "giml"]
 
 # Gradient generation is one forward/backward pass per cell: seconds. A short time limit lets
 # the backfill scheduler start it in gaps long GPU jobs cannot use.
 GRADIENT_TIMEOUT_MIN = 30
 GRADIENT_MEM_GB = 4.0
-# The driver only plans, submits and polls (squeue every few seconds).
-DRIVER = SlurmResources(mem_gb=2, cpus_per_task=1, gpus_per_task=0, timeout_min=7 * 24 * 60)
+# The driver only plans, submits and polls (squeue every few seconds): one CPU, no GPU; no
+# time limit of its own (the partition's), as it lives as long as the grid.
+DRIVER = SlurmResources(mem_gb=2, cpus_per_task=1, gpus_per_task=0)
 # Sized memory: the estimate x 1.5 (allocator fragmentation, the model's roughness) + 1 GiB
 # (Python, torch and data loading), never below 2 GiB.
 MEM_HEADROOM, MEM_BASE_GB, MEM_MIN_GB = 1.5, 1.0, 2.0
@@ -38,11 +39,16 @@ def kind_resources(slurm: SlurmSpec, kind: ArrayKind) -> SlurmResources:
             timeout_min=min(slurm.timeout_min, GRADIENT_TIMEOUT_MIN),
             mem_gb=None if "mem_gb" in slurm.model_fields_set else GRADIENT_MEM_GB,
         )
-    elif kind == "driver":
-        base = DRIVER
     else:
         base = SlurmResources()
     return merge(base, own)
+
+
+def driver_resources(slurm: SlurmSpec) -> SlurmResources:
+    """The detached driver's job: DRIVER, then execution.slurm's partition and qos, then
+    execution.slurm.driver."""
+    return merge(merge(DRIVER, SlurmResources(partition=slurm.partition, qos=slurm.qos)),
+                 slurm.driver)
 
 
 def method_resources(slurm: SlurmSpec, cell: InversionCell) -> tuple[str, SlurmResources]:

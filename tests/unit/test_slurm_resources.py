@@ -64,7 +64,7 @@ def _scripts(spec: GridSpec) -> dict[str, dict[str, str]]:
     groups = inversion_groups(spec, base, expand(spec).inversion_cells)
     out = {g.key: _options(render_sbatch(g.config, log_dir=LOGS, name=g.tag, elements=4))
            for g in groups}
-    for kind in ("gradients", "giml", "driver"):
+    for kind in ("gradients", "giml"):
         config = executor_config(spec, None, kind)  # type: ignore[arg-type]
         out[kind] = _options(render_sbatch(config, log_dir=LOGS, name=kind, elements=1))
     return out
