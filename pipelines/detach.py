@@ -22,11 +22,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gi_core.errors import EnvironmentProblem
+from gi_core.errors import ConfigError, EnvironmentProblem
 from pipelines.memory import check_memory
 from pipelines.planner import grid_status, prepare_run, read_spec, run_dir_for
 from storage.atomic import write_bytes_atomic
 from storage.run import RunDir
+from tasks.arrays import DETACHED_ENV
 from tasks.cells import expand
 from tasks.executors import queued_job_ids
 from tasks.preflight import check_before_submission
@@ -49,10 +50,8 @@ class DriverRecord:
 def submit_driver(spec_path: Path, *, executor: str | None, out: Path | None) -> str:
     """Validate like `gi-eval run`, create the run directory, sbatch the driver; returns what
     to tell the user. Nothing waits for the grid."""
-    from pipelines.flows import executor_config  # Prefect: imported only when needed
-
     spec, text = read_spec(spec_path)
-    executor_config(spec, executor)  # an unknown --executor exits 2 here
+    _require_slurm_executor(spec, executor)
     _require_sbatch()
     run_path = run_dir_for(spec, out).resolve()
     previous = read_driver(run_path)
@@ -107,6 +106,8 @@ def driver_script(
         # the driver runs this code base, found as in the submitting shell
         f"export PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))}",
         "export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1",
+        # SIGTERM (preemption, requeue, scancel) must not cancel the arrays (tasks.arrays)
+        f"export {DETACHED_ENV}=1",
         "echo \"[driver] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on "
         "$(hostname) at $(date -u +%FT%TZ)\"",
         "exec " + shlex.join(command),
@@ -131,6 +132,19 @@ def _resource_lines(res: SlurmResources) -> list[str]:
         gpus = f"{res.gpu_type}:{res.gpus_per_task}" if res.gpu_type else res.gpus_per_task
         lines.append(f"#SBATCH --gpus-per-task={gpus}")
     return lines
+
+
+def _require_slurm_executor(spec: GridSpec, executor: str | None) -> None:
+    """A detached grid runs on the cluster: its arrays must be Slurm jobs too (a local or
+    inline executor would squeeze the whole grid into the driver's one CPU). Checked without
+    importing Prefect, which would double the time `--detach` takes to return."""
+    kind = executor or spec.execution.executor
+    if kind != "slurm":
+        where = "--executor" if executor else "execution.executor"
+        raise ConfigError(
+            f"{where}: --detach hands the grid to Slurm, so the executor must be slurm "
+            f"(got {kind!r}); pass --executor slurm, or drop --detach"
+        )
 
 
 def _require_sbatch() -> None:

@@ -22,6 +22,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from gi_core.errors import ConfigError
+from pipelines.notify import notify_state
 from pipelines.planner import (
     ARRAY_ELEMENTS,
     batched,
@@ -38,7 +39,7 @@ from tasks.arrays import POLL_S, run_array
 from tasks.executors import ExecutorConfig, threads_per_job
 from tasks.jobs import pending_records, queued_cells
 from tasks.resources import ArrayGroup, ArrayKind, inversion_groups, kind_config
-from tasks.spec import GridSpec
+from tasks.spec import GridSpec, spec_from_yaml
 from tasks.work import Chunk
 
 EXECUTORS = ("inline", "local", "slurm")
@@ -64,11 +65,39 @@ class Work:
     inversion_arrays: tuple[tuple[str, tuple[Chunk, ...], ExecutorConfig], ...] = ()
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """Deployment parameters that override the spec (stored in the run's grid.yaml)."""
+
+    partition: str | None = None  # execution.slurm.partition
+    max_parallel: int | None = None  # execution.max_parallel and execution.slurm.array_parallelism
+    budget_scale: float | None = None  # budgets.iterations_scale (new cell ids: a new budget)
+
+    def apply(self, text: str) -> tuple[GridSpec, str]:
+        """The spec with these overrides, validated like the file itself (exit 2 on a bad one)."""
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict) or self == Overrides():
+            return spec_from_yaml(text), text
+        execution = data.setdefault("execution", {}) or {}
+        data["execution"] = execution
+        if self.partition is not None:
+            execution.setdefault("slurm", {})["partition"] = self.partition
+        if self.max_parallel is not None:
+            execution["max_parallel"] = self.max_parallel
+            execution.setdefault("slurm", {})["array_parallelism"] = self.max_parallel
+        if self.budget_scale is not None:
+            data.setdefault("budgets", {})["iterations_scale"] = self.budget_scale
+        new = yaml.safe_dump(data, sort_keys=False)
+        return spec_from_yaml(new), new
+
+
 @task(name="plan", cache_policy=NO_CACHE)
-def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
+def plan(
+    spec_path: str, executor: str | None, out: str | None, overrides: Overrides | None = None
+) -> Work:
     """Validate the spec, open the run, and shape the missing work into chunks."""
     started = time.time()
-    spec, text = read_spec(spec_path)
+    spec, text = (overrides or Overrides()).apply(read_spec(spec_path)[1])
     run = prepare_run(spec, text, out)
     queued = queued_cells(run)
     status = grid_status(spec, run, queued=queued)
@@ -209,9 +238,20 @@ def _cancel_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     log_prints=False,
     flow_run_name=_flow_run_name,
     on_cancellation=[_cancel_jobs],
+    on_completion=[notify_state],
+    on_failure=[notify_state],
+    on_crashed=[notify_state],
 )
 def evaluation_grid(
-    spec_path: str, executor: Executor | None = None, out: str | None = None
+    spec_path: str,
+    executor: Executor | None = None,
+    out: str | None = None,
+    partition: str | None = None,
+    max_parallel: int | None = None,
+    budget_scale: float | None = None,
+    retries: int = 2,
+    notify_url: str | None = None,
+    notify_block: str | None = None,
 ) -> str:
     """Plan a grid, generate its missing gradients, invert its missing cells, write the report.
 
@@ -222,16 +262,25 @@ def evaluation_grid(
         executor: Where cells run: inline (in this process), local (submitit jobs on this
             machine) or slurm (job arrays). Default: the spec's execution.executor.
         out: Run directory. Default: runs/<grid name>.
+        partition: Slurm partition of every job array (execution.slurm.partition).
+        max_parallel: Jobs running at once (execution.max_parallel, slurm.array_parallelism).
+        budget_scale: Multiplies every iteration budget (budgets.iterations_scale).
+        retries: Resubmissions of an array whose jobs ended with cells not committed.
+        notify_url: POSTed a JSON summary when the run completes, fails or crashes.
+        notify_block: "<block type>/<name>" of a saved Prefect notification block, told the
+            same (e.g. "slack-webhook/grid-alerts").
 
     Returns:
         The path of reports/table.md (Table 1).
     """
-    work = plan(spec_path, executor, out)
+    overrides = Overrides(partition, max_parallel, budget_scale)
+    work = plan(spec_path, executor, out, overrides)
     with _progress_artifact(work):
-        run_work(work, started=work.started)
+        run_work(work, started=work.started, retries=retries)
         if work.queued:  # an earlier run's jobs still hold cells: let them finish, redo misses
             wait_for_earlier_jobs(work.run_dir)
-            run_work(plan(spec_path, executor, out), started=work.started)
+            run_work(plan(spec_path, executor, out, overrides), started=work.started,
+                     retries=retries)
     return report(work.run_dir)
 
 
@@ -265,10 +314,10 @@ def _progress_artifact(work: Work) -> Iterator[None]:
         update_progress_artifact(artifact, percent())
 
 
-def run_work(work: Work, *, started: float) -> None:
+def run_work(work: Work, *, started: float, retries: int = 2) -> None:
     """Gradient arrays first (the inversions read them), then the inversion arrays at once;
-    a `gi-eval cancel` after `started` stops them."""
-    array = run_array.with_options(timeout_seconds=work.array_timeout_s)
+    a `gi-eval cancel` after `started` stops them. `retries`: resubmissions of missing cells."""
+    array = run_array.with_options(timeout_seconds=work.array_timeout_s, retries=retries)
     gradient_executor = work.gradient_executor or work.executor
     for i, group in enumerate(batched(work.gradients, ARRAY_ELEMENTS)):
         array(work.run_dir, list(group), gradient_executor, f"gradients-{i}", started)
