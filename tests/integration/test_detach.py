@@ -125,6 +125,11 @@ def test_detached_grid_survives_a_killed_driver(slurm_cluster: SlurmCluster,
     subprocess.run(["scancel", "--signal=KILL", "--full", first], check=True, timeout=60)
     _until(lambda: driver_state(first) is None, "the killed driver to leave the queue")
     assert f"driver: job {first} has left the queue" in _status(out)
+    # its arrays outlived it: each job is still queued, or all its cells are stored
+    run = open_run(out)
+    for record in _records(out):
+        done = run.committed_cells() | run.stored_gradients()
+        assert queued_job_ids({record["job_id"]}) or set(record["cells"]) <= done, record
 
     second = _detach(spec, out)  # resubmission: resumes, waits for the surviving arrays
     assert second != first
