@@ -55,6 +55,6 @@ def _block(name: str, body: dict[str, Any]) -> None:
     subject = f"gi-eval {body['flow']} {body['flow_run']}: {body['state']}"
     text = "\n".join(f"{k}: {v}" for k, v in body.items() if v is not None)
     try:
-        Block.load(name).notify(text, subject=subject)  # type: ignore[attr-defined]
+        Block.load(name).notify(text, subject=subject)  # type: ignore[union-attr]
     except Exception as e:  # noqa: BLE001 - a missing block or a dead endpoint: log only
         log.warning("notification block %s failed: %s", name, e)
