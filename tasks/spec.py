@@ -354,7 +354,7 @@ class SlurmSpec(_Model):
     def _one_gpu_request(self) -> SlurmSpec:
         # --gres=gpu:... and --gpus-per-task both ask for GPUs; Slurm adds them up or refuses.
         if self.gres is not None and "gpu" in self.gres and self.gpu_type is not None:
-            raise ValueError("gres: names GPUs and gpu_type is set too; use one of them")
+            raise ValueError("gres names GPUs and gpu_type is set too; keep one of them")
         return self
 
     @field_validator("gres")

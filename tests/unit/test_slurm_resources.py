@@ -129,7 +129,8 @@ def test_local_executor_ignores_slurm_sizing() -> None:
         ({"methods": {"gi-x": {"memory": 3}}}, "execution.slurm.methods.gi-x.memory"),
         ({"gradients": {"mem_gb": -1}}, "execution.slurm.gradients.mem_gb"),
         ({"giml": {"gpu_type": "a 100"}}, "execution.slurm.giml.gpu_type"),
-        ({"gres": "gpu:a100:1", "gpu_type": "a100"}, "gres: names GPUs and gpu_type"),
+        ({"gres": "gpu:a100:1", "gpu_type": "a100"},
+         "execution.slurm: gres names GPUs and gpu_type"),
     ],
 )
 def test_bad_resource_overrides_name_the_field(slurm: dict[str, Any], message: str) -> None:
