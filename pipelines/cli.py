@@ -137,10 +137,18 @@ def run(
     out: Path | None = typer.Option(None, help="run directory (default runs/<name>)"),
     verbose: bool = typer.Option(False, help="show Prefect's logs"),
     wait: bool = typer.Option(False, help="queue behind another `gi-eval run` of this run dir"),
+    detach: bool = typer.Option(
+        False, help="submit the driver as a Slurm job and return (docs/slurm.md)"
+    ),
 ) -> None:
     """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued."""
     from pipelines.commands import run_grid
 
+    if detach:
+        from pipelines.detach import submit_driver
+
+        typer.echo(submit_driver(spec, executor=executor, out=out))
+        return
     typer.echo(run_grid(spec, executor=executor, out=out, verbose=verbose, wait=wait,
                         notify=lambda line: typer.echo(line, err=True)))
 

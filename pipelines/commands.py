@@ -202,20 +202,36 @@ def status_report(run_dir: Path) -> str:
             f"checkpoints of cells in flight: {checkpoints}",
             f"gradients stored: {len(status.gradients_stored)} of "
             f"{len(status.plan.gradient_cells)}",
+            *_driver_lines(run),
         ]
     )
+
+
+def _driver_lines(run: RunDir) -> list[str]:
+    """The detached driver's job (`gi-eval run --detach`), if the run has one."""
+    from pipelines.detach import driver_status_line
+
+    line = driver_status_line(run.root)
+    return [line] if line else []
 
 
 def cancel_run(run_dir: Path) -> str:
     run = _require_run(run_dir)
     request_cancel(run)  # first: a driving `gi-eval run` must stop, not resubmit
+    from pipelines.detach import cancel_driver
+
+    driver = cancel_driver(run.root)  # before reading the records: it submits no more arrays
     active = active_records(run)
     slurm = [JobHandle(kind="slurm", job_id=r.job_id, index=0) for r in active if r.kind == "slurm"]
     cancel_jobs(slurm)
     for r in active:
         if r.kind == "local":
             kill_local_job(r.job_id)
-    return f"cancelled {len(active)} job(s); committed cells are kept, `gi-eval run` resumes"
+    stopped = f"driver job {driver} and " if driver else ""
+    return (
+        f"cancelled {stopped}{len(active)} job(s); committed cells are kept, `gi-eval run` "
+        "resumes"
+    )
 
 
 def tables_text(run_dir: Path) -> str:

@@ -22,6 +22,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from gi_core.errors import ConfigError
+from pipelines.notify import notify_state
 from pipelines.planner import (
     ARRAY_ELEMENTS,
     batched,
@@ -37,7 +38,8 @@ from storage.run import open_run
 from tasks.arrays import POLL_S, run_array
 from tasks.executors import ExecutorConfig, threads_per_job
 from tasks.jobs import pending_records, queued_cells
-from tasks.spec import GridSpec
+from tasks.resources import ArrayGroup, ArrayKind, inversion_groups, kind_config
+from tasks.spec import GridSpec, spec_from_yaml
 from tasks.work import Chunk
 
 EXECUTORS = ("inline", "local", "slurm")
@@ -57,31 +59,56 @@ class Work:
     queued: int  # cells left to jobs of an earlier run that are still queued or running
     started: float  # planning time: a `gi-eval cancel` after it stops this run
     planned: frozenset[str] = frozenset()  # every inversion cell id of the grid
+    # Resources per array kind and method (tasks.resources): the gradient jobs' config and one
+    # (name, chunks, config) per run of inversion arrays sharing one resource request.
+    gradient_executor: ExecutorConfig | None = None
+    inversion_arrays: tuple[tuple[str, tuple[Chunk, ...], ExecutorConfig], ...] = ()
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Deployment parameters that override the spec (stored in the run's grid.yaml)."""
+
+    partition: str | None = None  # execution.slurm.partition
+    max_parallel: int | None = None  # execution.max_parallel and execution.slurm.array_parallelism
+    budget_scale: float | None = None  # budgets.iterations_scale (new cell ids: a new budget)
+
+    def apply(self, text: str) -> tuple[GridSpec, str]:
+        """The spec with these overrides, validated like the file itself (exit 2 on a bad one)."""
+        data = yaml.safe_load(text)
+        if not isinstance(data, dict) or self == Overrides():
+            return spec_from_yaml(text), text
+        execution = data.setdefault("execution", {}) or {}
+        data["execution"] = execution
+        if self.partition is not None:
+            execution.setdefault("slurm", {})["partition"] = self.partition
+        if self.max_parallel is not None:
+            execution["max_parallel"] = self.max_parallel
+            execution.setdefault("slurm", {})["array_parallelism"] = self.max_parallel
+        if self.budget_scale is not None:
+            data.setdefault("budgets", {})["iterations_scale"] = self.budget_scale
+        new = yaml.safe_dump(data, sort_keys=False)
+        return spec_from_yaml(new), new
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
+def plan(
+    spec_path: str, executor: str | None, out: str | None, overrides: Overrides | None = None
+) -> Work:
     """Validate the spec, open the run, and shape the missing work into chunks."""
     started = time.time()
-    spec, text = read_spec(spec_path)
+    spec, text = (overrides or Overrides()).apply(read_spec(spec_path)[1])
     run = prepare_run(spec, text, out)
     queued = queued_cells(run)
     status = grid_status(spec, run, queued=queued)
     ex, config = spec.execution, executor_config(spec, executor)
-    per_job, threads = ex.cells_per_job, threads_per_job(config)
-    grads = gradient_chunks(run, status.gradients_todo, per_job=per_job, threads=threads)
-    cells = inversion_chunks(
-        run, status.todo, per_job=per_job, threads=threads, keep_restarts=spec.storage.keep_restarts
+    per_job, gradient_config = ex.cells_per_job, kind_config(spec, config, "gradients")
+    grads = gradient_chunks(
+        run, status.gradients_todo, per_job=per_job, threads=threads_per_job(gradient_config)
     )
-    cells = [
-        replace(
-            c,
-            snapshots=spec.storage.snapshots,
-            batch_cells=ex.batch_cells,
-            memory_budget_gb=ex.memory_budget_gb,
-        )
-        for c in cells
-    ]
+    groups = inversion_groups(spec, config, status.todo)
+    arrays = [(g, _group_chunks(spec, run, g, per_job=per_job)) for g in groups]
+    cells = [c for _, chunks in arrays for c in chunks]
     timeout = ex.array_timeout_h * 3600 if ex.array_timeout_h else None
     planned = frozenset(c.id for c in status.plan.inversion_cells)
     get_run_logger().info(
@@ -100,7 +127,45 @@ def plan(spec_path: str, executor: str | None, out: str | None) -> Work:
         run.root,
         run.logs_dir,
     )
-    return Work(str(run.root), grads, cells, config, timeout, len(queued), started, planned)
+    return Work(
+        str(run.root), grads, cells, config, timeout, len(queued), started, planned,
+        gradient_executor=gradient_config,
+        inversion_arrays=_named_arrays(arrays),
+    )
+
+
+def _group_chunks(spec: GridSpec, run: Any, group: ArrayGroup, *, per_job: int) -> list[Chunk]:
+    """The job-array elements of one resource group (K cells each, torch threads = its CPUs)."""
+    ex = spec.execution
+    chunks = inversion_chunks(
+        run,
+        group.cells,
+        per_job=per_job,
+        threads=threads_per_job(group.config),
+        keep_restarts=spec.storage.keep_restarts,
+    )
+    return [
+        replace(
+            c,
+            snapshots=spec.storage.snapshots,
+            batch_cells=ex.batch_cells,
+            memory_budget_gb=ex.memory_budget_gb,
+        )
+        for c in chunks
+    ]
+
+
+def _named_arrays(
+    arrays: list[tuple[ArrayGroup, list[Chunk]]],
+) -> tuple[tuple[str, tuple[Chunk, ...], ExecutorConfig], ...]:
+    """One entry per job array: 'inversions-<i>' for the default resources, 'inversions-<method
+    key>-<i>' for a group with its own (so squeue and the job records tell them apart)."""
+    named = []
+    for group, chunks in arrays:
+        prefix = "inversions" if group.key == "default" else f"inversions-{group.tag}"
+        for i, part in enumerate(batched(chunks, ARRAY_ELEMENTS)):
+            named.append((f"{prefix}-{i}", tuple(part), group.config))
+    return tuple(named)
 
 
 @task(name="wait-for-earlier-jobs", cache_policy=NO_CACHE)
@@ -173,9 +238,20 @@ def _cancel_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     log_prints=False,
     flow_run_name=_flow_run_name,
     on_cancellation=[_cancel_jobs],
+    on_completion=[notify_state],
+    on_failure=[notify_state],
+    on_crashed=[notify_state],
 )
 def evaluation_grid(
-    spec_path: str, executor: Executor | None = None, out: str | None = None
+    spec_path: str,
+    executor: Executor | None = None,
+    out: str | None = None,
+    partition: str | None = None,
+    max_parallel: int | None = None,
+    budget_scale: float | None = None,
+    retries: int = 2,
+    notify_url: str | None = None,
+    notify_block: str | None = None,
 ) -> str:
     """Plan a grid, generate its missing gradients, invert its missing cells, write the report.
 
@@ -186,16 +262,25 @@ def evaluation_grid(
         executor: Where cells run: inline (in this process), local (submitit jobs on this
             machine) or slurm (job arrays). Default: the spec's execution.executor.
         out: Run directory. Default: runs/<grid name>.
+        partition: Slurm partition of every job array (execution.slurm.partition).
+        max_parallel: Jobs running at once (execution.max_parallel, slurm.array_parallelism).
+        budget_scale: Multiplies every iteration budget (budgets.iterations_scale).
+        retries: Resubmissions of an array whose jobs ended with cells not committed.
+        notify_url: POSTed a JSON summary when the run completes, fails or crashes.
+        notify_block: "<block type>/<name>" of a saved Prefect notification block, told the
+            same (e.g. "slack-webhook/grid-alerts").
 
     Returns:
         The path of reports/table.md (Table 1).
     """
-    work = plan(spec_path, executor, out)
+    overrides = Overrides(partition, max_parallel, budget_scale)
+    work = plan(spec_path, executor, out, overrides)
     with _progress_artifact(work):
-        run_work(work, started=work.started)
+        run_work(work, started=work.started, retries=retries)
         if work.queued:  # an earlier run's jobs still hold cells: let them finish, redo misses
             wait_for_earlier_jobs(work.run_dir)
-            run_work(plan(spec_path, executor, out), started=work.started)
+            run_work(plan(spec_path, executor, out, overrides), started=work.started,
+                     retries=retries)
     return report(work.run_dir)
 
 
@@ -229,22 +314,31 @@ def _progress_artifact(work: Work) -> Iterator[None]:
         update_progress_artifact(artifact, percent())
 
 
-def run_work(work: Work, *, started: float) -> None:
+def run_work(work: Work, *, started: float, retries: int = 2) -> None:
     """Gradient arrays first (the inversions read them), then the inversion arrays at once;
-    a `gi-eval cancel` after `started` stops them."""
-    array = run_array.with_options(timeout_seconds=work.array_timeout_s)
+    a `gi-eval cancel` after `started` stops them. `retries`: resubmissions of missing cells."""
+    array = run_array.with_options(timeout_seconds=work.array_timeout_s, retries=retries)
+    gradient_executor = work.gradient_executor or work.executor
     for i, group in enumerate(batched(work.gradients, ARRAY_ELEMENTS)):
-        array(work.run_dir, list(group), work.executor, f"gradients-{i}", started)
+        array(work.run_dir, list(group), gradient_executor, f"gradients-{i}", started)
     arrays = [
-        array.submit(work.run_dir, list(group), work.executor, f"inversions-{i}", started)
-        for i, group in enumerate(batched(work.inversions, ARRAY_ELEMENTS))
+        array.submit(work.run_dir, list(chunks), config, name, started)
+        for name, chunks, config in work.inversion_arrays
     ]
     for future in arrays:
         future.result()
 
 
-def executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
-    """The spec's execution section (or the CLI's --executor) as an executor adapter config."""
+def executor_config(
+    spec: GridSpec, override: str | None, kind: ArrayKind | None = None
+) -> ExecutorConfig:
+    """The spec's execution section (or the CLI's --executor) as an executor adapter config;
+    `kind`: with the overrides of that array kind (tasks.resources)."""
+    base = _base_executor_config(spec, override)
+    return base if kind is None else kind_config(spec, base, kind)
+
+
+def _base_executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
     if override is not None and override not in EXECUTORS:
         raise ConfigError(f"executor: unknown {override!r}; choose one of {', '.join(EXECUTORS)}")
     ex, slurm = spec.execution, spec.execution.slurm
@@ -266,6 +360,7 @@ def executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
         signal_delay_s=slurm.signal_delay_s,
         constraint=slurm.constraint,
         gres=slurm.gres,
+        gpu_type=slurm.gpu_type,
         exclude=slurm.exclude,
         job_name_prefix=spec.name,
     )

@@ -108,7 +108,7 @@ def report(run_dir: str, labels: dict[str, str]) -> str:
 def giml(spec_path: str, executor: str | None = None, out: str | None = None) -> str:
     """task set -> (wrong prior +) meta-training -> evaluation grids -> report."""
     spec, text = load_yaml_spec(spec_path, GIMLSpec)
-    config = executor_config(spec, executor)
+    config = executor_config(spec, executor, "giml")
     run = create_run(Path(out) if out else DEFAULT_RUNS / spec.name, text)
     task_set(str(run.root))
     jobs = [(str(run.root), "giml")]
@@ -131,7 +131,7 @@ def pretrain(spec_path: str, executor: str | None = None, out: str | None = None
     """GAN training of one prior: snapshots (gan:<run>@<step>), sample grids, loss plot."""
     spec, text = load_yaml_spec(spec_path, PretrainSpec)
     run = create_run(Path(out) if out else DEFAULT_RUNS / spec.name, text)
-    train(str(run.root), [(str(run.root), "prior")], executor_config(spec, executor))
+    train(str(run.root), [(str(run.root), "prior")], executor_config(spec, executor, "giml"))
     return str(run.root)
 
 

@@ -75,24 +75,47 @@ def job_memory_limit(spec: GridSpec, executor: str) -> int | None:
 
 
 def memory_problems(spec: GridSpec, cells: Sequence[InversionCell], *, executor: str) -> list[str]:
-    """One line per (method, generator) whose largest cell does not fit `job_memory_limit`."""
-    limit = job_memory_limit(spec, executor)
-    if limit is None or not cells:
+    """One line per (method, generator) whose largest cell does not fit its job's limit."""
+    if not cells:
         return []
-    worst: dict[tuple[str, str], MemoryEstimate] = {}
+    worst: dict[tuple[str, str], tuple[MemoryEstimate, InversionCell]] = {}
     for cell in cells:
         est = estimate_cell(cell)
         key = (cell.method, cell.generator.kind if cell.generator else "-")
-        if key not in worst or est.bytes > worst[key].bytes:
-            worst[key] = est
-    where = "execution.slurm.mem_gb" if executor == "slurm" else "this machine's memory"
-    return [
-        f"methods: {method} needs ~{est.gib:.1f} GiB per cell (estimate from parameter counts, "
-        f"docs/paper-scale.md), more than {where} ({limit / 2**30:.1f} GiB); lower restarts "
-        "or batch_sizes, raise mem_gb, or run on GPUs"
-        for (method, _), est in sorted(worst.items())
-        if est.bytes > limit
-    ]
+        if key not in worst or est.bytes > worst[key][0].bytes:
+            worst[key] = (est, cell)
+    problems = []
+    for (method, _), (est, cell) in sorted(worst.items()):
+        limit, where = cell_memory_limit(spec, cell, executor)
+        if limit is not None and est.bytes > limit:
+            problems.append(
+                f"methods: {method} needs ~{est.gib:.1f} GiB per cell (estimate from parameter "
+                f"counts, docs/paper-scale.md), more than {where} ({limit / 2**30:.1f} GiB); "
+                "lower restarts or batch_sizes, raise mem_gb, or run on GPUs"
+            )
+    return problems
+
+
+def cell_memory_limit(
+    spec: GridSpec, cell: InversionCell, executor: str
+) -> tuple[int | None, str]:
+    """(bytes the job of `cell` may use, where that limit is set). On Slurm: the cell's
+    execution.slurm.methods override (tasks.resources), else an explicit execution.slurm.mem_gb;
+    None for GPU jobs and for memory sized from this very estimate (it fits by construction)."""
+    if executor != "slurm":
+        return job_memory_limit(spec, executor), "this machine's memory"
+    from tasks.resources import method_resources
+
+    slurm = spec.execution.slurm
+    key, over = method_resources(slurm, cell)
+    gpus = slurm.gpus_per_task if over.gpus_per_task is None else over.gpus_per_task
+    if gpus > 0:
+        return None, "GPU jobs"
+    if over.mem_gb is not None:
+        return int(over.mem_gb * 2**30), f"execution.slurm.methods.{key}.mem_gb"
+    if "mem_gb" in slurm.model_fields_set:
+        return int(slurm.mem_gb * 2**30), "execution.slurm.mem_gb"
+    return None, "memory sized from the estimate"
 
 
 def check_memory(spec: GridSpec, cells: Sequence[InversionCell], *, executor: str) -> None:

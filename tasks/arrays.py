@@ -8,6 +8,7 @@ commit markers at the start of every attempt). A timeout or cancellation cancels
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
@@ -31,6 +32,8 @@ from tasks.jobs import cancel_requested, record_jobs
 from tasks.work import Chunk, run_chunk
 
 POLL_S = 2.0
+# Set in the environment of a detached driver job (`gi-eval run --detach`).
+DETACHED_ENV = "GI_EVAL_DETACHED"
 
 
 def pending(run: RunDir, chunk: Chunk) -> Chunk:
@@ -75,7 +78,12 @@ def run_array_now(
     )
     try:
         wait_for_jobs(handles, poll_s=POLL_S)
-    except BaseException:  # timeout, Ctrl-C, Prefect cancellation: never leave orphan jobs
+    except BaseException as e:  # timeout, Ctrl-C, Prefect cancellation: never leave orphan jobs
+        if _driver_job_terminated(e):
+            log.warning("array %s: the driver job was terminated (preempted, requeued or "
+                        "scancel'ed); jobs %s keep running, the next driver waits for them",
+                        name, _job_ids(handles))
+            raise
         log.warning("array %s: stopped while its jobs ran; cancelling jobs %s", name,
                     _job_ids(handles))
         cancel_jobs(handles)
@@ -92,6 +100,15 @@ def run_array_now(
             "resubmits only these"
         )
     return sum(len(c.cells) for c in todo)
+
+
+def _driver_job_terminated(error: BaseException) -> bool:
+    """SIGTERM reached a detached driver job (pipelines.detach sets DETACHED_ENV). Slurm sends
+    it on preemption and requeue as well as on scancel: the arrays must outlive the driver,
+    whose next start waits for them. `gi-eval cancel` stops the arrays itself."""
+    from prefect.exceptions import TerminationSignal
+
+    return os.environ.get(DETACHED_ENV) == "1" and isinstance(error, TerminationSignal)
 
 
 def _logger() -> logging.Logger | logging.LoggerAdapter[logging.Logger]:

@@ -80,7 +80,8 @@ class ExecutorConfig(BaseModel):
     setup: tuple[str, ...] = ()  # shell lines before the job's command (`module load ...`)
     srun_args: tuple[str, ...] = ()  # extra arguments of the srun that runs each element
     constraint: str | None = None  # --constraint, node features (e.g. "a100|h100")
-    gres: str | None = None  # --gres (e.g. "gpu:a100:1")
+    gres: str | None = None  # --gres (e.g. "gpu:a100:1"); when set, gpus_per_task is not rendered
+    gpu_type: str | None = None  # --gpus-per-task=<type>:<n> (e.g. "a100")
     exclude: str | None = None  # --exclude, nodes never to use (e.g. "node[07-08]")
     job_name_prefix: str | None = None  # the grid name: `squeue` tells two grids apart
     # local
@@ -222,11 +223,13 @@ def _sbatch_parameters(config: ExecutorConfig, *, name: str) -> dict[str, Any]:
         "array_parallelism": config.array_parallelism,
         "use_srun": config.use_srun,
         "signal_delay_s": config.signal_delay_s,
-        "additional_parameters": dict(config.additional_parameters),
+        # One task per element, said explicitly: a site default of several tasks would run
+        # every cell of the element that many times over under srun.
+        "additional_parameters": {"ntasks": 1, **config.additional_parameters},
     }
     optional = {
         "partition": config.partition,
-        "gpus_per_task": config.gpus_per_task,
+        "gpus_per_task": _gpus_per_task(config),
         # SlurmExecutor passes `mem` to sbatch verbatim (only AutoExecutor converts mem_gb):
         # a bare float such as 2.0 is an "Invalid --mem specification".
         "mem": None if config.mem_gb is None else _sbatch_mem(config.mem_gb),
@@ -240,6 +243,25 @@ def _sbatch_parameters(config: ExecutorConfig, *, name: str) -> dict[str, Any]:
     }
     params.update({key: value for key, value in optional.items() if value is not None})
     return params
+
+
+def _gpus_per_task(config: ExecutorConfig) -> int | str | None:
+    """--gpus-per-task value: "<type>:<n>" with a GPU type; None when no GPU is asked for or
+    `gres` already asks (both together make Slurm count the GPUs twice or refuse the job)."""
+    if config.gres is not None or not config.gpus_per_task:
+        return None
+    return f"{config.gpu_type}:{config.gpus_per_task}" if config.gpu_type else config.gpus_per_task
+
+
+def render_sbatch(config: ExecutorConfig, *, log_dir: Path, name: str, elements: int) -> str:
+    """The sbatch script `submit_array` would submit for an array of `elements` elements
+    (the command line is a placeholder): for `gi-eval plan`, docs and `sbatch --test-only`."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = _sbatch_parameters(config, name=name)
+    if elements > 1:
+        params["map_count"] = elements
+    return _make_sbatch_string(command="true", folder=log_dir, **params)
 
 
 def _sbatch_mem(mem_gb: float) -> str:
@@ -528,6 +550,7 @@ __all__ = [
     "job_environment",
     "preemption_signal",
     "queued_job_ids",
+    "render_sbatch",
     "slurm_max_array_size",
     "submit_array",
     "wait_for_jobs",

@@ -288,6 +288,35 @@ class BudgetSpec(_Model):
     iterations_scale: float = Field(default=1.0, gt=0)
 
 
+_SBATCH_WORD = r"[\s#'\"]"
+
+
+def _one_word(v: str | None) -> str | None:
+    # sbatch takes each as one word; a space or '#' would end up as another option.
+    if v is not None and (not v or re.search(_SBATCH_WORD, v)):
+        raise ValueError(f"must be one non-empty word without spaces or quotes (got {v!r})")
+    return v
+
+
+class SlurmResources(_Model):
+    """Resources of one kind of job array (docs/slurm.md, "Resources per array"); every unset
+    field falls back to `execution.slurm` (memory: to the memory model's estimate when
+    `execution.slurm.mem_gb` is not set either)."""
+
+    mem_gb: float | None = Field(default=None, gt=0)
+    timeout_min: int | None = Field(default=None, ge=1)
+    gpus_per_task: int | None = Field(default=None, ge=0)
+    gpu_type: str | None = None  # e.g. "a100": rendered as --gpus-per-task=a100:N
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    partition: str | None = None
+    qos: str | None = None
+
+    @field_validator("gpu_type", "partition", "qos")
+    @classmethod
+    def _one_sbatch_word(cls, v: str | None) -> str | None:
+        return _one_word(v)
+
+
 class SlurmSpec(_Model):
     partition: str | None = None
     gpus_per_task: int = Field(default=1, ge=0)
@@ -307,14 +336,26 @@ class SlurmSpec(_Model):
     constraint: str | None = None  # node features, e.g. "a100|h100"
     gres: str | None = None  # generic resources, e.g. "gpu:a100:1"
     exclude: str | None = None  # nodes to avoid, e.g. "node[07-08],gpu3"
+    gpu_type: str | None = None  # e.g. "a100": --gpus-per-task=a100:N (never with gres)
+    # Overrides per kind of array: gradient generation, GIML prior training, and each method
+    # entry by its `label` or method name (a label wins); see SlurmResources.
+    gradients: SlurmResources = SlurmResources()
+    giml: SlurmResources = SlurmResources()
+    methods: dict[str, SlurmResources] = Field(default_factory=dict)
+    # The detached driver (`gi-eval run --detach`): a small, long, low-priority CPU job.
+    driver: SlurmResources = SlurmResources()
 
-    @field_validator("constraint", "gres", "exclude")
+    @field_validator("constraint", "gres", "exclude", "gpu_type")
     @classmethod
     def _one_sbatch_word(cls, v: str | None) -> str | None:
-        # sbatch takes each as one word; a space or '#' would end up as another option.
-        if v is not None and (not v or re.search(r"[\s#'\"]", v)):
-            raise ValueError(f"must be one non-empty word without spaces or quotes (got {v!r})")
-        return v
+        return _one_word(v)
+
+    @model_validator(mode="after")
+    def _one_gpu_request(self) -> SlurmSpec:
+        # --gres=gpu:... and --gpus-per-task both ask for GPUs; Slurm adds them up or refuses.
+        if self.gres is not None and "gpu" in self.gres and self.gpu_type is not None:
+            raise ValueError("gres names GPUs and gpu_type is set too; keep one of them")
+        return self
 
     @field_validator("gres")
     @classmethod
@@ -429,6 +470,18 @@ def semantic_problems(spec: GridSpec) -> list[str]:
         *_generator_problems(spec),
         *_checkpoint_problems(spec),
         *_data_problems(spec),
+        *_resource_problems(spec),
+    ]
+
+
+def _resource_problems(spec: GridSpec) -> list[str]:
+    """Every key of execution.slurm.methods must name a method entry (label or method)."""
+    names = {m.name for m in spec.methods} | {m.label for m in spec.methods if m.label}
+    return [
+        f"execution.slurm.methods.{key}: no method entry has this name or label; use one of "
+        f"{', '.join(sorted(names))}"
+        for key in spec.execution.slurm.methods
+        if key not in names
     ]
 
 

@@ -74,3 +74,20 @@ def test_dcgan_priors_are_estimated_without_building_weights(kind: str) -> None:
     (cell,) = expand(spec).inversion_cells
     assert estimate_cell(cell).bytes > 2 * 2 * 4 * 4 * 1_000_000  # 4 copies of a >1 M prior
     assert any("memory" in line for line in memory_lines(spec, [cell]))
+
+
+def _with_slurm(spec, **slurm):
+    data = spec.model_dump(mode="json")
+    data["execution"]["slurm"].update(slurm)
+    return parse_spec(data)
+
+
+def test_a_per_method_memory_override_is_the_limit_of_that_methods_cells() -> None:
+    """Issue 18: execution.slurm.methods.<m>.mem_gb is what the check compares against."""
+    spec = _with_slurm(_spec(8), methods={"gi-z/w": {"mem_gb": 64}})
+    check_memory(spec, expand(spec).inversion_cells, executor="slurm")  # fits its own 64 GB
+    tight = _with_slurm(_spec(64), methods={"gi-z/w": {"mem_gb": 2}})
+    with pytest.raises(ConfigError, match=r"execution\.slurm\.methods\.gi-z/w\.mem_gb \(2\.0"):
+        check_memory(tight, expand(tight).inversion_cells, executor="slurm")
+    gpu = _with_slurm(_spec(8), methods={"gi-z/w": {"gpus_per_task": 1}})
+    check_memory(gpu, expand(gpu).inversion_cells, executor="slurm")  # GPU jobs: not refused

@@ -1,0 +1,210 @@
+"""`gi-eval run --detach`: the driver as a small, long, low-priority CPU Slurm job (issue 18).
+
+The driver job runs the very command a user would keep alive on the login node,
+`gi-eval run SPEC --out RUN --wait`, so it has the same lock and resume semantics: it skips
+committed cells, waits for the arrays of an earlier (killed) driver, and `--wait` queues it
+behind another driver of the same run instead of failing. Slurm requeues it after a
+preemption or a node failure (`--requeue`); a killed driver is resumed by submitting again.
+
+The job id is kept in <run>/driver.json (read defensively: a damaged file means "no known
+driver"), so `gi-eval status` and `gi-eval cancel` find it from any shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gi_core.errors import ConfigError, EnvironmentProblem
+from pipelines.memory import check_memory
+from pipelines.planner import grid_status, prepare_run, read_spec, run_dir_for
+from storage.atomic import write_bytes_atomic
+from storage.run import RunDir
+from tasks.arrays import DETACHED_ENV
+from tasks.cells import expand
+from tasks.executors import queued_job_ids
+from tasks.preflight import check_before_submission
+from tasks.resources import driver_resources
+from tasks.spec import GridSpec, SlurmResources
+
+DRIVER_FILE = "driver.json"
+# Positive nice: below the grid's own arrays (and other users' work) when the scheduler
+# weighs priorities; any user may lower their own job's priority.
+DRIVER_NICE = 1000
+
+
+@dataclass(frozen=True)
+class DriverRecord:
+    job_id: str
+    submitted: float  # time.time() of the submission
+    log: str  # the driver's stdout/stderr (%j expanded)
+
+
+def submit_driver(spec_path: Path, *, executor: str | None, out: Path | None) -> str:
+    """Validate like `gi-eval run`, create the run directory, sbatch the driver; returns what
+    to tell the user. Nothing waits for the grid."""
+    spec, text = read_spec(spec_path)
+    _require_slurm_executor(spec, executor)
+    _require_sbatch()
+    run_path = run_dir_for(spec, out).resolve()
+    previous = read_driver(run_path)
+    if previous is not None and queued_job_ids({previous.job_id}):
+        raise EnvironmentProblem(
+            f"{run_path}: driver job {previous.job_id} is still queued or running; follow it "
+            f"with `gi-eval status {run_path}`, or stop it with `gi-eval cancel {run_path}`"
+        )
+    plan = expand(spec)  # checks data set sizes, generators, method parameters
+    todo = plan.inversion_cells
+    check_before_submission(run_path, todo, [c.gradient for c in todo],
+                            keep_restarts=spec.storage.keep_restarts)
+    check_memory(spec, todo, executor=executor or spec.execution.executor)
+    run = prepare_run(spec, text, run_path)  # `gi-eval status` works from now on
+    script = driver_script(
+        spec, spec_path=Path(spec_path).resolve(), run_path=run.root, executor=executor
+    )
+    job_id = _sbatch(script, run)
+    record = DriverRecord(job_id, time.time(), str(run.logs_dir / f"driver-{job_id}.log"))
+    write_bytes_atomic(run.root / DRIVER_FILE, json.dumps(record.__dict__).encode())
+    left = len(grid_status(spec, run).todo)
+    return (
+        f"submitted driver job {job_id} for {run.root} ({left} of {len(todo)} cells to do); "
+        f"log: {record.log}\nfollow it with `gi-eval status {run.root}`; "
+        f"stop it and its arrays with `gi-eval cancel {run.root}`"
+    )
+
+
+def driver_script(
+    spec: GridSpec, *, spec_path: Path, run_path: Path, executor: str | None
+) -> str:
+    """The sbatch script of the driver job (also handed to `sbatch --test-only` in tests)."""
+    slurm = spec.execution.slurm
+    res = driver_resources(slurm)
+    command = [sys.executable, "-m", "pipelines.cli", "run", str(spec_path),
+               "--out", str(run_path), "--wait"]
+    if executor is not None:
+        command += ["--executor", executor]
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={spec.name}-driver",
+        f"#SBATCH --output={run_path / 'logs' / 'driver-%j.log'}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --ntasks=1",
+        "#SBATCH --requeue",
+        f"#SBATCH --nice={DRIVER_NICE}",
+        f"#SBATCH --chdir={Path.cwd()}",
+        *_resource_lines(res),
+        *([f"#SBATCH --account={slurm.account}"] if slurm.account else []),
+        "",
+        *slurm.setup,
+        # the driver runs this code base, found as in the submitting shell
+        f"export PYTHONPATH={shlex.quote(os.environ.get('PYTHONPATH', ''))}",
+        "export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1",
+        # SIGTERM (preemption, requeue, scancel) must not cancel the arrays (tasks.arrays)
+        f"export {DETACHED_ENV}=1",
+        "echo \"[driver] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on "
+        "$(hostname) at $(date -u +%FT%TZ)\"",
+        "exec " + shlex.join(command),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _resource_lines(res: SlurmResources) -> list[str]:
+    mem = res.mem_gb or 2
+    lines = [
+        f"#SBATCH --cpus-per-task={res.cpus_per_task or 1}",
+        f"#SBATCH --mem={int(mem)}GB" if mem == int(mem) else f"#SBATCH --mem={int(mem * 1024)}MB",
+    ]
+    if res.timeout_min is not None:
+        lines.append(f"#SBATCH --time={res.timeout_min}")
+    if res.partition is not None:
+        lines.append(f"#SBATCH --partition={res.partition}")
+    if res.qos is not None:
+        lines.append(f"#SBATCH --qos={res.qos}")
+    if res.gpus_per_task:
+        gpus = f"{res.gpu_type}:{res.gpus_per_task}" if res.gpu_type else res.gpus_per_task
+        lines.append(f"#SBATCH --gpus-per-task={gpus}")
+    return lines
+
+
+def _require_slurm_executor(spec: GridSpec, executor: str | None) -> None:
+    """A detached grid runs on the cluster: its arrays must be Slurm jobs too (a local or
+    inline executor would squeeze the whole grid into the driver's one CPU). Checked without
+    importing Prefect, which would double the time `--detach` takes to return."""
+    kind = executor or spec.execution.executor
+    if kind != "slurm":
+        where = "--executor" if executor else "execution.executor"
+        raise ConfigError(
+            f"{where}: --detach hands the grid to Slurm, so the executor must be slurm "
+            f"(got {kind!r}); pass --executor slurm, or drop --detach"
+        )
+
+
+def _require_sbatch() -> None:
+    if shutil.which("sbatch") is None or shutil.which("squeue") is None:
+        raise EnvironmentProblem(
+            "--detach needs sbatch and squeue on PATH: run it on a Slurm login node, or drop "
+            "--detach to drive the grid from this shell"
+        )
+
+
+def _sbatch(script: str, run: RunDir) -> str:
+    run.logs_dir.mkdir(parents=True, exist_ok=True)
+    path = run.logs_dir / "driver.sbatch"
+    path.write_text(script)
+    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    if proc.returncode != 0:
+        raise EnvironmentProblem(
+            f"sbatch refused the driver job ({proc.stderr.strip()}); the script is {path}; "
+            "check execution.slurm.driver (partition, qos, time) against `sinfo`"
+        )
+    return proc.stdout.strip().split(";")[0]
+
+
+def read_driver(run_root: Path) -> DriverRecord | None:
+    """The last submitted driver of a run; None when there is none or its record is damaged
+    (a damaged record only loses the driver's job id: the grid itself is untouched)."""
+    try:
+        data = json.loads((run_root / DRIVER_FILE).read_text())
+        return DriverRecord(str(data["job_id"]), float(data["submitted"]), str(data["log"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def driver_state(job_id: str) -> str | None:
+    """squeue's state of the driver job (PENDING, RUNNING, ...), None once it left the queue."""
+    proc = subprocess.run(["squeue", "--noheader", "--format=%T", f"--jobs={job_id}"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    states = proc.stdout.split() if proc.returncode == 0 else []
+    return states[0] if states else None
+
+
+def driver_status_line(run_root: Path) -> str | None:
+    """`gi-eval status` line of a detached run's driver; None for a run never detached."""
+    record = read_driver(run_root)
+    if record is None:
+        return None
+    state = driver_state(record.job_id) if shutil.which("squeue") else None
+    if state is None:
+        return f"driver: job {record.job_id} has left the queue (log: {record.log})"
+    return f"driver: job {record.job_id} {state} (log: {record.log})"
+
+
+def cancel_driver(run_root: Path) -> str | None:
+    """scancel the run's driver job if it is still queued; returns its id then, else None."""
+    record = read_driver(run_root)
+    if record is None or shutil.which("scancel") is None:
+        return None
+    if not queued_job_ids({record.job_id}):
+        return None
+    subprocess.run(["scancel", record.job_id], capture_output=True, text=True, timeout=60,
+                   check=False)
+    return record.job_id
