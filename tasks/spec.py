@@ -219,7 +219,7 @@ class MethodSpec(_Model):
 class DefenseSpec(_Model):
     """One defense family; list-valued levels expand into one defense per level."""
 
-    kind: Literal["none", "sparsity", "noise", "dp", "quantize"]
+    kind: Literal["none", "sparsity", "noise", "dp", "quantize", "soteria"]
     p: Floats | None = None
     sigma: Floats | None = None
     clip: float | None = None
@@ -264,8 +264,8 @@ class DefenseSpec(_Model):
         """One gi_core Defense per level, in the order written."""
         if self.kind == "none":
             return [Defense()]
-        if self.kind == "sparsity":
-            return [Defense("sparsity", p=p) for p in self.p or ()]
+        if self.kind in ("sparsity", "soteria"):
+            return [Defense(self.kind, p=p) for p in self.p or ()]
         if self.kind == "noise":
             return [Defense("noise", sigma=s) for s in self.sigma or ()]
         if self.kind == "dp":
@@ -279,6 +279,7 @@ _DEFENSE_FIELDS: dict[str, tuple[str, ...]] = {
     "noise": ("sigma",),
     "dp": ("clip", "sigma"),
     "quantize": ("bits",),
+    "soteria": ("p",),
 }
 assert set(_DEFENSE_FIELDS) == set(DEFENSE_KINDS), "spec and gi_core disagree on defenses"
 
