@@ -8,6 +8,12 @@ y_j the one-hot label and h_j >= 0 the (post-ReLU) features of image j.
   is the only one with a negative sum (and, with a bias, the only negative bias gradient).
 * ``yin`` (Yin et al. 2021, eq. 5, unique labels): a class present in the batch gets strongly
   negative entries from its own images; take the B classes with the most negative row minima.
+* ``count`` (repeated labels; the bias-gradient counting of Geng et al. 2021, "Towards general
+  deep leakage in federated learning", Sec. 3.2): the bias gradient is exactly
+  dL/db_k = (1/B) sum_j (p_jk - y_jk), so the number of images of class k is
+  n_k = sum_j p_jk - B dL/db_k. The attacker estimates sum_j p_jk as B p̂_k with p̂ the victim's
+  mean softmax (uniform 1/K by default: an untrained victim's logits are near 0) and hands out
+  the B images one at a time to the class with the most left. Exact when p̂ is.
 
 Recovered labels are a *set*: the gradient of a mean is invariant to the order of the batch, so
 they come sorted ascending, and the orchestration matches reconstructions to the ground truth
@@ -25,7 +31,7 @@ from torch import Tensor
 
 from gi_core.errors import ConfigError
 
-LabelMethod = Literal["idlg", "yin"]
+LabelMethod = Literal["idlg", "yin", "count"]
 
 
 def recover_labels(
@@ -64,6 +70,24 @@ def _yin(weight_grad: Tensor, *, batch_size: int) -> Tensor:
     return torch.sort(chosen).values.to(torch.int64)
 
 
+def recover_label_counts(
+    last_bias_grad: Tensor, *, batch_size: int, mean_probs: Tensor | None = None
+) -> Tensor:
+    """Labels (B,) int64 sorted ascending, repeats allowed, from the last layer's bias gradient
+    (K,) and the estimated mean softmax p̂ (K,) (uniform when None). See ``count`` above."""
+    k = last_bias_grad.shape[0]
+    probs = torch.full((k,), 1.0 / k) if mean_probs is None else mean_probs.detach().cpu()
+    counts = batch_size * (probs.double() - last_bias_grad.detach().cpu().double())  # (K,)
+    # B images, one at a time, to the class with the most still unassigned: integer counts
+    # summing to B, equal to round(counts) whenever the estimate is close.
+    remaining, chosen = counts.clone(), []
+    for _ in range(batch_size):
+        c = int(torch.argmax(remaining))
+        chosen.append(c)
+        remaining[c] -= 1.0
+    return torch.sort(torch.tensor(chosen, dtype=torch.int64)).values
+
+
 def label_accuracy(recovered: Tensor, true: Tensor) -> float:
     """Fraction of the true labels recovered, order-free: |multiset intersection| / len(true)."""
     if true.numel() == 0:
@@ -89,6 +113,11 @@ def attack_labels(grads: Sequence[Tensor], true: Tensor, *, mode: str) -> tuple[
     if mode == "given":
         return true, 1.0
     weight, bias = last_layer_gradient(grads)
+    if mode == "count":
+        if bias is None:
+            raise ConfigError("labels: count needs a victim whose last linear layer has a bias")
+        counted = recover_label_counts(bias, batch_size=len(true))
+        return counted.to(true.device), label_accuracy(counted, true)
     method: LabelMethod = "idlg" if mode == "idlg" else "yin"
     recovered = recover_labels(weight, batch_size=len(true), method=method, last_bias_grad=bias)
     return recovered.to(true.device), label_accuracy(recovered, true)

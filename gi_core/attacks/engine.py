@@ -42,7 +42,7 @@ from gi_core.objectives import (
 )
 
 Variables = dict[str, Tensor]
-LABEL_MODES = ("given", "idlg", "yin")
+LABEL_MODES = ("given", "idlg", "yin", "count")
 PATHS = ("auto", "vmap", "loop")
 CostFn = Callable[[Tensor], Tensor]  # images (rows, B, C, H, W) in [0, 1] -> costs (rows,)
 # Fields that leave a cell's identity unchanged at their default (see tasks.cells): options
@@ -86,7 +86,7 @@ class BaseConfig:
     # Adam on sign(∇) instead of ∇, as inversefed and the official GIAS code do for pixels.
     signed_grad: bool = False
     curve_every: int = 10
-    labels: str = "given"  # given (the paper's threat model) | idlg (B = 1) | yin (unique labels)
+    labels: str = "given"  # given (the paper's threat model) | idlg (B = 1) | yin | count (repeats)
     # Which preset the values came from (registry.PRESETS); a label stored with the cell so that
     # tuned and paper settings are never mistaken for each other. It changes no computation.
     preset: str = "paper"
