@@ -13,7 +13,6 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import State
 
 from gi_core.errors import ExecutionError
 from pipelines.flows import evaluation_grid, executor_config
@@ -21,14 +20,11 @@ from pipelines.giml_report import write_giml_report
 from storage.atomic import write_bytes_atomic
 from storage.generator_snapshots import snapshot_steps
 from storage.run import RunDir, create_run, open_run
-from tasks.arrays import POLL_S
+from tasks.arrays import POLL_S, retry_on_missing, submit_and_wait
 from tasks.executors import (
     ExecutorConfig,
     Resumable,
-    cancel_jobs,
-    submit_array,
     threads_per_job,
-    wait_for_jobs,
 )
 from tasks.giml import (
     TrainJob,
@@ -40,9 +36,8 @@ from tasks.giml import (
     state_path,
 )
 from tasks.giml_spec import GIMLSpec, PretrainSpec, load_yaml_spec
-from tasks.jobs import active_records, record_jobs
+from tasks.jobs import active_records
 from tasks.spec import MethodSpec
-from tasks.work import Chunk
 
 DEFAULT_RUNS = Path("runs")
 
@@ -54,16 +49,12 @@ def task_set(run_dir: str) -> int:
     return generate_task_set(run, GIMLSpec.model_validate(_spec_data(run)))
 
 
-def _missing(task: Any, task_run: Any, state: State) -> bool:
-    return isinstance(state.result(raise_on_failure=False), ExecutionError)
-
-
 @task(
     name="training-jobs",
     retries=2,
     retry_delay_seconds=5,
     cache_policy=NO_CACHE,
-    retry_condition_fn=_missing,
+    retry_condition_fn=retry_on_missing,
 )
 def train(root: str, jobs: list[tuple[str, str]], executor: ExecutorConfig) -> int:
     """Run the long training jobs (run dir, kind) as one job array; a retry (or a rerun)
@@ -79,16 +70,15 @@ def train(root: str, jobs: list[tuple[str, str]], executor: ExecutorConfig) -> i
     ]
     if not todo:
         return 0
-    handles = submit_array(
-        Resumable(run_training), todo, config=executor, log_dir=run.logs_dir, name="training"
+    submit_and_wait(
+        run,
+        Resumable(run_training),
+        todo,
+        executor=executor,
+        name="training",
+        cell_ids=[[f"{j.kind}-training"] for j in todo],
+        what=f"{len(todo)} training job(s)",
     )
-    chunks = [Chunk(root, "training", ({"id": f"{j.kind}-training"},)) for j in todo]
-    record_jobs(run, "training", handles, chunks)
-    try:
-        wait_for_jobs(handles, poll_s=POLL_S)
-    except BaseException:  # Ctrl-C, Prefect cancellation: never leave an orphan job
-        cancel_jobs(handles)
-        raise
     left = [j for j in todo if not done_path(RunDir(Path(j.run_dir)), j.kind).is_file()]
     if left:
         raise ExecutionError(

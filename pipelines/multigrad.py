@@ -14,21 +14,21 @@ from pipelines.aggregate import bootstrap_ci
 from pipelines.flows import executor_config
 from storage.atomic import publishing, write_bytes_atomic
 from storage.run import RunDir, create_run
-from tasks.arrays import POLL_S
-from tasks.executors import (
-    ExecutorConfig,
-    cancel_jobs,
-    submit_array,
-    threads_per_job,
-    wait_for_jobs,
-)
+from tasks.arrays import retry_on_missing, submit_and_wait
+from tasks.executors import ExecutorConfig, threads_per_job
 from tasks.giml_spec import load_yaml_spec
 from tasks.multigrad import MultiGradJob, MultiGradSpec, cells, result_path, run_cells
 
 DEFAULT_RUNS = Path("runs")
 
 
-@task(name="multigrad-cells", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(
+    name="multigrad-cells",
+    retries=1,
+    retry_delay_seconds=5,
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_on_missing,
+)
 def run_all(run_dir: str, spec: MultiGradSpec, executor: ExecutorConfig) -> int:
     run = RunDir(Path(run_dir))
     todo = [c for c in cells(spec) if not result_path(run, c["id"]).is_file()]
@@ -37,12 +37,15 @@ def run_all(run_dir: str, spec: MultiGradSpec, executor: ExecutorConfig) -> int:
         MultiGradJob(run_dir, tuple(todo[i : i + k]), threads_per_job(executor))
         for i in range(0, len(todo), k)
     ]
-    handles = submit_array(run_cells, jobs, config=executor, log_dir=run.logs_dir, name="multigrad")
-    try:
-        wait_for_jobs(handles, poll_s=POLL_S)
-    except BaseException:
-        cancel_jobs(handles)
-        raise
+    submit_and_wait(
+        run,
+        run_cells,
+        jobs,
+        executor=executor,
+        name="multigrad",
+        cell_ids=[[c["id"] for c in job.cells] for job in jobs],
+        what=f"{len(todo)} multigrad cells",
+    )
     missing = [c["id"] for c in todo if not result_path(run, c["id"]).is_file()]
     if missing:
         raise ExecutionError(f"{len(missing)} multigrad cells missing (see {run.logs_dir})")

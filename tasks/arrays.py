@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -64,33 +64,24 @@ def run_array_now(
     if cancel_requested(run, since=run_started):
         raise _cancelled(run, sum(len(c.cells) for c in todo))
     skipped = sum(len(ch.cells) for ch in chunks) - sum(len(c.cells) for c in todo)
-    handles = submit_array(
-        Resumable(run_chunk), todo, config=executor, log_dir=run.logs_dir, name=name
-    )
-    record_jobs(run, name, handles, todo)
     log = _logger()
-    log.info(
-        "array %s: submitted %d %s cells in %d element(s) to %s (%d already committed, skipped); "
-        "job ids %s; logs in %s",
-        name, sum(len(c.cells) for c in todo), todo[0].kind.removesuffix("s"), len(todo),
-        executor.kind, skipped,
-        _job_ids(handles), run.logs_dir,
+    submit_and_wait(
+        run,
+        Resumable(run_chunk),
+        todo,
+        executor=executor,
+        name=name,
+        cell_ids=[[c["id"] for c in ch.cells] for ch in todo],
+        what=f"{sum(len(c.cells) for c in todo)} {todo[0].kind.removesuffix('s')} cells "
+        f"({skipped} already committed, skipped)",
     )
-    try:
-        wait_for_jobs(handles, poll_s=POLL_S)
-    except BaseException as e:  # timeout, Ctrl-C, Prefect cancellation: never leave orphan jobs
-        if _driver_job_terminated(e):
-            log.warning("array %s: the driver job was terminated (preempted, requeued or "
-                        "scancel'ed); jobs %s keep running, the next driver waits for them",
-                        name, _job_ids(handles))
-            raise
-        log.warning("array %s: stopped while its jobs ran; cancelling jobs %s", name,
-                    _job_ids(handles))
-        cancel_jobs(handles)
-        raise
     missing = [c["id"] for ch in todo for c in pending(run, ch).cells]
-    log.info("array %s: jobs ended; %d of %d cells committed", name,
-             sum(len(c.cells) for c in todo) - len(missing), sum(len(c.cells) for c in todo))
+    log.info(
+        "array %s: jobs ended; %d of %d cells committed",
+        name,
+        sum(len(c.cells) for c in todo) - len(missing),
+        sum(len(c.cells) for c in todo),
+    )
     if missing and cancel_requested(run, since=run_started):
         raise _cancelled(run, len(missing))
     if missing:
@@ -100,6 +91,53 @@ def run_array_now(
             "resubmits only these"
         )
     return sum(len(c.cells) for c in todo)
+
+
+def submit_and_wait(
+    run: RunDir,
+    fn: Callable[[Any], Any],
+    jobs: Sequence[Any],
+    *,
+    executor: ExecutorConfig,
+    name: str,
+    cell_ids: Sequence[Sequence[str]],
+    what: str,
+) -> list[JobHandle]:
+    """The one job-array runner of every flow (grids, GIML training, multigrad): submit
+    `fn(job)` for each job as one array, record the jobs (so `gi-eval status` and `gi-eval
+    cancel` see them), wait until they are gone. Interrupted (timeout, Ctrl-C, a cancelled
+    Prefect run) it cancels them, except when a detached driver job was terminated: then its
+    arrays outlive it and the next driver waits for them. Whether the jobs did their work is
+    the caller's check, and so is the retry policy (`retry_on_missing`)."""
+    handles = submit_array(fn, list(jobs), config=executor, log_dir=run.logs_dir, name=name)
+    record_jobs(run, name, handles, cell_ids)
+    log = _logger()
+    log.info(
+        "array %s: submitted %s in %d element(s) to %s; job ids %s; logs in %s",
+        name,
+        what,
+        len(jobs),
+        executor.kind,
+        _job_ids(handles),
+        run.logs_dir,
+    )
+    try:
+        wait_for_jobs(handles, poll_s=POLL_S)
+    except BaseException as e:  # timeout, Ctrl-C, Prefect cancellation: never leave orphan jobs
+        if _driver_job_terminated(e):
+            log.warning(
+                "array %s: the driver job was terminated (preempted, requeued or "
+                "scancel'ed); jobs %s keep running, the next driver waits for them",
+                name,
+                _job_ids(handles),
+            )
+            raise
+        log.warning(
+            "array %s: stopped while its jobs ran; cancelling jobs %s", name, _job_ids(handles)
+        )
+        cancel_jobs(handles)
+        raise
+    return handles
 
 
 def _driver_job_terminated(error: BaseException) -> bool:
@@ -132,7 +170,7 @@ def _cancelled(run: RunDir, cells: int) -> RunCancelled:
     )
 
 
-def _missing_cells(task: Any, task_run: Any, state: State) -> bool:
+def retry_on_missing(task: Any, task_run: Any, state: State) -> bool:
     """Retry only when cells are missing after the jobs ended — not after a timeout or a
     cancellation, whose jobs were cancelled on purpose."""
     return isinstance(state.result(raise_on_failure=False), ExecutionError)
@@ -143,7 +181,7 @@ def _missing_cells(task: Any, task_run: Any, state: State) -> bool:
     retries=2,
     retry_delay_seconds=5,
     cache_policy=NO_CACHE,
-    retry_condition_fn=_missing_cells,
+    retry_condition_fn=retry_on_missing,
 )
 def run_array(
     run_dir: str, chunks: list[Chunk], executor: ExecutorConfig, name: str, run_started: float

@@ -23,7 +23,6 @@ from storage.atomic import write_bytes_atomic
 from storage.lock import process_identity
 from storage.run import RunDir
 from tasks.executors import JobHandle, queued_job_ids
-from tasks.work import Chunk
 
 CANCEL_MARKER = "CANCEL"
 
@@ -53,13 +52,15 @@ def cancel_requested(run: RunDir, *, since: float) -> bool:
 
 
 def record_jobs(
-    run: RunDir, name: str, handles: Sequence[JobHandle], chunks: Sequence[Chunk]
+    run: RunDir, name: str, handles: Sequence[JobHandle], cell_ids: Sequence[Sequence[str]]
 ) -> None:
+    """One record file for an array: each element's job id and the ids of its cells
+    (`cell_ids[h.index]`), so that `status` and `cancel` see the jobs of every flow."""
     records = [
         {
             "kind": h.kind,
             "job_id": h.job_id,
-            "cells": [c["id"] for c in chunks[h.index].cells],
+            "cells": list(cell_ids[h.index]),
             # A local job that already ended records None: it is never "running" again.
             "process": process_identity(int(h.job_id)) if h.kind == "local" else None,
         }
