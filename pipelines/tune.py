@@ -30,7 +30,14 @@ from gi_core.errors import ConfigError
 from pipelines.planner import read_spec, run_dir_for
 from storage.run import open_run
 from tasks.cells import resolve_config
-from tasks.spec import GridSpec, MethodSpec, canonical_json, tuning_batches
+from tasks.spec import (
+    GridSpec,
+    MethodSpec,
+    canonical_json,
+    evaluation_samples,
+    tuning_batches,
+    tuning_samples,
+)
 
 # Default search space per method: param -> (low, high) log-uniform, or a list of choices.
 # At least the TV weight and form and the learning rate of every stage (issue 8).
@@ -255,11 +262,29 @@ def write_tuned_spec(
         f"# Written by `gi-eval tune {spec_path}`: each method's values were chosen by Optuna\n"
         f"# (TPE, seed {spec.tuning.seed}) for the highest mean PSNR on held-out batches "
         f"{held_out.start}-{held_out.stop - 1}\n"
-        f"# of B = {batch_size}, disjoint from the evaluation batches "
-        f"{spec.data.first_batch}-{spec.data.first_batch + spec.data.num_batches - 1}. "
-        "Evaluator-side tuning (uses the ground truth).\n"
+        f"# of B = {batch_size}. {held_out_statement(spec, batch_size, held_out)}\n"
+        "# Evaluator-side tuning (uses the ground truth).\n"
     )
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+
+
+def held_out_statement(spec: GridSpec, batch_size: int, held_out: range) -> str:
+    """What the tuned spec's header may claim: disjointness BY SAMPLE INDEX from every image
+    the evaluation attacks (all batch sizes), checked here, never assumed from batch numbers."""
+    tuned_on = tuning_samples(spec, batch_size, held_out)
+    evaluated = evaluation_samples(spec)
+    shared = sorted(tuned_on & evaluated)
+    if shared:
+        return (
+            f"WARNING: NOT held out: {len(shared)} of its {len(tuned_on)} samples "
+            f"({shared[:8]}) are also evaluation samples"
+        )
+    sizes = ", ".join(str(b) for b in spec.batch_sizes)
+    return (
+        f"Its {len(tuned_on)} samples are disjoint by sample index from all "
+        f"{len(evaluated)} evaluation samples (batches {spec.data.first_batch}-"
+        f"{spec.data.first_batch + spec.data.num_batches - 1} at B = {sizes})."
+    )
 
 
 def trials_frame(trials: Sequence[Trial]) -> pd.DataFrame:

@@ -359,8 +359,9 @@ def _method_item(value: Any) -> Any:
 class TuningSpec(_Model):
     """`gi-eval tune`: search each method's key hyperparameters on held-out batches."""
 
-    # Held-out batches per batch size, taken from the END of the batch plan, so they are
-    # disjoint from the evaluation batches 0..num_batches-1 (checked at validation).
+    # Held-out batches of the grid's first batch size, taken from the END of the batch plan:
+    # the last consecutive ones that share no sample with the evaluation at any batch size
+    # (tuning_batches; `gi-eval tune` refuses the spec when there are none).
     batches: int = Field(default=2, ge=1)
     trials: int = Field(default=12, ge=1)
     seed: int = 0  # Optuna sampler seed
@@ -608,8 +609,10 @@ def _data_problems(spec: GridSpec) -> list[str]:
             )
             continue
         used += [i for k in evaluation_batches(spec) for i in _indices(spec, b, k)]
-        if available >= d.first_batch + d.num_batches + spec.tuning.batches:
-            used += [i for k in tuning_batches(spec, b) for i in _indices(spec, b, k)]
+    if not problems:  # the tuning's held-out images (when some exist) are decoded too
+        held_out = find_tuning_batches(spec, spec.batch_sizes[0])
+        if held_out is not None:
+            used += tuning_samples(spec, spec.batch_sizes[0], held_out)
     # every image a grid (or its tuning) will attack is decoded once, before any submission
     problems += [
         f"data.dataset: {m}" for m in check_decodable(d.dataset, used, image_size=d.image_size)
@@ -622,21 +625,57 @@ def evaluation_batches(spec: GridSpec) -> range:
     return range(spec.data.first_batch, spec.data.first_batch + spec.data.num_batches)
 
 
-def tuning_batches(spec: GridSpec, batch_size: int) -> range:
-    """Batch numbers `gi-eval tune` uses: the LAST `tuning.batches` of the plan, so they are
-    disjoint from the evaluation batches whenever the plan is long enough (ConfigError if not)."""
+def evaluation_samples(spec: GridSpec) -> frozenset[int]:
+    """Every data set sample index the evaluation attacks, over ALL batch sizes (a batch
+    number names different samples at each batch size: B = 1 batch 98 is a sample of B = 4
+    batch 24). Batch sizes whose plan is too short are skipped (reported by validation)."""
+    d = spec.data
+    samples: set[int] = set()
+    for b in spec.batch_sizes:
+        available = max_batches(
+            d.dataset, batch_size=b, image_size=d.image_size, shuffle_seed=d.shuffle_seed
+        )
+        for k in evaluation_batches(spec):
+            if k < available:
+                samples.update(_indices(spec, b, k))
+    return frozenset(samples)
+
+
+def find_tuning_batches(spec: GridSpec, batch_size: int) -> range | None:
+    """The last `tuning.batches` consecutive batches of the plan for `batch_size` none of whose
+    samples the evaluation attacks at any batch size; None if there are none."""
     d = spec.data
     available = max_batches(
         d.dataset, batch_size=batch_size, image_size=d.image_size, shuffle_seed=d.shuffle_seed
     )
-    first = available - spec.tuning.batches
-    if first < d.first_batch + d.num_batches:
+    evaluated = evaluation_samples(spec)
+    clean = [evaluated.isdisjoint(_indices(spec, batch_size, k)) for k in range(available)]
+    n = spec.tuning.batches
+    for first in range(available - n, -1, -1):
+        if all(clean[first : first + n]):
+            return range(first, first + n)
+    return None
+
+
+def tuning_batches(spec: GridSpec, batch_size: int) -> range:
+    """Batch numbers `gi-eval tune` uses: the last `tuning.batches` consecutive batches of the
+    plan that share no SAMPLE with the evaluation at any batch size (ConfigError if none)."""
+    held_out = find_tuning_batches(spec, batch_size)
+    if held_out is None:
+        d = spec.data
         raise ConfigError(
-            f"tuning.batches: {d.dataset!r} has {available} batches of {batch_size}; "
-            f"{d.num_batches} evaluation + {spec.tuning.batches} held-out tuning batches do not "
-            "fit disjointly. Lower data.num_batches or tuning.batches"
+            f"tuning.batches: no {spec.tuning.batches} consecutive batches of "
+            f"{batch_size} of {d.dataset!r} avoid every sample the evaluation attacks "
+            f"({len(evaluation_samples(spec))} samples: batches {d.first_batch}-"
+            f"{d.first_batch + d.num_batches - 1} at batch sizes "
+            f"{list(spec.batch_sizes)}). Lower data.num_batches or tuning.batches"
         )
-    return range(first, available)
+    return held_out
+
+
+def tuning_samples(spec: GridSpec, batch_size: int, held_out: range) -> frozenset[int]:
+    """The sample indices of the held-out batches `held_out` of `batch_size`."""
+    return frozenset(i for k in held_out for i in _indices(spec, batch_size, k))
 
 
 def _indices(spec: GridSpec, batch_size: int, batch_index: int) -> list[int]:
