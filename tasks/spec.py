@@ -36,7 +36,13 @@ from gi_core.attacks.registry import (
     method_config,
     uses_generator,
 )
-from gi_core.datasets import batch_indices, check_decodable, dataset_info, max_batches
+from gi_core.datasets import (
+    batch_indices,
+    check_decodable,
+    dataset_info,
+    detect_colour,
+    max_batches,
+)
 from gi_core.defenses import DEFENSE_KINDS, Defense
 from gi_core.errors import ConfigError
 from gi_core.stylegan2 import StyleGAN2Config, StyleGAN2Options
@@ -78,6 +84,15 @@ class DataSpec(_Model):
     # An int: a seeded shuffle of that plan's sample and class order (still disjoint, unique
     # labels); the seed is part of every gradient cell and every metrics row.
     shuffle_seed: int | None = None
+    # The data's colour model, known to every attack (gi_core.attacks.colour): `auto` detects
+    # it from the data (gi_core.datasets.detect_colour); `gray` / `rgb` override the detection.
+    colour: Literal["auto", "gray", "rgb"] = "auto"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # `auto` is left out of the dump, so the specs of existing grids hash as before
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if not (k == "colour" and v == "auto")}
 
     @field_validator("dataset")
     @classmethod
@@ -618,6 +633,12 @@ def _data_problems(spec: GridSpec) -> list[str]:
         f"data.dataset: {m}" for m in check_decodable(d.dataset, used, image_size=d.image_size)
     ]
     return problems
+
+
+def data_colour(spec: GridSpec) -> str:
+    """The grid's colour model, 'gray' or 'rgb': `data.colour`, or detected from the data."""
+    d = spec.data
+    return d.colour if d.colour != "auto" else detect_colour(d.dataset)
 
 
 def evaluation_batches(spec: GridSpec) -> range:
