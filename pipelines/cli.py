@@ -156,8 +156,8 @@ def tune(
         None, "--write-spec", help="where to write the tuned spec (default <spec>.tuned.yaml)"
     ),
 ) -> None:
-    """Tune each method's key hyperparameters on held-out batches (Optuna, PSNR criterion) and
-    write a spec with the chosen values (docs/tuning.md)."""
+    """Tune every option of each method at each of its budgets on held-out samples (Optuna,
+    PSNR or LPIPS criterion) and write a spec with the chosen values (docs/tuning.md)."""
     from pipelines.commands import run_grid
     from pipelines.tune import tune as run_tuning
 
@@ -167,8 +167,9 @@ def tune(
 
     result = run_tuning(spec, out=out, executor=executor, trials=trials, write_spec=write_spec,
                         run_grid=one_round)
-    for method, best in result.best.items():
-        typer.echo(f"{method}: held-out PSNR {best.psnr:.2f} dB with {best.params}")
+    for study, best in result.best.items():  # one study per method and budget
+        typer.echo(f"{study}: held-out PSNR {best.psnr:.2f} dB, LPIPS {best.lpips:.3f} "
+                   f"with {best.params}")
     typer.echo(f"report: {result.report}\ntuned spec: {result.tuned_spec}")
 
 

@@ -31,6 +31,7 @@ from tasks.spec import (
     canonical_json,
     data_colour,
     evaluation_batches,
+    mark_provenance,
     variant_labels,
 )
 
@@ -218,7 +219,10 @@ def expand(spec: GridSpec) -> Plan:
     gradients = _unique(_gradient_cells(spec))
     scale = spec.budgets.iterations_scale
     colour = data_colour(spec)  # threat-model knowledge: the same for every method
-    attacks = [(m.name, resolve_config(m, scale, colour=colour)) for m in spec.methods]
+    attacks = [
+        (m.name, mark_provenance(spec, m.name, resolve_config(m, scale, colour=colour)))
+        for m in spec.methods
+    ]
     labels = variant_labels(spec.methods, [config for _, config in attacks])
     inversions = _unique(
         InversionCell(g, name, config, generator, seed, label)

@@ -384,6 +384,13 @@ class TuningSpec(_Model):
     # Optional override of the default search space: {method: {param: spec}}, where spec is
     # [low, high] (log-uniform), [low, high, "linear"], or {"choices": [...]}.
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # The criterion Optuna optimises (mean over the held-out images); both are recorded.
+    objective: Literal["psnr", "lpips"] = "psnr"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)  # the default objective hashes as before
+        return {k: v for k, v in data.items() if not (k == "objective" and v == "psnr")}
 
 
 class GridSpec(_Model):
@@ -559,7 +566,7 @@ def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[Any]) -> lis
         ]
         differ = {k for k in d if len({canonical_json(o[k]) for o in same}) > 1}
         explicit = {k for k in m.params if not _is_budget(k)}
-        keys = sorted((differ | explicit) - {"preset"})
+        keys = sorted((differ | explicit) - {"preset", "tuned_on"})
         out.append(" ".join([d["preset"], ", ".join(f"{k}={d[k]}" for k in keys)]).strip())
     return out
 
@@ -639,6 +646,41 @@ def data_colour(spec: GridSpec) -> str:
     """The grid's colour model, 'gray' or 'rgb': `data.colour`, or detected from the data."""
     d = spec.data
     return d.colour if d.colour != "auto" else detect_colour(d.dataset)
+
+
+# What must match for tuned values to count as tuned for a grid (issue 16 Deliver 4).
+CONTEXT_KEYS = ("dataset", "image_size", "colour", "victims", "method", "budget")
+
+
+def tuning_context(spec: GridSpec, method: str, config: Any) -> dict[str, Any]:
+    """Where values are (or were) tuned: the grid's data, colour model and victims, the method
+    and the budget of its resolved `config` (iterations per stage, restarts)."""
+    budget = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k in ("iterations", "restarts") or k.endswith("_iterations")
+    }
+    return {
+        "grid": spec.name,
+        "dataset": spec.data.dataset,
+        "image_size": spec.data.image_size,
+        "colour": data_colour(spec),
+        "victims": [v.model_dump(mode="json") for v in spec.victim_axis],
+        "method": method,
+        "budget": budget,
+    }
+
+
+def mark_provenance(spec: GridSpec, method: str, config: Any) -> Any:
+    """`config` with its `tuned_on` stating which of CONTEXT_KEYS differ between where its
+    values were tuned and this grid (`differs: []`: tuned for this grid). Every row carries it
+    (`param_tuned_on`), so values reused from elsewhere are marked wherever they are shown."""
+    if not config.tuned_on:
+        return config
+    origin = {k: v for k, v in json.loads(config.tuned_on).items() if k != "differs"}
+    here = tuning_context(spec, method, config)
+    differs = [k for k in CONTEXT_KEYS if canonical_json(origin.get(k)) != canonical_json(here[k])]
+    return dataclasses.replace(config, tuned_on=canonical_json({**origin, "differs": differs}))
 
 
 def evaluation_batches(spec: GridSpec) -> range:

@@ -97,6 +97,10 @@ class BaseConfig:
     # The data's colour model (gi_core.attacks.colour): gray = one-channel reconstructions.
     # Threat-model knowledge the grid sets for every method from `data.colour`.
     colour: str = field(default="rgb", metadata=OPTIONAL)
+    # Where tuned values were tuned (canonical JSON: grid, data, victim, budget, and which of
+    # those differ from the grid running them; tasks.spec.mark_provenance). It changes no
+    # computation; "" for values not tuned (the paper's).
+    tuned_on: str = field(default="", metadata=OPTIONAL)
 
     def __post_init__(self) -> None:
         for name in ("restarts", "curve_every"):

@@ -83,7 +83,8 @@ def test_tune_on_the_smoke_grid_writes_a_spec_that_runs(tmp_path: Path) -> None:
         "--write-spec",
         str(tuned),
     )
-    assert "gi-x: held-out PSNR" in proc.stdout and "gi-z/w: held-out PSNR" in proc.stdout
+    assert "gi-x @ iterations=24, restarts=2: held-out PSNR" in proc.stdout
+    assert "gi-z/w @ z_iterations=12, w_iterations=12, restarts=2: held-out PSNR" in proc.stdout
     report = tmp_path / "tune-run" / "reports"
     trials = pd.read_csv(report / "tuning.csv")
     assert len(trials) == 2 * 2 and trials["psnr"].notna().all()

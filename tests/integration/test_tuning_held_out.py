@@ -1,5 +1,6 @@
-"""Issue 20 Deliver 4 through the real CLI: `gi-eval tune` tunes only on samples the evaluation
-never attacks, at any batch size, and its tuned spec claims disjointness only when it holds.
+"""`gi-eval tune` through the real CLI. Issue 20 Deliver 4: it tunes only on samples the
+evaluation never attacks, at any batch size, and its tuned spec claims disjointness only when it
+holds. Issue 16 Deliver 4: every method and budget is tuned alike and the rows say where.
 
 Measured on 90df1cd: with batch_sizes [1, 4] and num_batches 25, tune attacked B = 1 batches
 98-99 (samples the B = 4 evaluation attacks) and wrote "disjoint from the evaluation batches".
@@ -68,3 +69,55 @@ def test_tune_attacks_only_samples_the_evaluation_never_sees(tmp_path: Path) -> 
     assert len(tuned_on) == 2 and not tuned_on & evaluated
     header = (tmp_path / "tuned.yaml").read_text().split("\nname:")[0]
     assert "disjoint by sample index" in header and "NOT held out" not in header
+
+
+SYMMETRIC: dict[str, Any] = {
+    "name": "symmetric",
+    "data": {"dataset": "lfw-faces", "image_size": 32, "num_batches": 1},
+    "victim": {"arch": "convnet", "width": 4, "seed": 0},
+    "generator": {"kind": "dcgan32"},
+    "methods": [
+        {"name": "gi-x", "params": {"iterations": 2, "restarts": 1}},
+        {"name": "gi-x", "params": {"iterations": 4, "restarts": 1}},
+        {"name": "gi-z/w", "params": {"z_iterations": 2, "w_iterations": 2, "restarts": 1}},
+    ],
+    "batch_sizes": [1],
+    "execution": {"executor": "inline"},
+    "tuning": {"batches": 1, "trials": 1},
+}
+
+
+@pytest.mark.slow
+def test_every_method_and_budget_is_tuned_alike_and_the_values_are_marked(tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    proc = _tune(tmp_path, SYMMETRIC)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    reports = tmp_path / "tune-run" / "reports"
+    trials = pd.read_csv(reports / "tuning.csv")
+    # one study per method AND budget, the same number of trials each, PSNR and LPIPS of all
+    assert trials.groupby("method").size().to_dict() == {
+        "gi-x @ iterations=2, restarts=1": 1,
+        "gi-x @ iterations=4, restarts=1": 1,
+        "gi-z/w @ z_iterations=2, w_iterations=2, restarts=1": 1,
+    }
+    assert trials["psnr"].notna().all() and trials["lpips"].notna().all()
+    # signed Adam and TV form are searched for every method; the stage split for GIAS
+    assert trials["signed_grad"].notna().all() and trials["tv_form"].notna().all()
+    recipe = trials[trials["trial"] == 0].set_index("method")
+    gix, gias = recipe.loc["gi-x @ iterations=2, restarts=1"], recipe.iloc[-1]
+    assert bool(gix["signed_grad"]) and gix["tv"] == 0.2  # the peers' default recipe
+    assert not bool(gias["signed_grad"]) and gias["z_lr"] == 0.03 and gias["z_fraction"] == 0.5
+    text = (reports / "tuning.md").read_text()
+    assert "Optimised: mean PSNR" in text and ("flat for" in text or "still improving" in text)
+    assert (reports / "tuning.png").stat().st_size > 1000
+    # the tuned spec runs, and its rows say the values were tuned for this very grid
+    out = tmp_path / "eval"
+    run = _gi_eval("run", str(tmp_path / "tuned.yaml"), "--executor", "inline", "--out", str(out))
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = open_run(out).metrics()
+    origins = [json.loads(v) for v in rows["param_tuned_on"]]
+    assert all(o["differs"] == [] and o["grid"] == "symmetric" for o in origins)
+    assert {o["budget"]["restarts"] for o in origins} == {1} and len(rows) == 3
