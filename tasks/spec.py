@@ -677,7 +677,16 @@ def mark_provenance(spec: GridSpec, method: str, config: Any) -> Any:
     (`param_tuned_on`), so values reused from elsewhere are marked wherever they are shown."""
     if not config.tuned_on:
         return config
-    origin = {k: v for k, v in json.loads(config.tuned_on).items() if k != "differs"}
+    try:
+        written = json.loads(config.tuned_on)
+    except ValueError:
+        written = None
+    if not isinstance(written, dict):
+        raise ConfigError(
+            f"params.tuned_on: {method} has {config.tuned_on[:60]!r}; it holds the JSON that "
+            "`gi-eval tune` writes: leave it as written or delete it"
+        )
+    origin = {k: v for k, v in written.items() if k != "differs"}
     here = tuning_context(spec, method, config)
     differs = [k for k in CONTEXT_KEYS if canonical_json(origin.get(k)) != canonical_json(here[k])]
     return dataclasses.replace(config, tuned_on=canonical_json({**origin, "differs": differs}))

@@ -156,3 +156,9 @@ def test_reused_tuned_values_are_marked_in_every_row_with_what_differs() -> None
         "batch_sizes": [1],
     }
     assert _differs(parse_spec(other)) == {"gi-x tuned": ["dataset", "victims", "budget"]}
+
+
+def test_a_hand_written_tuned_on_is_refused_naming_the_field() -> None:
+    spec = parse_spec({**BASE, "methods": [{"name": "gi-x", "params": {"tuned_on": "mine"}}]})
+    with pytest.raises(ConfigError, match=r"^params\.tuned_on: gi-x has 'mine'"):
+        expand(spec)
