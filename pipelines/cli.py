@@ -138,9 +138,16 @@ def run(
     verbose: bool = typer.Option(False, help="show Prefect's logs"),
     wait: bool = typer.Option(False, help="queue behind another `gi-eval run` of this run dir"),
 ) -> None:
-    """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued."""
+    """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued.
+    With `tuning.stage: true` it tunes the grid first and evaluates the tuned spec."""
     from pipelines.commands import run_grid
+    from pipelines.tune import tuning_stage
 
+    def one_round(path: Path, run_dir: Path) -> None:
+        run_grid(path, executor=executor, out=run_dir, verbose=False,
+                 notify=lambda line: typer.echo(line, err=True))
+
+    spec = tuning_stage(spec, out=out, executor=executor, run_grid=one_round)
     typer.echo(run_grid(spec, executor=executor, out=out, verbose=verbose, wait=wait,
                         notify=lambda line: typer.echo(line, err=True)))
 

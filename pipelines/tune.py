@@ -164,6 +164,31 @@ def tune(
     return TuneResult(done, best, tuned, report)
 
 
+def tuning_stage(
+    spec_path: Path,
+    *,
+    out: Path | None,
+    executor: str | None,
+    run_grid: Callable[[Path, Path], None],
+) -> Path:
+    """`tuning.stage: true`: tune the grid on its own data, victim and budgets first, then
+    return the tuned spec to evaluate (else `spec_path` itself). Cached and resumable like any
+    cell: trials are cells of runs/<name>-tune, and a rerun asks the seeded sampler the same
+    questions, gets the same stored answers and so submits only what is missing."""
+    spec, _ = read_spec(spec_path)
+    if not spec.tuning.stage:
+        return spec_path
+    tune_dir = run_dir_for(spec, out)
+    tune_dir = tune_dir.with_name(tune_dir.name + "-tune")
+    tuned = tune_dir.with_name(tune_dir.name + ".specs") / "tuned.yaml"
+    tuned.parent.mkdir(parents=True, exist_ok=True)
+    result = tune(
+        spec_path, out=tune_dir, executor=executor, trials=None, write_spec=tuned,
+        run_grid=run_grid,
+    )  # fmt: skip
+    return result.tuned_spec
+
+
 def _names(studies: Mapping[str, Study]) -> set[str]:
     return {s.entry.name for s in studies.values()}
 
@@ -351,6 +376,7 @@ def write_tuned_spec(
     another entry of its method and budget takes the tuned ones (e.g. Table 1's paper/tuned
     pairs)."""
     data = yaml.safe_load(spec_path.read_text())
+    data.get("tuning", {}).pop("stage", None)  # a tuned spec is evaluated, not tuned again
     colour = data_colour(spec)
     chosen = _entry_studies(spec, studies)
     for i, key in chosen.items():
@@ -459,7 +485,7 @@ def write_report(
         "",
         f"**Optimised: mean {objective.upper()} over the held-out images** "
         f"({'maximised' if maximise else 'minimised'}); PSNR and LPIPS are recorded for every "
-        "trial. Evaluator-side tuning: the criterion uses the ground truth. One study per "
+        "trial. This is evaluator-side tuning: the criterion uses the ground truth. One study per "
         "method and budget, the same number of trials each; trial 0 of every study is the "
         "method's published recipe (pixel methods: their peers' default, inversefed's signed "
         "Adam with TV 0.2; generator methods: the paper's values); the rest are TPE proposals "

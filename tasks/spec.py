@@ -386,11 +386,15 @@ class TuningSpec(_Model):
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # The criterion Optuna optimises (mean over the held-out images); both are recorded.
     objective: Literal["psnr", "lpips"] = "psnr"
+    # true: `gi-eval run` tunes this grid first (runs/<name>-tune, cached and resumable like
+    # any cell) and evaluates with the chosen values, so "tuned" means tuned for this grid.
+    stage: bool = False
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)  # the default objective hashes as before
-        return {k: v for k, v in data.items() if not (k == "objective" and v == "psnr")}
+        data: dict[str, Any] = handler(self)  # fields at their defaults hash as before
+        defaults = {"objective": "psnr", "stage": False}
+        return {k: v for k, v in data.items() if not (k in defaults and v == defaults[k])}
 
 
 class GridSpec(_Model):
@@ -635,6 +639,11 @@ def _data_problems(spec: GridSpec) -> list[str]:
         held_out = find_tuning_batches(spec, spec.batch_sizes[0])
         if held_out is not None:
             used += tuning_samples(spec, spec.batch_sizes[0], held_out)
+        elif spec.tuning.stage:  # a grid that tunes itself needs held-out samples now
+            try:
+                tuning_batches(spec, spec.batch_sizes[0])
+            except ConfigError as e:
+                problems.append(str(e))
     # every image a grid (or its tuning) will attack is decoded once, before any submission
     problems += [
         f"data.dataset: {m}" for m in check_decodable(d.dataset, used, image_size=d.image_size)

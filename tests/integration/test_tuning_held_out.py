@@ -121,3 +121,31 @@ def test_every_method_and_budget_is_tuned_alike_and_the_values_are_marked(tmp_pa
     origins = [json.loads(v) for v in rows["param_tuned_on"]]
     assert all(o["differs"] == [] and o["grid"] == "symmetric" for o in origins)
     assert {o["budget"]["restarts"] for o in origins} == {1} and len(rows) == 3
+
+
+@pytest.mark.slow
+def test_a_grid_can_tune_itself_as_a_cached_stage_of_its_run(tmp_path: Path) -> None:
+    import json
+
+    spec = {
+        **SPEC,
+        "name": "staged",
+        "data": {**SPEC["data"], "num_batches": 1},
+        "batch_sizes": [1],
+        "tuning": {"batches": 1, "trials": 1, "stage": True},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "run"
+    first = _gi_eval("run", str(path), "--out", str(out))
+    assert first.returncode == 0, first.stdout + first.stderr
+    tuning = open_run(tmp_path / "run-tune").metrics()
+    rows = open_run(out).metrics()
+    assert len(tuning) == 1 and set(rows["batch_index"]) == {0}
+    assert set(tuning["sample_index"]).isdisjoint(rows["sample_index"])
+    assert [json.loads(v)["differs"] for v in rows["param_tuned_on"]] == [[]]
+    # a rerun re-asks the same trial, finds its cell committed and adds nothing
+    again = _gi_eval("run", str(path), "--out", str(out))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(open_run(tmp_path / "run-tune").metrics()) == 1
+    assert open_run(out).metrics()["cell_id"].tolist() == rows["cell_id"].tolist()

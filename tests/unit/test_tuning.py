@@ -162,3 +162,10 @@ def test_a_hand_written_tuned_on_is_refused_naming_the_field() -> None:
     spec = parse_spec({**BASE, "methods": [{"name": "gi-x", "params": {"tuned_on": "mine"}}]})
     with pytest.raises(ConfigError, match=r"^params\.tuned_on: gi-x has 'mine'"):
         expand(spec)
+
+
+def test_a_grid_that_tunes_itself_is_refused_at_validation_without_held_out_samples() -> None:
+    parse_spec(BASE)  # evaluation only: every sample may be evaluated
+    with pytest.raises(ConfigError, match=r"tuning\.batches: no 2 consecutive batches"):
+        parse_spec({**BASE, "tuning": {"stage": True}})
+    assert "stage" not in parse_spec(BASE).canonical_json()  # the default hashes as before
