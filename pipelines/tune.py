@@ -1,16 +1,19 @@
 """`gi-eval tune SPEC`: the tuning protocol of a fair comparison (docs/tuning.md).
 
-Each method of the grid gets its key hyperparameters searched with Optuna (TPE, seeded) on
-HELD-OUT batches: the last `tuning.batches` batches of the data set's batch plan, disjoint from
-the evaluation batches (tasks.spec.tuning_batches). Trials are ordinary grid cells: every round
-asks Optuna for a few configurations per method, writes them as labelled method entries into
-the tuning grid (`<name>-tune`, its own run directory), runs it with the same flow and executor
-as an evaluation, and tells Optuna each configuration's mean PSNR over the held-out images.
-The paper preset is always trial 0, so the search can only match or beat it on held-out data.
+One Optuna study (TPE, seeded) per method AND budget of the grid, the same number of trials
+each, searching every option that applies to the method (signed Adam, TV weight and form,
+every stage's learning rate, BN weight, the stage split), with the method's published recipe
+as trial 0 of every study. Trials run on HELD-OUT samples: the last `tuning.batches`
+consecutive batches of the plan that share no sample with the evaluation at any batch size
+(tasks.spec.tuning_batches). Trials are ordinary grid cells: every round asks each study for a
+few configurations, writes them as labelled method entries into the tuning grid
+(`<name>-tune`, its own run directory), runs it with the same flow and executor as an
+evaluation, and tells Optuna each configuration's mean PSNR (or LPIPS, `tuning.objective`)
+over the held-out images; both are recorded.
 
-This is evaluator-side tuning: the criterion (PSNR) uses the ground truth, which an attacker
-does not have. It answers "how strong can each method be made", which is what a fair
-comparison needs; reports say so.
+This is evaluator-side tuning: the criterion uses the ground truth, which an attacker does not
+have. It answers "how strong can each method be made", which is what a fair comparison needs;
+reports say so.
 """
 
 from __future__ import annotations
