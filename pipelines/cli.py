@@ -141,13 +141,16 @@ def run(
     """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued.
     With `tuning.stage: true` it tunes the grid first and evaluates the tuned spec."""
     from pipelines.commands import run_grid
-    from pipelines.tune import tuning_stage
+    from pipelines.planner import read_spec
+    from pipelines.tune import reuse_notes, tuning_stage
 
     def one_round(path: Path, run_dir: Path) -> None:
         run_grid(path, executor=executor, out=run_dir, verbose=False,
                  notify=lambda line: typer.echo(line, err=True))
 
     spec = tuning_stage(spec, out=out, executor=executor, run_grid=one_round)
+    for note in reuse_notes(read_spec(spec)[0]):  # also in every row (param_tuned_on)
+        typer.echo(f"note: {note}", err=True)
     typer.echo(run_grid(spec, executor=executor, out=out, verbose=verbose, wait=wait,
                         notify=lambda line: typer.echo(line, err=True)))
 

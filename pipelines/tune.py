@@ -19,6 +19,7 @@ reports say so.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,9 +40,11 @@ from tasks.spec import (
     canonical_json,
     data_colour,
     evaluation_samples,
+    mark_provenance,
     tuning_batches,
     tuning_context,
     tuning_samples,
+    variant_labels,
 )
 
 # Default search space per method: param -> (low, high) log-uniform, [low, high, "linear"], or
@@ -190,6 +193,26 @@ def tuning_stage(
         run_grid=run_grid,
     )  # fmt: skip
     return result.tuned_spec
+
+
+def reuse_notes(spec: GridSpec) -> list[str]:
+    """One line per method entry whose tuned values were tuned elsewhere: which grid, and
+    what differs from this one (printed by `gi-eval run`; every row carries the same)."""
+    colour = data_colour(spec)
+    configs = [
+        resolve_config(m, spec.budgets.iterations_scale, colour=colour) for m in spec.methods
+    ]
+    labels = variant_labels(spec.methods, configs)
+    notes = []
+    for m, config, label in zip(spec.methods, configs, labels, strict=True):
+        marked = mark_provenance(spec, m.name, config)
+        origin = json.loads(marked.tuned_on) if marked.tuned_on else {}
+        if origin.get("differs"):
+            notes.append(
+                f"{m.name} [{label}]: values tuned on grid {origin.get('grid')!r}, not this "
+                f"one; differs here: {', '.join(origin['differs'])}"
+            )
+    return notes
 
 
 def _names(studies: Mapping[str, Study]) -> set[str]:

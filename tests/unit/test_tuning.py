@@ -25,6 +25,7 @@ from pipelines.tune import (
     grid_studies,
     held_out_statement,
     published_recipe,
+    reuse_notes,
 )
 from tasks.cells import expand
 from tasks.spec import MethodSpec, evaluation_samples, parse_spec, tuning_batches
@@ -169,3 +170,14 @@ def test_a_grid_that_tunes_itself_is_refused_at_validation_without_held_out_samp
     with pytest.raises(ConfigError, match=r"tuning\.batches: no 2 consecutive batches"):
         parse_spec({**BASE, "tuning": {"stage": True}})
     assert "stage" not in parse_spec(BASE).canonical_json()  # the default hashes as before
+
+
+def test_gi_eval_run_names_every_entry_whose_values_were_tuned_elsewhere() -> None:
+    table1 = parse_spec(yaml.safe_load((ROOT / "grids" / "table1_cpu.yaml").read_text()))
+    notes = reuse_notes(table1)
+    assert len(notes) == 6  # the six `preset: tuned` entries; paper entries are not notes
+    assert notes[0] == (
+        "gi-x [tuned iterations=400]: values tuned on grid 'table1-cpu', not this one; "
+        "differs here: colour"
+    )
+    assert reuse_notes(parse_spec(BASE)) == []
