@@ -460,3 +460,36 @@ def check_decodable(name: str, indices: Sequence[int], *, image_size: int) -> li
                 f"data.image_size {image_size}; use a smaller image_size or remove the image"
             )
     return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Colour model (issue 16 Deliver 5): `data.colour: auto` asks this.
+
+# The built-in sets' colour models (tests/unit/test_colour_model.py checks them pixel by pixel).
+_BUILTIN_COLOUR = {"lfw-faces": "gray", "natural-photos": "rgb", "synthetic": "rgb"}
+# PIL modes with one intensity channel: they decode to three identical channels.
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+
+
+@functools.lru_cache(maxsize=16)
+def detect_colour(name: str) -> str:
+    """'gray' when every image of data set `name` is gray, else 'rgb'. Image folders are
+    judged by each file's PIL mode (read from the header, nothing is decoded), so a gray
+    picture saved as RGB counts as colour: declare such a folder with `data.colour: gray`.
+    The downloaded benchmark sets (cifar10, imagenet, ffhq) are colour."""
+    if name in _BUILTIN_COLOUR:
+        return _BUILTIN_COLOUR[name]
+    kind = name.partition(":")[0]
+    files = _source(name).files
+    if kind != "imagefolder" or not files:
+        return "rgb"
+    from PIL import Image
+
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in _GRAY_MODES:
+                    return "rgb"
+        except (OSError, SyntaxError, ValueError):
+            continue  # undecodable files are refused where a batch uses them (check_decodable)
+    return "gray"

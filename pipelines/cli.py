@@ -141,14 +141,25 @@ def run(
         False, help="submit the driver as a Slurm job and return (docs/slurm.md)"
     ),
 ) -> None:
-    """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued."""
+    """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued.
+    With `tuning.stage: true` it tunes the grid first and evaluates the tuned spec."""
     from pipelines.commands import run_grid
+    from pipelines.planner import read_spec
+    from pipelines.tune import reuse_notes, tuning_stage
 
     if detach:
         from pipelines.detach import submit_driver
 
         typer.echo(submit_driver(spec, executor=executor, out=out))
         return
+
+    def one_round(path: Path, run_dir: Path) -> None:
+        run_grid(path, executor=executor, out=run_dir, verbose=False,
+                 notify=lambda line: typer.echo(line, err=True))
+
+    spec = tuning_stage(spec, out=out, executor=executor, run_grid=one_round)
+    for note in reuse_notes(read_spec(spec)[0]):  # also in every row (param_tuned_on)
+        typer.echo(f"note: {note}", err=True)
     typer.echo(run_grid(spec, executor=executor, out=out, verbose=verbose, wait=wait,
                         notify=lambda line: typer.echo(line, err=True)))
 
@@ -164,8 +175,8 @@ def tune(
         None, "--write-spec", help="where to write the tuned spec (default <spec>.tuned.yaml)"
     ),
 ) -> None:
-    """Tune each method's key hyperparameters on held-out batches (Optuna, PSNR criterion) and
-    write a spec with the chosen values (docs/tuning.md)."""
+    """Tune every option of each method at each of its budgets on held-out samples (Optuna,
+    PSNR or LPIPS criterion) and write a spec with the chosen values (docs/tuning.md)."""
     from pipelines.commands import run_grid
     from pipelines.tune import tune as run_tuning
 
@@ -175,8 +186,9 @@ def tune(
 
     result = run_tuning(spec, out=out, executor=executor, trials=trials, write_spec=write_spec,
                         run_grid=one_round)
-    for method, best in result.best.items():
-        typer.echo(f"{method}: held-out PSNR {best.psnr:.2f} dB with {best.params}")
+    for study, best in result.best.items():  # one study per method and budget
+        typer.echo(f"{study}: held-out PSNR {best.psnr:.2f} dB, LPIPS {best.lpips:.3f} "
+                   f"with {best.params}")
     typer.echo(f"report: {result.report}\ntuned spec: {result.tuned_spec}")
 
 

@@ -29,7 +29,9 @@ from tasks.spec import (
     MethodSpec,
     VictimSpec,
     canonical_json,
+    data_colour,
     evaluation_batches,
+    mark_provenance,
     variant_labels,
 )
 
@@ -216,7 +218,11 @@ def expand(spec: GridSpec) -> Plan:
     """
     gradients = _unique(_gradient_cells(spec))
     scale = spec.budgets.iterations_scale
-    attacks = [(m.name, resolve_config(m, scale)) for m in spec.methods]
+    colour = data_colour(spec)  # threat-model knowledge: the same for every method
+    attacks = [
+        (m.name, mark_provenance(spec, m.name, resolve_config(m, scale, colour=colour)))
+        for m in spec.methods
+    ]
     labels = variant_labels(spec.methods, [config for _, config in attacks])
     inversions = _unique(
         InversionCell(g, name, config, generator, seed, label)
@@ -276,13 +282,18 @@ def gradient_cells(
     return cells
 
 
-def resolve_config(method: MethodSpec, iterations_scale: float) -> BaseConfig:
-    """The method's full config with its iteration counts scaled by the grid's budget.
+def resolve_config(
+    method: MethodSpec, iterations_scale: float, *, colour: str = "rgb"
+) -> BaseConfig:
+    """The method's full config with its iteration counts scaled by the grid's budget and the
+    data's colour model (unless the entry sets `params.colour` itself, an ablation).
 
     Ints in float fields are made floats so that `lr: 1` and `lr: 1.0` give one id.
     """
     config = method_config(method.name, method.params, preset=method.preset)
     changes: dict[str, Any] = {}
+    if "colour" not in method.params and config.colour != colour:
+        changes["colour"] = colour
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if f.type in ("float", float) and isinstance(value, int) and not isinstance(value, bool):

@@ -36,7 +36,13 @@ from gi_core.attacks.registry import (
     method_config,
     uses_generator,
 )
-from gi_core.datasets import batch_indices, check_decodable, dataset_info, max_batches
+from gi_core.datasets import (
+    batch_indices,
+    check_decodable,
+    dataset_info,
+    detect_colour,
+    max_batches,
+)
 from gi_core.defenses import DEFENSE_KINDS, Defense
 from gi_core.errors import ConfigError
 from gi_core.stylegan2 import StyleGAN2Config, StyleGAN2Options
@@ -78,6 +84,15 @@ class DataSpec(_Model):
     # An int: a seeded shuffle of that plan's sample and class order (still disjoint, unique
     # labels); the seed is part of every gradient cell and every metrics row.
     shuffle_seed: int | None = None
+    # The data's colour model, known to every attack (gi_core.attacks.colour): `auto` detects
+    # it from the data (gi_core.datasets.detect_colour); `gray` / `rgb` override the detection.
+    colour: Literal["auto", "gray", "rgb"] = "auto"
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # `auto` is left out of the dump, so the specs of existing grids hash as before
+        data: dict[str, Any] = handler(self)
+        return {k: v for k, v in data.items() if not (k == "colour" and v == "auto")}
 
     @field_validator("dataset")
     @classmethod
@@ -401,8 +416,9 @@ def _method_item(value: Any) -> Any:
 class TuningSpec(_Model):
     """`gi-eval tune`: search each method's key hyperparameters on held-out batches."""
 
-    # Held-out batches per batch size, taken from the END of the batch plan, so they are
-    # disjoint from the evaluation batches 0..num_batches-1 (checked at validation).
+    # Held-out batches of the grid's first batch size, taken from the END of the batch plan:
+    # the last consecutive ones that share no sample with the evaluation at any batch size
+    # (tuning_batches; `gi-eval tune` refuses the spec when there are none).
     batches: int = Field(default=2, ge=1)
     trials: int = Field(default=12, ge=1)
     seed: int = 0  # Optuna sampler seed
@@ -410,6 +426,17 @@ class TuningSpec(_Model):
     # Optional override of the default search space: {method: {param: spec}}, where spec is
     # [low, high] (log-uniform), [low, high, "linear"], or {"choices": [...]}.
     space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # The criterion Optuna optimises (mean over the held-out images); both are recorded.
+    objective: Literal["psnr", "lpips"] = "psnr"
+    # true: `gi-eval run` tunes this grid first (runs/<name>-tune, cached and resumable like
+    # any cell) and evaluates with the chosen values, so "tuned" means tuned for this grid.
+    stage: bool = False
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)  # fields at their defaults hash as before
+        defaults = {"objective": "psnr", "stage": False}
+        return {k: v for k, v in data.items() if not (k in defaults and v == defaults[k])}
 
 
 class GridSpec(_Model):
@@ -597,7 +624,7 @@ def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[Any]) -> lis
         ]
         differ = {k for k in d if len({canonical_json(o[k]) for o in same}) > 1}
         explicit = {k for k in m.params if not _is_budget(k)}
-        keys = sorted((differ | explicit) - {"preset"})
+        keys = sorted((differ | explicit) - {"preset", "tuned_on"})
         out.append(" ".join([d["preset"], ", ".join(f"{k}={d[k]}" for k in keys)]).strip())
     return out
 
@@ -662,8 +689,15 @@ def _data_problems(spec: GridSpec) -> list[str]:
             )
             continue
         used += [i for k in evaluation_batches(spec) for i in _indices(spec, b, k)]
-        if available >= d.first_batch + d.num_batches + spec.tuning.batches:
-            used += [i for k in tuning_batches(spec, b) for i in _indices(spec, b, k)]
+    if not problems:  # the tuning's held-out images (when some exist) are decoded too
+        held_out = find_tuning_batches(spec, spec.batch_sizes[0])
+        if held_out is not None:
+            used += tuning_samples(spec, spec.batch_sizes[0], held_out)
+        elif spec.tuning.stage:  # a grid that tunes itself needs held-out samples now
+            try:
+                tuning_batches(spec, spec.batch_sizes[0])
+            except ConfigError as e:
+                problems.append(str(e))
     # every image a grid (or its tuning) will attack is decoded once, before any submission
     problems += [
         f"data.dataset: {m}" for m in check_decodable(d.dataset, used, image_size=d.image_size)
@@ -671,26 +705,112 @@ def _data_problems(spec: GridSpec) -> list[str]:
     return problems
 
 
+def data_colour(spec: GridSpec) -> str:
+    """The grid's colour model, 'gray' or 'rgb': `data.colour`, or detected from the data."""
+    d = spec.data
+    return d.colour if d.colour != "auto" else detect_colour(d.dataset)
+
+
+# What must match for tuned values to count as tuned for a grid (issue 16 Deliver 4).
+CONTEXT_KEYS = ("dataset", "image_size", "colour", "victims", "method", "budget")
+
+
+def tuning_context(spec: GridSpec, method: str, config: Any) -> dict[str, Any]:
+    """Where values are (or were) tuned: the grid's data, colour model and victims, the method
+    and the budget of its resolved `config` (iterations per stage, restarts)."""
+    budget = {
+        k: v
+        for k, v in dataclasses.asdict(config).items()
+        if k in ("iterations", "restarts") or k.endswith("_iterations")
+    }
+    return {
+        "grid": spec.name,
+        "dataset": spec.data.dataset,
+        "image_size": spec.data.image_size,
+        "colour": data_colour(spec),
+        "victims": [v.model_dump(mode="json") for v in spec.victim_axis],
+        "method": method,
+        "budget": budget,
+    }
+
+
+def mark_provenance(spec: GridSpec, method: str, config: Any) -> Any:
+    """`config` with its `tuned_on` stating which of CONTEXT_KEYS differ between where its
+    values were tuned and this grid (`differs: []`: tuned for this grid). Every row carries it
+    (`param_tuned_on`), so values reused from elsewhere are marked wherever they are shown."""
+    if not config.tuned_on:
+        return config
+    try:
+        written = json.loads(config.tuned_on)
+    except ValueError:
+        written = None
+    if not isinstance(written, dict):
+        raise ConfigError(
+            f"params.tuned_on: {method} has {config.tuned_on[:60]!r}; it holds the JSON that "
+            "`gi-eval tune` writes: leave it as written or delete it"
+        )
+    origin = {k: v for k, v in written.items() if k != "differs"}
+    here = tuning_context(spec, method, config)
+    differs = [k for k in CONTEXT_KEYS if canonical_json(origin.get(k)) != canonical_json(here[k])]
+    return dataclasses.replace(config, tuned_on=canonical_json({**origin, "differs": differs}))
+
+
 def evaluation_batches(spec: GridSpec) -> range:
     """Batch numbers of the evaluation: `data.num_batches` from `data.first_batch` on."""
     return range(spec.data.first_batch, spec.data.first_batch + spec.data.num_batches)
 
 
-def tuning_batches(spec: GridSpec, batch_size: int) -> range:
-    """Batch numbers `gi-eval tune` uses: the LAST `tuning.batches` of the plan, so they are
-    disjoint from the evaluation batches whenever the plan is long enough (ConfigError if not)."""
+def evaluation_samples(spec: GridSpec) -> frozenset[int]:
+    """Every data set sample index the evaluation attacks, over ALL batch sizes (a batch
+    number names different samples at each batch size: B = 1 batch 98 is a sample of B = 4
+    batch 24). Batch sizes whose plan is too short are skipped (reported by validation)."""
+    d = spec.data
+    samples: set[int] = set()
+    for b in spec.batch_sizes:
+        available = max_batches(
+            d.dataset, batch_size=b, image_size=d.image_size, shuffle_seed=d.shuffle_seed
+        )
+        for k in evaluation_batches(spec):
+            if k < available:
+                samples.update(_indices(spec, b, k))
+    return frozenset(samples)
+
+
+def find_tuning_batches(spec: GridSpec, batch_size: int) -> range | None:
+    """The last `tuning.batches` consecutive batches of the plan for `batch_size` none of whose
+    samples the evaluation attacks at any batch size; None if there are none."""
     d = spec.data
     available = max_batches(
         d.dataset, batch_size=batch_size, image_size=d.image_size, shuffle_seed=d.shuffle_seed
     )
-    first = available - spec.tuning.batches
-    if first < d.first_batch + d.num_batches:
+    evaluated = evaluation_samples(spec)
+    clean = [evaluated.isdisjoint(_indices(spec, batch_size, k)) for k in range(available)]
+    n = spec.tuning.batches
+    for first in range(available - n, -1, -1):
+        if all(clean[first : first + n]):
+            return range(first, first + n)
+    return None
+
+
+def tuning_batches(spec: GridSpec, batch_size: int) -> range:
+    """Batch numbers `gi-eval tune` uses: the last `tuning.batches` consecutive batches of the
+    plan that share no SAMPLE with the evaluation at any batch size (ConfigError if none)."""
+    held_out = find_tuning_batches(spec, batch_size)
+    if held_out is None:
+        d = spec.data
         raise ConfigError(
-            f"tuning.batches: {d.dataset!r} has {available} batches of {batch_size}; "
-            f"{d.num_batches} evaluation + {spec.tuning.batches} held-out tuning batches do not "
-            "fit disjointly. Lower data.num_batches or tuning.batches"
+            f"tuning.batches: no {spec.tuning.batches} consecutive batches of "
+            f"{batch_size} of {d.dataset!r} avoid every sample the evaluation attacks "
+            f"({len(evaluation_samples(spec))} samples: batches {d.first_batch}-"
+            f"{d.first_batch + d.num_batches - 1} at batch sizes "
+            f"{list(spec.batch_sizes)}). Lower data.num_batches or tuning.batches"
         )
-    return range(first, available)
+    return held_out
+
+
+def tuning_samples(spec: GridSpec, batch_size: int, held_out: range) -> frozenset[int]:
+    """The sample indices of the held-out batches `held_out` of `batch_size`."""
+    return frozenset(i for k in held_out for i in _indices(spec, batch_size, k))
 
 
 def _indices(spec: GridSpec, batch_size: int, batch_index: int) -> list[int]:

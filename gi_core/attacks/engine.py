@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from gi_core.attacks.colour import COLOURS
 from gi_core.errors import ConfigError
 from gi_core.gradients import BNStats, forward_with_bn_stats, prepare_victim, victim_params
 from gi_core.objectives import (
@@ -93,6 +94,13 @@ class BaseConfig:
     prune_at: tuple[float, ...] = field(default=(), metadata=OPTIONAL)
     plateau_window: int = field(default=0, metadata=OPTIONAL)
     plateau_tol: float = field(default=1e-3, metadata=OPTIONAL)
+    # The data's colour model (gi_core.attacks.colour): gray = one-channel reconstructions.
+    # Threat-model knowledge the grid sets for every method from `data.colour`.
+    colour: str = field(default="rgb", metadata=OPTIONAL)
+    # Where tuned values were tuned (canonical JSON: grid, data, victim, budget, and which of
+    # those differ from the grid running them; tasks.spec.mark_provenance). It changes no
+    # computation; "" for values not tuned (the paper's).
+    tuned_on: str = field(default="", metadata=OPTIONAL)
 
     def __post_init__(self) -> None:
         for name in ("restarts", "curve_every"):
@@ -102,6 +110,7 @@ class BaseConfig:
         _check(self.distance in DISTANCES, "distance", f"must be one of {DISTANCES}", self.distance)
         _check(self.tv_form in TV_FORMS, "tv_form", f"must be one of {TV_FORMS}", self.tv_form)
         _check(self.labels in LABEL_MODES, "labels", f"must be one of {LABEL_MODES}", self.labels)
+        _check(self.colour in COLOURS, "colour", f"must be one of {COLOURS}", self.colour)
         prune = tuple(float(f) for f in self.prune_at)  # YAML gives a list; keep it hashable
         ok = all(0 < f < 1 for f in prune) and list(prune) == sorted(set(prune))
         _check(ok, "prune_at", "must be increasing fractions in (0, 1)", self.prune_at)

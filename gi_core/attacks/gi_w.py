@@ -58,7 +58,9 @@ def reconstruct(
     if config.start == "untrained":
         gen = untrained_copy(gen, seed=seed)
     z = latents_for(gen, problem, config, seed=seed, init=init)
-    stage = per_image_stage(gen, name="w", iterations=config.w_iterations, lr=config.w_lr)
+    stage = per_image_stage(
+        gen, name="w", iterations=config.w_iterations, lr=config.w_lr, colour=config.colour
+    )
     return run_stages(
         [stage], problem, config, {"z": z}, state=state, progress=progress, should_stop=should_stop
     )

@@ -3,6 +3,7 @@
 
 Parametrisation: `box` (default, as Geiping et al.) optimises x itself and projects it onto
 [0, 1] after every step; `sigmoid` optimises an unconstrained u with x = sigmoid(u).
+With `colour: gray` x has ONE channel, broadcast to the victim's three (attacks.colour).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gi_core.attacks.colour import pixels, render_pixels
 from gi_core.attacks.engine import (
     AttackResult,
     BaseConfig,
@@ -47,11 +49,18 @@ class GIXConfig(BaseConfig):
 
 
 def initial_images(
-    problem: InversionProblem, *, restarts: int, seed: int, device: torch.device | None = None
+    problem: InversionProblem,
+    *,
+    restarts: int,
+    seed: int,
+    device: torch.device | None = None,
+    colour: str = "rgb",
 ) -> Tensor:
-    """(R, B, C, H, W) uniform in [0, 1], drawn on the CPU (a seed means the same anywhere)."""
+    """(R, B, C, H, W) uniform in [0, 1], drawn on the CPU (a seed means the same anywhere);
+    C = 1 under a gray colour model."""
     gen = torch.Generator().manual_seed(seed)
-    shape = (restarts, problem.batch_size, *problem.image_shape)
+    c, h, w = problem.image_shape
+    shape = (restarts, problem.batch_size, 1 if colour == "gray" else c, h, w)
     return torch.rand(shape, generator=gen).to(device or problem.labels.device)
 
 
@@ -63,7 +72,7 @@ def pixel_stage(config: GIXConfig, *, name: str = "x", iterations: int | None = 
             iterations or config.iterations,
             config.lr,
             ("u",),
-            render=lambda v: torch.sigmoid(v["u"]),
+            render=lambda v: render_pixels(torch.sigmoid(v["u"]), config.colour),
             start=lambda v: {"u": torch.logit(v["x"].clamp(1e-4, 1 - 1e-4))},
         )
 
@@ -75,7 +84,7 @@ def pixel_stage(config: GIXConfig, *, name: str = "x", iterations: int | None = 
         iterations or config.iterations,
         config.lr,
         ("x",),
-        render=lambda v: v["x"],
+        render=lambda v: render_pixels(v["x"], config.colour),
         project=box,
     )
 
@@ -91,15 +100,16 @@ def reconstruct(
     should_stop: Callable[[], bool] | None = None,
     **_: Any,
 ) -> AttackResult:
-    """Reconstruct the batch by pixel search; `init` (R, B, C, H, W) overrides the random start."""
+    """Reconstruct the batch by pixel search; `init` (R, B, C, H, W) overrides the random start
+    (an RGB init of a gray attack starts from its luminance)."""
     config = config or GIXConfig()
     if init is None:
-        init = initial_images(problem, restarts=config.restarts, seed=seed)
+        init = initial_images(problem, restarts=config.restarts, seed=seed, colour=config.colour)
     return run_stages(
         [pixel_stage(config)],
         problem,
         config,
-        {"x": init},
+        {"x": pixels(init, config.colour)},
         state=state,
         progress=progress,
         should_stop=should_stop,

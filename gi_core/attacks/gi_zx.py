@@ -1,5 +1,6 @@
 """GI-z/x: search the latent z, then search pixels starting from G(z) (Jeon et al. 2021,
-Table 1's "z then x" column). Pixels use the box [0, 1] projection."""
+Table 1's "z then x" column). Pixels use the box [0, 1] projection; under a gray colour model
+they are one luminance channel started from G(z)'s luminance."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gi_core.attacks.colour import luma, render_pixels
 from gi_core.attacks.engine import (
     AttackResult,
     InversionProblem,
@@ -57,7 +59,8 @@ def reconstruct(
 
     def from_latents(v: Variables) -> Variables:
         with torch.no_grad():
-            return {"x": render_latents(gen, v["z"])}
+            images = render_latents(gen, v["z"])
+            return {"x": luma(images) if config.colour == "gray" else images}
 
     def box(v: Variables) -> None:
         v["x"].clamp_(0.0, 1.0)
@@ -67,7 +70,7 @@ def reconstruct(
         config.x_iterations,
         config.x_lr,
         ("x",),
-        render=lambda v: v["x"],
+        render=lambda v: render_pixels(v["x"], config.colour),
         start=from_latents,
         project=box,
     )

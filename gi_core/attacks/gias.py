@@ -55,7 +55,9 @@ def reconstruct(
     z = latents_for(gen, problem, config, seed=seed, init=init)
     stages = [
         latent_stage(gen, config),
-        per_image_stage(gen, name="w", iterations=config.w_iterations, lr=config.w_lr),
+        per_image_stage(
+            gen, name="w", iterations=config.w_iterations, lr=config.w_lr, colour=config.colour
+        ),
     ]
     return run_stages(
         stages, problem, config, {"z": z}, state=state, progress=progress, should_stop=should_stop

@@ -4,6 +4,9 @@ Variables carry the restart axis first: latents z are (R, B, d); per-image gener
 w_j are stored per parameter as "w.<name>" with shape (R, B, *param.shape), so one vmapped
 functional call renders every image of every restart with its own generator.
 
+Under a gray colour model (attacks.colour) every rendered image is projected to its BT.601
+luminance before the victim sees it: the prior keeps rendering colour, the attack sees gray.
+
 Generators run in eval mode (BN uses its running statistics): each copy renders one image, and
 a train-mode BN over a batch of one would be degenerate.
 """
@@ -17,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from gi_core.attacks.colour import project
 from gi_core.attacks.engine import BaseConfig, InversionProblem, Stage, Variables, _check
 from gi_core.errors import ConfigError
 from gi_core.generators import Generator
@@ -63,10 +67,11 @@ def latents_for(
     return initial_latents(generator, problem, restarts=config.restarts, seed=seed)
 
 
-def render_latents(generator: Generator, z: Tensor) -> Tensor:
-    """G(z) for z (R, B, d) -> images (R, B, C, H, W) in [0, 1], one shared generator."""
+def render_latents(generator: Generator, z: Tensor, colour: str = "rgb") -> Tensor:
+    """G(z) for z (R, B, d) -> images (R, B, C, H, W) in [0, 1], one shared generator,
+    projected to `colour`."""
     images = generator(z.flatten(0, 1))
-    return images.unflatten(0, z.shape[:2])
+    return project(images.unflatten(0, z.shape[:2]), colour)
 
 
 def latent_stage(generator: Generator, config: LatentConfig) -> Stage:
@@ -75,12 +80,15 @@ def latent_stage(generator: Generator, config: LatentConfig) -> Stage:
         config.z_iterations,
         config.z_lr,
         ("z",),
-        render=lambda v: render_latents(generator, v["z"]),
+        render=lambda v: render_latents(generator, v["z"], config.colour),
     )
 
 
-def per_image_stage(generator: Generator, *, name: str, iterations: int, lr: float) -> Stage:
-    """Search a copy w_j of the generator per image (z fixed): GIAS's second stage, GI-w."""
+def per_image_stage(
+    generator: Generator, *, name: str, iterations: int, lr: float, colour: str = "rgb"
+) -> Stage:
+    """Search a copy w_j of the generator per image (z fixed): GIAS's second stage, GI-w;
+    images projected to `colour`."""
     names = [n for n, _ in generator.named_parameters()]
     buffers = {n: b.detach() for n, b in generator.named_buffers()}
     weights = {n: p.detach() for n, p in generator.named_parameters()}
@@ -93,7 +101,8 @@ def per_image_stage(generator: Generator, *, name: str, iterations: int, lr: flo
         w = {n: v["w." + n].flatten(0, 1) for n in names}
         # randomness="different": a prior that draws noise per forward (StyleGAN2 `noise:
         # random`) gets independent noise per copy; deterministic priors draw nothing.
-        return vmap(one, randomness="different")(w, z.flatten(0, 1)).unflatten(0, z.shape[:2])
+        images = vmap(one, randomness="different")(w, z.flatten(0, 1))
+        return project(images.unflatten(0, z.shape[:2]), colour)
 
     def start(v: Variables) -> Variables:
         r, b = v["z"].shape[:2]

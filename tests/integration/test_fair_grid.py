@@ -83,7 +83,8 @@ def test_tune_on_the_smoke_grid_writes_a_spec_that_runs(tmp_path: Path) -> None:
         "--write-spec",
         str(tuned),
     )
-    assert "gi-x: held-out PSNR" in proc.stdout and "gi-z/w: held-out PSNR" in proc.stdout
+    assert "gi-x @ iterations=24, restarts=2: held-out PSNR" in proc.stdout
+    assert "gi-z/w @ z_iterations=12, w_iterations=12, restarts=2: held-out PSNR" in proc.stdout
     report = tmp_path / "tune-run" / "reports"
     trials = pd.read_csv(report / "tuning.csv")
     assert len(trials) == 2 * 2 and trials["psnr"].notna().all()
@@ -94,7 +95,7 @@ def test_tune_on_the_smoke_grid_writes_a_spec_that_runs(tmp_path: Path) -> None:
     chosen = yaml.safe_load(tuned.read_text())
     gix = chosen["methods"][0]["params"]
     assert {"tv", "tv_form", "lr", "signed_grad"} <= set(gix)
-    best = trials[trials["method"] == "gi-x"].sort_values("psnr").iloc[-1]
+    best = trials[trials["method"].str.startswith("gi-x @")].sort_values("psnr").iloc[-1]
     assert gix["tv"] == pytest.approx(best["tv"])
     out = tmp_path / "eval"
     _gi_eval("run", str(tuned), "--executor", "inline", "--out", str(out))

@@ -111,6 +111,16 @@ def run_dir(command: str, prepare: str = "none") -> Setup:
     return setup
 
 
+def tune_spec(**over: Any) -> Setup:
+    """`gi-eval tune` of BASE with top-level keys replaced."""
+
+    def setup(tmp: Path) -> list[str]:
+        spec(**over)(tmp)
+        return ["tune", str(tmp / "spec.yaml"), "--out", str(tmp / "tune")]
+
+    return setup
+
+
 def cli_args(*args: str) -> Setup:
     def setup(tmp: Path) -> list[str]:
         spec()(tmp)
@@ -156,8 +166,12 @@ CASES = [
     Case("spec fields", "more batches than the data set holds",
          spec(data={**BASE["data"], "num_batches": 60}, batch_sizes=[8]), 2, "supplies only"),
     Case("spec fields", "batch size 0", spec(batch_sizes=[0]), 2, "batch_sizes"),
+    Case("spec fields", "data.colour: sepia", nested("data", colour="sepia"), 2, "data.colour"),
     Case("spec fields", "budgets.iterations_scale 0", spec(budgets={"iterations_scale": 0}), 2,
          "iterations_scale"),
+    Case("spec fields", "tune: the evaluation attacks every sample at some batch size",
+         tune_spec(data={**BASE["data"], "num_batches": 25}, batch_sizes=[1, 4]), 2,
+         "tuning.batches: no 2 consecutive batches of 1"),
     # --- victim, generator, methods
     Case("victim / generator", "unknown victim architecture", nested("victim", arch="vgg"), 2,
          "victim"),

@@ -117,7 +117,7 @@ def test_methods_are_validated_with_the_registry() -> None:
                 "gi-x",
                 "gi-y",
                 {"name": "gi-x", "params": {"iterations": 0}},
-                {"name": "gi-x", "params": {"lr": 0.1, "colour": 3}},
+                {"name": "gi-x", "params": {"lr": 0.1, "hue": 3}},
                 {"name": "gi-x", "prams": {}},
             ]
         )
@@ -129,13 +129,13 @@ def test_methods_are_validated_with_the_registry() -> None:
                 "gi-x",
                 "gi-y",
                 {"name": "gi-x", "params": {"iterations": 0}},
-                {"name": "gi-x", "params": {"lr": 0.1, "colour": 3}},
+                {"name": "gi-x", "params": {"lr": 0.1, "hue": 3}},
             ]
         )
     )
     assert spec_errs[0].startswith("methods[1].name: unknown method 'gi-y'; known: gi-x,")
     assert spec_errs[1] == "methods[2].params.iterations: must be >= 1 (got 0)"
-    assert spec_errs[2].startswith("methods[3].params.colour: not a parameter of gi-x")
+    assert spec_errs[2].startswith("methods[3].params.hue: not a parameter of gi-x")
     assert len(spec_errs) == 3
 
 
