@@ -22,6 +22,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from gi_core.errors import ConfigError
+from pipelines.memory import sized_mem_gb
 from pipelines.notify import notify_state
 from pipelines.planner import (
     ARRAY_ELEMENTS,
@@ -106,7 +107,7 @@ def plan(
     grads = gradient_chunks(
         run, status.gradients_todo, per_job=per_job, threads=threads_per_job(gradient_config)
     )
-    groups = inversion_groups(spec, config, status.todo)
+    groups = inversion_groups(spec, config, status.todo, size=sized_mem_gb)
     arrays = [(g, _group_chunks(spec, run, g, per_job=per_job)) for g in groups]
     cells = [c for _, chunks in arrays for c in chunks]
     timeout = ex.array_timeout_h * 3600 if ex.array_timeout_h else None

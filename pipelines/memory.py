@@ -33,6 +33,7 @@ from gi_core.generators import LATENT_DIM, dcgan32, dcgan64
 from gi_core.stylegan2 import StyleGAN2Config, load_stylegan2_checkpoint, parameter_counts
 from gi_core.victims import build_victim
 from tasks.cells import InversionCell
+from tasks.resources import MEM_BASE_GB, MEM_HEADROOM, MEM_MIN_GB
 from tasks.spec import GeneratorSpec, GridSpec, VictimSpec
 
 BASE_BYTES = int(1.5 * 2**30)
@@ -206,3 +207,12 @@ def memory_lines(spec: GridSpec, cells: Sequence[InversionCell]) -> list[str]:
     fits = "no job limit checked (GPU jobs)" if limit is None else f"limit {limit / 2**30:.1f} GiB"
     lines = [f"memory: up to ~{worst.gib:.1f} GiB per cell ({worst.method}); {fits}"]
     return lines + memory_problems(spec, cells, executor=spec.execution.executor)
+
+
+def sized_mem_gb(cells: Sequence[InversionCell]) -> float | None:
+    """Memory (GB) to request for a job of these cells: the largest estimate x headroom + base
+    (tasks.resources' constants), at least MEM_MIN_GB."""
+    if not cells:
+        return None
+    peak = max(estimate_cell(c).gib for c in cells)
+    return float(max(MEM_MIN_GB, math.ceil(peak * MEM_HEADROOM + MEM_BASE_GB)))

@@ -2,12 +2,12 @@
 
 `execution.slurm` is the default of every job array; `execution.slurm.gradients`, `.giml`,
 `.driver` and `.methods[<label or method>]` override single fields of it. Memory that nobody
-set is sized from the memory model (pipelines.memory) of the array's largest cell.
+set is sized by the caller's memory model (pipelines.memory.sized_mem_gb) of the array's
+largest cell.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,16 +65,6 @@ def merge(base: SlurmResources, over: SlurmResources) -> SlurmResources:
     return base.model_copy(update=over.model_dump(exclude_none=True))
 
 
-def sized_mem_gb(cells: Sequence[InversionCell]) -> float | None:
-    """Memory for a job of these cells, from the memory model's largest estimate."""
-    from pipelines.memory import estimate_cell  # builds models on the meta device: lazy
-
-    if not cells:
-        return None
-    peak = max(estimate_cell(c).gib for c in cells)
-    return float(max(MEM_MIN_GB, math.ceil(peak * MEM_HEADROOM + MEM_BASE_GB)))
-
-
 def apply(
     base: ExecutorConfig, slurm: SlurmSpec, over: SlurmResources, *, sized_gb: float | None
 ) -> ExecutorConfig:
@@ -108,9 +98,11 @@ def inversion_groups(
     base: ExecutorConfig,
     cells: Sequence[InversionCell],
     *,
-    size: Callable[[Sequence[InversionCell]], float | None] = sized_mem_gb,
+    size: Callable[[Sequence[InversionCell]], float | None],
 ) -> list[ArrayGroup]:
-    """Group cells by resolved resources, in a stable order (default first, then keys)."""
+    """Group cells by resolved resources, in a stable order (default first, then keys).
+    `size` gives a group's memory from its cells (pipelines.memory.sized_mem_gb: the memory
+    model lives with the planner, above this layer)."""
     slurm = spec.execution.slurm
     by_key: dict[str, list[InversionCell]] = {}
     overrides: dict[str, SlurmResources] = {}

@@ -16,6 +16,7 @@ import pytest
 
 from pipelines.detach import driver_script
 from pipelines.flows import executor_config
+from pipelines.memory import sized_mem_gb
 from tasks.cells import expand
 from tasks.executors import ExecutorConfig, render_sbatch
 from tasks.resources import inversion_groups
@@ -62,7 +63,7 @@ def _scripts(spec_data: dict[str, Any], log_dir: Path) -> dict[str, str]:
     out = {
         g.key: render_sbatch(g.config, log_dir=log_dir, name=f"inversions-{g.tag}",
                              elements=len(g.cells))
-        for g in inversion_groups(spec, base, expand(spec).inversion_cells)
+        for g in inversion_groups(spec, base, expand(spec).inversion_cells, size=sized_mem_gb)
     }
     for kind in ("gradients", "giml"):
         config: ExecutorConfig = executor_config(spec, None, kind)  # type: ignore[arg-type]
