@@ -15,6 +15,8 @@ no ``variant`` column) plus the setting axes ``defense``, ``defense_level``, ``b
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -60,11 +62,186 @@ def _varying(df: pd.DataFrame, axes: Sequence[str], *, within: Sequence[str] = (
     return [a for a in present if df[a].nunique(dropna=False) > 1]
 
 
+# --- one identity per configuration (issue 16, Deliver 1) -----------------------------------
+CFG = "cfg."  # prefix of the flattened configuration columns
+COLUMN = "configuration"  # a table column's label, unique per configuration within a setting
+# Configuration keys that the named setting columns already show as table blocks (never in a
+# column label): the defense and batch size, and the data set / victim axes that become blocks
+# where they vary within a setting (EXTRA_SETTING_AXES).
+SETTING_KEYS: dict[str, str] = {
+    "cfg.gradient.defense.kind": "defense",
+    "cfg.gradient.defense.p": "defense_p",
+    "cfg.gradient.defense.sigma": "defense_sigma",
+    "cfg.gradient.defense.clip": "defense_clip",
+    "cfg.gradient.defense.bits": "defense_bits",
+    "cfg.gradient.batch_size": "batch_size",
+    "cfg.gradient.dataset": "dataset",
+    "cfg.gradient.image_size": "image_size",
+    "cfg.gradient.shuffle_seed": "data_seed",
+    "cfg.gradient.victim.arch": "victim",
+    "cfg.gradient.victim.width": "victim_width",
+    "cfg.gradient.victim.seed": "victim_seed",
+}
+# Row columns that are not configuration: repeats (batch, seed), ids, per-image values,
+# measurements and provenance. Rows written before issue 16 have no `config`; their identity is
+# every other column (a fallback that still never pools two configurations).
+_NOT_IDENTITY = frozenset({
+    "cell_id", "gradient_id", "batch_index", "seed", "config_id", "config",
+    "image_index", "sample_index", "label", "label_accuracy", "psnr", "ssim", "lpips",
+    "best_psnr_in_batch", "best_ssim_in_batch", "best_lpips_in_batch", "final_cost", "status",
+    "iterations", "wall_seconds", "device", "slurm_job_id", "slurm_array_index", "host",
+    "device_name", "gi_eval_version", "torch_version", "python_version", "git_commit",
+    "dp_epsilon", "dp_delta", "budget_priced_seconds", "reason", "images",
+})  # fmt: skip
+
+
+def identify(df: pd.DataFrame) -> pd.DataFrame:
+    """`df` plus the flattened configuration (cfg.<dotted key> columns, from each row's
+    `config` JSON) and COLUMN, the label of its table column. Idempotent.
+
+    COLUMN is unique per configuration less its setting keys within every setting block: two
+    cells that differ in anything but their batch and seed never share a table column."""
+    if df.empty or COLUMN in df.columns:
+        return df
+    out = df.reset_index(drop=True)
+    texts = pd.Series(_config_texts(out), index=out.index)
+    first = ~texts.duplicated()
+    flat = pd.json_normalize([json.loads(t) for t in texts[first]], sep=".")
+    flat = flat.map(_cell_value).add_prefix(CFG)
+    flat.index = texts[first].to_numpy()
+    new = [c for c in flat.columns if c not in out.columns]
+    per_config = pd.concat(
+        [out.loc[first].set_index(texts[first].to_numpy()).drop(columns=new, errors="ignore"),
+         flat[new]],
+        axis=1,
+    )
+    labels = pd.Series(_labels(per_config, _label_keys(new)), index=per_config.index)
+    out = pd.concat([out, flat[new].reindex(texts.to_numpy()).set_index(out.index)], axis=1)
+    out[COLUMN] = labels.reindex(texts.to_numpy()).to_numpy()
+    return out
+
+
+def _label_keys(columns: list[str]) -> list[str]:
+    """Configuration keys a column label may show: not the setting keys (blocks show them),
+    nor the legacy fallback's method/variant/whole-config columns."""
+    blocks = {CFG + a for a in (*SETTING_AXES, *EXTRA_SETTING_AXES, *PRIOR_AXES)}
+    legacy = {f"{CFG}method", f"{CFG}variant", f"{CFG}method_params", f"{CFG}preset"}
+    return [c for c in columns if c not in SETTING_KEYS and c not in blocks | legacy]
+
+
+def _config_texts(df: pd.DataFrame) -> list[str]:
+    """Each row's configuration JSON: its `config` column, else (old rows) its other columns."""
+    legacy_cols = sorted(c for c in df.columns if c not in _NOT_IDENTITY and not c.startswith(CFG))
+    legacy = [
+        json.dumps({c: _json_value(r[c]) for c in legacy_cols if c != COLUMN}, sort_keys=True)
+        for r in df[legacy_cols].to_dict("records")
+    ]
+    if "config" not in df.columns:
+        return legacy
+    return [c if isinstance(c, str) else lg for c, lg in zip(df["config"], legacy, strict=True)]
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _cell_value(v: Any) -> Any:
+    # lists (normalize means, prune fractions, channels) become hashable, readable text
+    return json.dumps(v, separators=(",", ":")) if isinstance(v, list | dict) else v
+
+
+def _labels(configs: pd.DataFrame, keys: list[str]) -> list[str]:
+    """'gi-z/w [paper] · latent_space=z · normalize.mean=[0.5,0.5,0.5]' for each configuration
+    (one row each): method [variant], the keys whose values differ between configurations of
+    the same method, the budget whenever configurations differ in it, and a short hash of the
+    configuration where that still leaves two alike (ids never share a column)."""
+    names = _short_names(keys)
+    budget = _budget_texts(configs)
+    show_budget = budget is not None and budget.nunique(dropna=False) > 1
+    labels = pd.Series("", index=configs.index, dtype=object)
+    for _, group in configs.groupby("method", sort=False):
+        differ = [k for k in keys if group[k].nunique(dropna=False) > 1]
+        for idx, row in group.iterrows():
+            variant = str(row.get("variant", "") or "")
+            parts = [
+                f"{names[k]}={_show(row[k])}"
+                for k in differ
+                if not _in_variant(names[k], row[k], variant)
+            ]
+            if show_budget and budget is not None:
+                parts.append(str(budget.loc[idx]))
+            labels[idx] = " · ".join([_method_variant(row), *parts])
+    # configurations less their setting keys; one label must name exactly one of them
+    ident = configs[["method", *keys]].map(str).agg("|".join, axis=1)
+    per_label = ident.groupby(labels).nunique()
+    for idx in labels.index[labels.isin(per_label[per_label > 1].index)]:
+        labels[idx] += f" #{hashlib.sha256(ident[idx].encode()).hexdigest()[:6]}"
+    return labels.tolist()
+
+
+def _in_variant(name: str, value: Any, variant: str) -> bool:
+    # the derived variant already spells 'lr=0.01' and the preset; do not repeat them
+    return f"{name}=" in variant or (name == "preset" and str(value) in variant.split())
+
+
+def _method_variant(row: Mapping[str, Any]) -> str:
+    variant, method = row.get("variant"), str(row["method"])
+    empty = variant is None or (isinstance(variant, float) and np.isnan(variant))
+    return method if empty or variant in ("", method) else f"{method} [{variant}]"
+
+
+_SECTIONS = frozenset({"gradient", "victim", "generator", "config", "defense"})
+
+
+def _short_names(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix of each key that no other key shares and that keeps a nested
+    option's parent ('latent_space', 'lr', 'normalize.mean', 'stylegan2.z_dim')."""
+    parts = {k: k.removeprefix(CFG).split(".") for k in keys}
+    out = {}
+    for k, p in parts.items():
+        start = 1 if len(p) < 2 or p[-2] in _SECTIONS else 2
+        for n in range(start, len(p) + 1):
+            name = ".".join(p[-n:])
+            if not any(".".join(q[-n:]) == name for o, q in parts.items() if o != k):
+                break
+        out[k] = name
+    return out
+
+
+def _show(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _budget_texts(df: pd.DataFrame) -> pd.Series | None:
+    """'z 100 + w 100 it ×4 = 800 evals' (stage iterations x restarts = victim gradient
+    evaluations) per row, where the rows
+    carry their budget (storage.metrics identity-and-budget block)."""
+    if "budget_grad_evals" not in df.columns or df["budget_grad_evals"].isna().all():
+        return None
+    texts = []
+    for r in df[["budget_stage_iterations", "budget_restarts", "budget_grad_evals"]].itertuples():
+        if not isinstance(r.budget_stage_iterations, str):
+            texts.append("budget ?")
+            continue
+        stages = json.loads(r.budget_stage_iterations)
+        its = " + ".join(
+            f"{k.removesuffix('iterations').rstrip('_')} {v}".strip() for k, v in stages.items()
+        )
+        texts.append(f"{its} it ×{int(r.budget_restarts)} = {int(r.budget_grad_evals)} evals")
+    return pd.Series(texts, index=df.index)
+
+
 def config_columns(df: pd.DataFrame) -> list[str]:
     """What identifies a method configuration: method + variant (method until variant exists),
-    plus the prior's kind and checkpoint where they vary for one method."""
+    plus the prior's kind and checkpoint where they vary for one method, plus COLUMN (the
+    full configuration's label) once identify() has run."""
     base = ["method", "variant"] if "variant" in df.columns else ["method"]
-    return base + _varying(df, PRIOR_AXES, within=["method"])
+    base += _varying(df, PRIOR_AXES, within=["method"])
+    return base + ([COLUMN] if COLUMN in df.columns else [])
 
 
 def default_by(df: pd.DataFrame) -> list[str]:
@@ -151,6 +328,7 @@ def summary(
     `by` defaults to default_by(df). The mean is over units (gradient cell x seed), each unit
     the mean of its batch's images (or its best image with `best_in_batch`).
     """
+    df = identify(df)
     by = list(default_by(df) if by is None else by)
     if df.empty:
         return pd.DataFrame(columns=[*by, *SUMMARY_COLUMNS])
@@ -203,7 +381,7 @@ def _bad_units(group: pd.DataFrame) -> int:
 
 def _best_flags(table: pd.DataFrame, by: list[str]) -> pd.Series:
     """True where a row's mean is the best of its metric within its setting (ties all best)."""
-    setting = [c for c in by if c not in ("method", "variant")]
+    setting = [c for c in by if c not in ("method", "variant", COLUMN, *PRIOR_AXES)]
     flags = pd.Series(False, index=table.index)
     for (metric, *_), rows in table.groupby(["metric", *setting], dropna=False, sort=False):
         means = rows["mean"]
@@ -303,6 +481,7 @@ def paired_table(
     Rows: setting columns, a, b (configuration labels), metric, mean_diff, ci_low, ci_high,
     p_wilcoxon, n, dropped. Pairs with no shared unit are left out.
     """
+    df = identify(df)
     setting = [a for a in (SETTING_AXES if setting is None else setting) if a in df.columns]
     configs = config_columns(df)
     rows = []
@@ -327,7 +506,10 @@ def paired_table(
 
 
 def label_of(config: Mapping[str, Any]) -> str:
-    """'gi-z/w' or 'gi-z/w [tuned]': the configuration's display label."""
+    """'gi-z/w' or 'gi-z/w [tuned]': the configuration's display label (COLUMN once
+    identify() has run)."""
+    if isinstance(config.get(COLUMN), str):
+        return str(config[COLUMN])
     variant = config.get("variant")
     method = str(config["method"])
     label = method if variant in (None, "", method) or pd.isna(variant) else f"{method} [{variant}]"

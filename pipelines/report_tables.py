@@ -50,6 +50,7 @@ def table1(df: pd.DataFrame, cells: pd.DataFrame | None = None, *, seed: int = 0
     """Table 1 of the committed metrics `df`; `cells` (run.cells()) adds the failed counts."""
     if df.empty:
         return Table(pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
+    df = ag.identify(df)
     by = ag.default_by(df)
     setting = [c for c in by if c not in ag.config_columns(df)]
     avg = ag.summary(df, by, seed=seed).assign(kind="avg")
