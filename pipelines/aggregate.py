@@ -37,7 +37,13 @@ SETTING_AXES: tuple[str, ...] = ("defense", "defense_level", "batch_size")
 UNIT: tuple[str, ...] = ("gradient_id", "seed")
 CONFIDENCE = 0.95
 N_RESAMPLES = 2000  # enough for a 95 % CI (Efron & Tibshirani); a report holds thousands
-SUMMARY_COLUMNS = ("metric", "mean", "ci_low", "ci_high", "n", "images", "diverged", "best")
+# Below this many units (batches x seeds) no CI and no test is shown (issue 16): a bootstrap of
+# 2-4 values has no coverage to speak of, and a two-sided Wilcoxon test of n <= 5 pairs cannot
+# reach p < 0.05 at all (its smallest p is 2 / 2^n = 0.0625 at n = 5).
+MIN_N = 5
+SUMMARY_COLUMNS = (
+    "metric", "mean", "ci_low", "ci_high", "n", "images", "diverged", "best", "note",
+)  # fmt: skip
 
 Selector = Mapping[str, Any] | str
 
@@ -162,7 +168,11 @@ def _labels(configs: pd.DataFrame, keys: list[str]) -> list[str]:
     show_budget = budget is not None and budget.nunique(dropna=False) > 1
     labels = pd.Series("", index=configs.index, dtype=object)
     for _, group in configs.groupby("method", sort=False):
-        differ = [k for k in keys if group[k].nunique(dropna=False) > 1]
+        differ = [
+            k
+            for k in keys
+            if group[k].nunique(dropna=False) > 1 and not (show_budget and _is_budget_key(k))
+        ]
         for idx, row in group.iterrows():
             variant = str(row.get("variant", "") or "")
             parts = [
@@ -179,6 +189,12 @@ def _labels(configs: pd.DataFrame, keys: list[str]) -> list[str]:
     for idx in labels.index[labels.isin(per_label[per_label > 1].index)]:
         labels[idx] += f" #{hashlib.sha256(ident[idx].encode()).hexdigest()[:6]}"
     return labels.tolist()
+
+
+def _is_budget_key(key: str) -> bool:
+    # shown by the budget text instead
+    name = key.rsplit(".", 1)[-1]
+    return name in ("iterations", "restarts") or name.endswith("_iterations")
 
 
 def _in_variant(name: str, value: Any, variant: str) -> bool:
@@ -337,7 +353,7 @@ def summary(
         for m in metrics
     ]
     table = pd.concat(out, ignore_index=True)
-    table["best"] = _best_flags(table, by)
+    table["best"] = _best_flags(table, by, confidence=confidence, seed=seed)
     return table[[*by, *SUMMARY_COLUMNS]]
 
 
@@ -355,8 +371,14 @@ def _metric_summary(
         key = key if isinstance(key, tuple) else (key,)
         # units from the group itself: a key holding NaN (e.g. no generator) never matches
         # itself in a dict lookup
-        values = unit_values(group, metric, best_in_batch=best_in_batch)["value"].to_numpy(float)
-        low, high = bootstrap_ci(values, confidence=confidence, seed=seed)
+        units = unit_values(group, metric, best_in_batch=best_in_batch).set_index(list(UNIT))
+        values = units["value"].to_numpy(float)
+        enough = values.size >= MIN_N
+        low, high = (
+            bootstrap_ci(values, confidence=confidence, seed=seed)
+            if enough
+            else (float("nan"), float("nan"))
+        )
         rows.append(
             {
                 **dict(zip(by, key, strict=True)),
@@ -367,9 +389,16 @@ def _metric_summary(
                 "n": int(values.size),
                 "images": int(usable(group, metric).shape[0]),
                 "diverged": _bad_units(group),
+                "note": "" if enough else too_few(values.size),
+                "_units": units["value"].to_dict(),  # for the paired test of "best"
             }
         )
     return pd.DataFrame(rows)
+
+
+def too_few(n: int) -> str:
+    """Why a cell shows no CI or test."""
+    return f"n = {n} < {MIN_N}: no CI or test"
 
 
 def _bad_units(group: pd.DataFrame) -> int:
@@ -379,15 +408,29 @@ def _bad_units(group: pd.DataFrame) -> int:
     return int(bad.drop_duplicates(list(UNIT)).shape[0])
 
 
-def _best_flags(table: pd.DataFrame, by: list[str]) -> pd.Series:
-    """True where a row's mean is the best of its metric within its setting (ties all best)."""
+def _best_flags(
+    table: pd.DataFrame, by: list[str], *, confidence: float, seed: int
+) -> pd.Series:
+    """True where a row's mean is the best of its metric within its setting AND the best is
+    separated from the second best by their paired CI (on the units both attacked, n >= MIN_N,
+    the CI of best − second excluding 0 in the better direction). Ties and single entries are
+    never bold: bold claims "better than the rest", which needs evidence."""
     setting = [c for c in by if c not in ("method", "variant", COLUMN, *PRIOR_AXES)]
     flags = pd.Series(False, index=table.index)
     for (metric, *_), rows in table.groupby(["metric", *setting], dropna=False, sort=False):
-        means = rows["mean"]
-        if means.notna().any():
-            target = means.max() if higher_is_better(str(metric)) else means.min()
-            flags[rows.index] = np.isclose(means, target, rtol=0, atol=1e-12)
+        ranked = rows[rows["mean"].notna()].sort_values(
+            "mean", ascending=not higher_is_better(str(metric))
+        )
+        if len(ranked) < 2:
+            continue
+        best, second = ranked.iloc[0], ranked.iloc[1]
+        sign = 1.0 if higher_is_better(str(metric)) else -1.0
+        paired_units = pd.DataFrame({"a": best["_units"], "b": second["_units"]}).dropna()
+        diff = (paired_units["a"] - paired_units["b"]).to_numpy(float) * sign
+        if diff.size < MIN_N:
+            continue
+        low, _ = bootstrap_ci(diff, confidence=confidence, seed=seed)
+        flags[ranked.index[0]] = bool(low > 0)
     return flags
 
 
@@ -402,6 +445,10 @@ class PairedResult:
     p_wilcoxon: float
     n: int  # units in both, ok in both
     dropped: int  # units in both where either cell was not ok
+    # matched-pairs rank-biserial correlation of the Wilcoxon test (Kerby 2014): (W+ − W−) /
+    # (W+ + W−) in [-1, 1]; +1: a beats b on every unit
+    effect_size: float = float("nan")
+    note: str = ""  # why no CI / test (n < MIN_N)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -442,16 +489,46 @@ def paired(
         vb.rename(columns={"value": "value_b"}), how="inner"
     )
     diff = (joined["value_a"] - joined["value_b"]).to_numpy(float)
-    low, high = bootstrap_ci(diff, confidence=confidence, seed=seed)
+    enough = diff.size >= MIN_N
+    nan = float("nan")
+    low, high = bootstrap_ci(diff, confidence=confidence, seed=seed) if enough else (nan, nan)
     return PairedResult(
         metric=metric,
-        mean_diff=float(diff.mean()) if diff.size else float("nan"),
+        mean_diff=float(diff.mean()) if diff.size else nan,
         ci_low=low,
         ci_high=high,
-        p_wilcoxon=_wilcoxon(diff),
+        p_wilcoxon=_wilcoxon(diff) if enough else nan,
         n=int(diff.size),
         dropped=len(both) - int(diff.size),
+        effect_size=rank_biserial(diff) if enough else nan,
+        note="" if enough else too_few(int(diff.size)),
     )
+
+
+def rank_biserial(diff: np.ndarray) -> float:
+    """Matched-pairs rank-biserial correlation: (sum of ranks of positive differences − sum
+    of ranks of negative ones) / total rank sum, zero differences dropped (as Wilcoxon's
+    default zero_method does)."""
+    d = diff[diff != 0]
+    if d.size == 0:
+        return 0.0
+    ranks = stats.rankdata(np.abs(d))
+    return float((ranks[d > 0].sum() - ranks[d < 0].sum()) / ranks.sum())
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm–Bonferroni adjusted p-values (step-down, monotone, capped at 1; NaN kept as NaN
+    and not counted among the tests). scipy has no Holm; this is its textbook definition."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full_like(p, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    m = order.size
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, (m - rank) * p[i])
+        out[i] = min(1.0, running)
+    return out
 
 
 def _units_on(rows: pd.DataFrame, metric: str, on: Sequence[str], best: bool) -> pd.DataFrame:
@@ -517,3 +594,57 @@ def label_of(config: Mapping[str, Any]) -> str:
     if any(k in config for k in PRIOR_AXES) and isinstance(prior, str):
         label += f" ({prior[:12]})"
     return label
+
+
+def setting_columns(df: pd.DataFrame) -> list[str]:
+    """The `by` columns that make table blocks (not configurations) of identified `df`."""
+    config = config_columns(df)
+    return [c for c in default_by(df) if c not in config]
+
+
+def comparisons(
+    df: pd.DataFrame,
+    baseline: str,
+    *,
+    metrics: Sequence[str] = METRICS,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """The spec's comparisons of interest: in every setting, every configuration a minus the
+    baseline's configuration b (the `baseline` method, or the configuration so labelled) at
+    the same budget (same matched budget when the rows carry one; else every baseline column
+    of the setting), on the units both attacked. Wilcoxon p, Holm-adjusted over the whole table
+    (p_holm: one family, every setting and metric), rank-biserial effect size; no test below
+    MIN_N units. Rows as paired_table plus p_holm."""
+    df = identify(df)
+    setting = setting_columns(df)
+    rows = []
+    for key, part in df.groupby(setting, dropna=False, sort=True) if setting else [((), df)]:
+        key = key if isinstance(key, tuple) else (key,)
+        is_base = part["method"].eq(baseline) | (
+            part["variant"].eq(baseline) if "variant" in part.columns else False
+        )
+        bases = list(dict.fromkeys(part.loc[is_base, COLUMN]))
+        for a in dict.fromkeys(part.loc[~is_base, COLUMN]):
+            for b in _same_budget(part, a, bases):
+                for metric in metrics:
+                    r = paired(part, {COLUMN: a}, {COLUMN: b}, metric=metric, seed=seed)
+                    if r.n + r.dropped:
+                        rows.append(
+                            {**dict(zip(setting, key, strict=True)), "a": a, "b": b,
+                             **r.as_dict()}
+                        )
+    out = pd.DataFrame(rows)
+    if not out.empty:
+        out["p_holm"] = holm(out["p_wilcoxon"].to_numpy(float))
+    return out
+
+
+def _same_budget(part: pd.DataFrame, a: str, bases: list[str]) -> list[str]:
+    """Baseline columns at a's matched budget (all of them when budgets are not matched)."""
+    if "budget_match_value" not in part.columns:
+        return bases
+    value = part.loc[part[COLUMN] == a, "budget_match_value"].iloc[0]
+    if pd.isna(value):
+        return bases
+    same = part[part[COLUMN].isin(bases) & part["budget_match_value"].eq(value)]
+    return list(dict.fromkeys(same[COLUMN]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -268,7 +269,7 @@ def budget_columns(config: BaseConfig) -> dict[str, Any]:
     stages = stage_iterations(config)
     total = sum(stages.values())
     return {
-        "budget_stage_iterations": canonical_json(stages),
+        "budget_stage_iterations": json.dumps(stages),  # in stage order, not sorted
         "budget_iterations": total,
         "budget_restarts": int(config.restarts),
         "budget_grad_evals": total * int(config.restarts),

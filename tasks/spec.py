@@ -387,6 +387,11 @@ class GridSpec(_Model):
     execution: ExecutionSpec = ExecutionSpec()
     storage: StorageSpec = StorageSpec()
     tuning: TuningSpec = TuningSpec()
+    # The comparison of interest (issue 16): a method name (or a method entry's label). The
+    # report tests every other configuration against it in each setting (paired Wilcoxon on
+    # the same gradients and seeds, Holm-corrected, with effect sizes); all pairs go to the CSV
+    # only. Not part of any cell: changing it recomputes nothing.
+    baseline: str | None = None
 
     @property
     def victim_axis(self) -> tuple[VictimSpec, ...]:
@@ -426,6 +431,7 @@ def semantic_problems(spec: GridSpec) -> list[str]:
         *_axis_problems(spec),
         *_method_problems(spec),
         *_variant_problems(spec),
+        *_baseline_problems(spec),
         *_generator_problems(spec),
         *_checkpoint_problems(spec),
         *_data_problems(spec),
@@ -520,6 +526,13 @@ def _variant_problems(spec: GridSpec) -> list[str]:
                 "configuration; give each configuration its own label"
             )
     return problems
+
+
+def _baseline_problems(spec: GridSpec) -> list[str]:
+    names = {m.name for m in spec.methods} | {m.label for m in spec.methods if m.label}
+    if spec.baseline is None or spec.baseline in names:
+        return []
+    return [f"baseline: {spec.baseline!r} is none of the grid's methods ({', '.join(sorted(names))})"]
 
 
 def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[Any]) -> list[str]:
