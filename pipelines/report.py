@@ -26,6 +26,7 @@ import pandas as pd
 
 from gi_core.errors import ConfigError
 from pipelines import aggregate as ag
+from pipelines import report_budget as budgets
 from pipelines import report_figures as figs
 from pipelines import report_tables as tables
 from pipelines.report_html import Figure, Page, render
@@ -136,7 +137,8 @@ def write_report(run: RunDir, *, include_all: bool = False) -> Report:
     table1 = pairs = None
     if not df.empty:
         t1 = tables.table1(df, cells)
-        files += tables.write_table1(t1, reports, caption=caption, note=old_note).values()
+        note = "\n".join(t for t in (budgets.budget_markdown(df), old_note) if t)
+        files += tables.write_table1(t1, reports, caption=caption, note=note).values()
         table1 = tables.styler(t1)
         pair_rows = ag.paired_table(df)
         baseline = _baseline(run)
@@ -251,6 +253,13 @@ def _figures(run: RunDir, df: pd.DataFrame) -> tuple[list[Figure], list[Figure]]
             "fig4a.png",
             "PSNR, 95 % CI",
             lambda p: figs.fig4a(df, p),
+        ),
+        (
+            "Quality versus budget",
+            "quality_vs_budget.png",
+            "mean PSNR of every configuration at its stored snapshots and at its end, against "
+            "victim gradient evaluations and measured attack seconds (pipelines/report_budget.py)",
+            lambda p: budgets.quality_vs_budget(run, df, p),
         ),
         *[
             (

@@ -24,6 +24,8 @@ from gi_core.attacks.registry import method_config, uses_generator
 from gi_core.datasets import batch_indices
 from gi_core.defenses import Defense
 from gi_core.errors import ConfigError
+from tasks import budget
+from tasks.budget import BudgetRecord, total_iterations
 from tasks.spec import (
     GeneratorSpec,
     GridSpec,
@@ -120,6 +122,9 @@ class InversionCell:
     # Table name of this configuration (spec `label`, else derived by `variant_labels`).
     # Not part of the id: renaming a configuration recomputes nothing.
     variant: str = ""
+    # The matched-budget request that set the config's iterations, and its price (rows only:
+    # the iterations themselves are in the config and so in the id).
+    budget: BudgetRecord = BudgetRecord()
 
     @property
     def gradient_id(self) -> str:
@@ -150,6 +155,7 @@ class InversionCell:
             "id": self.id,
             "gradient": self.gradient.describe(),
             "variant": self.variant,
+            "budget": self.budget.to_dict(),
         }
 
     @classmethod
@@ -162,6 +168,7 @@ class InversionCell:
             generator=GeneratorSpec.model_validate(d["generator"]) if d["generator"] else None,
             seed=d["seed"],
             variant=d.get("variant", ""),
+            budget=BudgetRecord(**d.get("budget", {})),
         )
         _check_id(cell.id, d)
         return cell
@@ -187,6 +194,7 @@ class InversionCell:
             "config_id": cell_hash(configuration),
             "config": canonical_json(configuration),
             **budget_columns(self.config),
+            **self.budget.columns(total_iterations(self.config)),
             "method": self.method,
             "variant": self.variant,
             "preset": config["preset"],
@@ -235,13 +243,15 @@ def expand(spec: GridSpec) -> Plan:
     defended gradient shares one gradient cell (and so one stored gradient).
     """
     gradients = _unique(_gradient_cells(spec))
-    scale = spec.budgets.iterations_scale
+    b = spec.budgets
+    scale = b.iterations_scale if b.match is None else 1.0
     attacks = [(m.name, resolve_config(m, scale)) for m in spec.methods]
     labels = variant_labels(spec.methods, [config for _, config in attacks])
     inversions = _unique(
-        InversionCell(g, name, config, generator, seed, label)
+        InversionCell(g, name, matched, generator, seed, label, record)
         for g in gradients
         for (name, config), label in zip(attacks, labels, strict=True)
+        for matched, record in [budget.match(config, name, g, kind=b.match, value=b.value)]
         for generator in (spec.generator_axis if uses_generator(name) else (None,))
         for seed in spec.seeds
     )

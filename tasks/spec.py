@@ -286,6 +286,24 @@ assert set(_DEFENSE_FIELDS) == set(DEFENSE_KINDS), "spec and gi_core disagree on
 class BudgetSpec(_Model):
     # Multiplies every iteration count of every method (a `runlocal` shrink, e.g. 0.01).
     iterations_scale: float = Field(default=1.0, gt=0)
+    # Matched budgets (issue 16, tasks/budget.py): every method's stages are scaled, in
+    # proportion, to `value` victim gradient evaluations (iterations x restarts) or `value`
+    # attack seconds per cell priced from the committed cost table. None: each method's own
+    # iterations (times iterations_scale, which then does not apply to matched grids).
+    match: Literal["grad_evals", "seconds"] | None = None
+    value: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> BudgetSpec:
+        if (self.match is None) != (self.value is None):
+            raise ValueError(
+                "match and value go together, e.g. budgets: {match: grad_evals, value: 8000}"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), ("match", "value"))
 
 
 class SlurmSpec(_Model):
