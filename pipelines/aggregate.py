@@ -165,7 +165,12 @@ def _labels(configs: pd.DataFrame, keys: list[str]) -> list[str]:
     configuration where that still leaves two alike (ids never share a column)."""
     names = _short_names(keys)
     budget = _budget_texts(configs)
-    show_budget = budget is not None and budget.nunique(dropna=False) > 1
+    # shown when configurations spend different budgets (gradient evaluations, or matched
+    # values), not merely split equal ones differently between stages
+    spent = [c for c in ("budget_grad_evals", "budget_match_value") if c in configs.columns]
+    show_budget = budget is not None and any(
+        configs[c].nunique(dropna=False) > 1 for c in spent
+    )
     labels = pd.Series("", index=configs.index, dtype=object)
     for _, group in configs.groupby("method", sort=False):
         differ = [

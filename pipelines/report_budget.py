@@ -28,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 import torch  # noqa: E402
 
 from gi_core.metrics import psnr  # noqa: E402
@@ -144,6 +145,7 @@ def quality_vs_budget(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
     right.set_title("quality vs seconds" + ("" if has_snapshots else " (end points only)"))
     for ax in (left, right):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # log minor labels overlap
         ax.grid(alpha=0.3)
     right.legend(fontsize=6, loc="best")
     fig.tight_layout()

@@ -39,6 +39,7 @@ NOT_CONFIGURATION: dict[str, str] = {
     "execution": "how cells run (executor, Slurm), never what they compute",
     "storage": "what is stored beside the metrics (restart images, snapshots)",
     "tuning": "`gi-eval tune`'s held-out search, not the evaluation's cells",
+    "baseline": "which comparisons the report tests, not what any cell computes",
 }
 
 BASE: dict[str, Any] = {

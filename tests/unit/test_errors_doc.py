@@ -158,6 +158,12 @@ CASES = [
     Case("spec fields", "batch size 0", spec(batch_sizes=[0]), 2, "batch_sizes"),
     Case("spec fields", "budgets.iterations_scale 0", spec(budgets={"iterations_scale": 0}), 2,
          "iterations_scale"),
+    Case("spec fields", "budgets.match without a value", spec(budgets={"match": "grad_evals"}),
+         2, "match and value go together"),
+    Case("spec fields", "budgets.match of an unknown kind",
+         spec(budgets={"match": "flops", "value": 10}), 2, "budgets.match"),
+    Case("spec fields", "baseline that is none of the grid's methods", spec(baseline="gi-z"), 2,
+         "baseline"),
     # --- victim, generator, methods
     Case("victim / generator", "unknown victim architecture", nested("victim", arch="vgg"), 2,
          "victim"),
