@@ -14,6 +14,8 @@ groups) and the grid spec, so it works on a partial run and says how many cells 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import platform
 import shutil
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from gi_core.errors import ConfigError
 from pipelines import aggregate as ag
@@ -351,11 +354,17 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
     provenance_lines = [
         f"- {k}: {v}" for k, v in _provenance(run, run.metrics(), run.cells()).items()
     ]
+    stamp = page_stamp(run)
     paired = (reports / "paired.md").read_text() if (reports / "paired.md").is_file() else ""
     page = [
+        f"{PAGE_STAMP}{json.dumps(stamp, sort_keys=True)} -->",
         f"# Results: {run.root.name}",
         "",
         "*Written by `gi-eval report --publish` from the run directory; do not edit by hand.*",
+        "",
+        f"Grid `{stamp['grid']}`, spec sha256 `{stamp['spec_sha256'][:16]}…`; code commit of "
+        f"its cells: {', '.join(c[:12] for c in stamp['cells_commits']) or 'none'}. "
+        "tests/unit/test_results_pages.py fails when the grid file changes after this page.",
         "",
         "## How this was made",
         "",
@@ -389,6 +398,49 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
     ]
     target.write_text("\n".join(page))
     return target
+
+
+PAGE_STAMP = "<!-- gi-eval page: "
+
+
+def page_stamp(run: RunDir) -> dict[str, Any]:
+    """What a results page records so that it cannot go stale silently (issue 16): the grid's
+    name, the sha256 of its spec text (grid.yaml = the spec file as run), and the code commits
+    of the cells of that spec."""
+    text = run.spec_text()
+    current = spec_cells(run)
+    df = run.metrics(columns=["cell_id", "git_commit"])
+    commits = df[in_scope(df, current)]["git_commit"].dropna().unique()
+    return {
+        "grid": spec_from_yaml(text).name,
+        "spec_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "cells_commits": sorted(map(str, commits)),
+    }
+
+
+def page_problems(page: str, grids: Path) -> list[str]:
+    """Why a results page is stale: no stamp, no grid file of its name in `grids`, a grid file
+    whose text changed since the page was published, or cells without a code commit."""
+    first = page.splitlines()[0] if page else ""
+    if not first.startswith(PAGE_STAMP):
+        return ["no `gi-eval page` stamp (publish it with `gi-eval report --publish`)"]
+    stamp = json.loads(first.removeprefix(PAGE_STAMP).removesuffix(" -->"))
+    files = [f for f in sorted(grids.glob("*.yaml")) if _spec_name(f) == stamp["grid"]]
+    if not files:
+        return [f"no grid file named {stamp['grid']!r} in {grids}"]
+    problems = []
+    if hashlib.sha256(files[0].read_bytes()).hexdigest() != stamp["spec_sha256"]:
+        problems.append(f"{files[0].name} changed since this page was published: rerun and "
+                        "publish it again")
+    commits = stamp.get("cells_commits", [])
+    if not commits or "unknown" in commits:
+        problems.append(f"its cells' code commit is unknown ({commits}): rerun from a checkout")
+    return problems
+
+
+def _spec_name(path: Path) -> str | None:
+    data = yaml.safe_load(path.read_text())
+    return data.get("name") if isinstance(data, dict) else None
 
 
 def _leading_comment(text: str) -> list[str]:

@@ -550,7 +550,8 @@ def _baseline_problems(spec: GridSpec) -> list[str]:
     names = {m.name for m in spec.methods} | {m.label for m in spec.methods if m.label}
     if spec.baseline is None or spec.baseline in names:
         return []
-    return [f"baseline: {spec.baseline!r} is none of the grid's methods ({', '.join(sorted(names))})"]
+    known = ", ".join(sorted(names))
+    return [f"baseline: {spec.baseline!r} is none of the grid's methods or labels ({known})"]
 
 
 def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[Any]) -> list[str]:

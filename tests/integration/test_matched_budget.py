@@ -51,7 +51,7 @@ def test_matched_gradient_evaluations_grid_reports_budgets_and_curves(tmp_path: 
     figure = reports / "quality_vs_budget.png"
     pixels = np.asarray(Image.open(figure).convert("L"), dtype=float)
     assert pixels.std() > 10  # a drawn figure, not a blank canvas
-    assert "quality_vs_budget.png" in (reports / "report.html").read_text()
+    assert "Quality versus budget" in (reports / "report.html").read_text()
 
 
 def test_matched_seconds_are_priced_and_recorded(tmp_path: Path) -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pytest
 from pydantic import BaseModel
 
 from gi_core.attacks.registry import METHOD_NAMES, config_class, uses_generator
@@ -125,9 +124,15 @@ SPEC_VALUES: dict[str, Any] = {
     "generator.stylegan2.w_dim": 16,
     "generator.stylegan2.mapping_layers": 2,
     "generator.stylegan2.seed": 1,
-    "methods.name": lambda base, tmp: ({**base, "methods": ["gi-x"]}, {**base, "methods": ["gi-x+bn"]}),
+    "methods.name": lambda base, tmp: (
+        {**base, "methods": ["gi-x"]},
+        {**base, "methods": ["gi-x+bn"]},
+    ),
     "methods.preset": _method("gi-x", preset="tuned"),
-    "defenses.kind": lambda base, tmp: (base, {**base, "defenses": [{"kind": "noise", "sigma": 0.0}]}),
+    "defenses.kind": lambda base, tmp: (
+        base,
+        {**base, "defenses": [{"kind": "noise", "sigma": 0.0}]},
+    ),
     "defenses.p": lambda base, tmp: (
         {**base, "defenses": [{"kind": "sparsity", "p": 0.5}]},
         {**base, "defenses": [{"kind": "sparsity", "p": 0.9}]},
