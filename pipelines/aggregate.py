@@ -137,14 +137,21 @@ def _label_keys(columns: list[str]) -> list[str]:
 
 def _config_texts(df: pd.DataFrame) -> list[str]:
     """Each row's configuration JSON: its `config` column, else (old rows) its other columns."""
-    legacy_cols = sorted(c for c in df.columns if c not in _NOT_IDENTITY and not c.startswith(CFG))
-    legacy = [
-        json.dumps({c: _json_value(r[c]) for c in legacy_cols if c != COLUMN}, sort_keys=True)
-        for r in df[legacy_cols].to_dict("records")
-    ]
-    if "config" not in df.columns:
-        return legacy
-    return [c if isinstance(c, str) else lg for c, lg in zip(df["config"], legacy, strict=True)]
+    texts = (
+        df["config"].where(df["config"].map(lambda c: isinstance(c, str)), None)
+        if "config" in df.columns
+        else pd.Series(None, index=df.index, dtype=object)
+    )
+    missing = texts.isna()
+    if missing.any():
+        legacy_cols = sorted(
+            c for c in df.columns if c not in _NOT_IDENTITY and not c.startswith(CFG)
+        )
+        texts[missing] = [
+            json.dumps({c: _json_value(v) for c, v in r.items()}, sort_keys=True)
+            for r in df.loc[missing, legacy_cols].to_dict("records")
+        ]
+    return texts.tolist()
 
 
 def _json_value(v: Any) -> Any:
