@@ -225,11 +225,16 @@ def cancel(run_dir: Path) -> None:
 
 @app.command()
 @_errors
-def tables(run_dir: Path) -> None:
+def tables(
+    run_dir: Path,
+    include_all: bool = typer.Option(
+        False, "--all", help="also tabulate committed cells the current spec no longer has"
+    ),
+) -> None:
     """Write the run's report (reports/table.md, figures, report.html) and print Table 1."""
     from pipelines.commands import tables_text
 
-    typer.echo(tables_text(run_dir))
+    typer.echo(tables_text(run_dir, include_all=include_all))
 
 
 @app.command()
@@ -239,12 +244,15 @@ def report(
     publish: Path | None = typer.Option(
         None, help="also write a results page (markdown + its figures) here, e.g. docs/results/x.md"
     ),
+    include_all: bool = typer.Option(
+        False, "--all", help="also report committed cells the current spec no longer has"
+    ),
 ) -> None:
     """Write the run's tables, figures and self-contained report.html into RUN_DIR/reports/
     (works on a partial run: it says how many cells it covers)."""
     from pipelines.commands import report_text
 
-    typer.echo(report_text(run_dir, publish=publish))
+    typer.echo(report_text(run_dir, publish=publish, include_all=include_all))
 
 
 @app.command("convert-generator")

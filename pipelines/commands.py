@@ -190,6 +190,8 @@ def status_report(run_dir: Path) -> str:
     checkpoints = len(list((run.root / "checkpoints").glob("*.pt")))
     _, failed = job_cell_counts(run)
     unusable = scan(run).cells & {c.id for c in status.plan.inversion_cells}
+    # committed cells of configurations a rerun of a changed spec dropped (kept, not counted)
+    old = len(run.committed_cells() - {c.id for c in status.plan.inversion_cells})
     return "\n".join(
         [
             f"run {run.root} (grid {spec.name!r})",
@@ -203,6 +205,12 @@ def status_report(run_dir: Path) -> str:
             f"gradients stored: {len(status.gradients_stored)} of "
             f"{len(status.plan.gradient_cells)}",
             *_driver_lines(run),
+            *(
+                [f"not in the current spec: {old} committed cells of configurations grid.yaml "
+                 "no longer has (kept; left out of tables unless --all)"]
+                if old
+                else []
+            ),
         ]
     )
 
@@ -234,22 +242,26 @@ def cancel_run(run_dir: Path) -> str:
     )
 
 
-def tables_text(run_dir: Path) -> str:
-    from pipelines.report import markdown, summary, write_tables
+def tables_text(run_dir: Path, *, include_all: bool = False) -> str:
+    from pipelines.report import in_scope, markdown, spec_cells, summary, write_tables
 
     run = _require_run(run_dir)
     if not os.access(run.root, os.W_OK):
         # A finished run on read-only storage: read it without compacting or writing reports.
-        return markdown(summary(run.metrics())) + (
+        df = run.metrics()
+        df = df if include_all else df[in_scope(df, spec_cells(run))]
+        return markdown(summary(df)) + (
             f"\n{run.root} is read-only: nothing was written (no compaction, no reports/); "
             "the table above is read from its committed metrics"
         )
-    path = write_tables(run)
+    path = write_tables(run, include_all=include_all)
     figure = path.with_name("reconstructions.png")
     return path.read_text() + f"\nwritten: {path}, {path.with_suffix('.csv')} and {figure}"
 
 
-def report_text(run_dir: Path, *, publish: Path | None = None) -> str:
+def report_text(
+    run_dir: Path, *, publish: Path | None = None, include_all: bool = False
+) -> str:
     """`gi-eval report`: write reports/ (tables, figures, report.html); say what it covers;
     `publish`: also a results page for docs/ (pipelines.report.publish)."""
     from pipelines.report import publish as publish_page
@@ -261,7 +273,7 @@ def report_text(run_dir: Path, *, publish: Path | None = None) -> str:
             f"run_dir: {run.root} is read-only, so reports/ cannot be written; copy the run "
             "somewhere writable, or use `gi-eval tables` to print Table 1 without writing"
         )
-    report = write_report(run)
+    report = write_report(run, include_all=include_all)
     lines = [
         report.coverage.describe(),
         f"written: {len(report.files)} files in {run.reports_dir}",

@@ -14,6 +14,8 @@ groups) and the grid spec, so it works on a partial run and says how many cells 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import platform
 import shutil
@@ -23,9 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from gi_core.errors import ConfigError
 from pipelines import aggregate as ag
+from pipelines import report_budget as budgets
 from pipelines import report_figures as figs
 from pipelines import report_tables as tables
 from pipelines.report_html import Figure, Page, render
@@ -42,13 +46,16 @@ COMPACT_FROM_PARTS = 1000
 
 @dataclass(frozen=True)
 class Coverage:
-    """How much of the grid the report covers."""
+    """How much of the grid the report covers: counts are of the CURRENT spec's cells
+    (grid.yaml); committed cells of configurations no longer in it are counted apart."""
 
     planned: int | None  # None when the spec cannot be expanded here (e.g. missing files)
     committed: int
     ok: int
     diverged: int
     failed: int
+    not_in_spec: int = 0  # committed cells whose configuration the current spec no longer has
+    shown_all: bool = False  # --all: those cells are in the tables too
 
     @property
     def partial(self) -> bool:
@@ -56,11 +63,47 @@ class Coverage:
 
     def describe(self) -> str:
         of = "?" if self.planned is None else str(self.planned)
-        return (
+        text = (
             f"{self.committed} of {of} cells committed ({self.ok} ok, {self.diverged} diverged); "
             f"{self.failed} failed"
             + (" — partial run: statistics cover the committed cells only" if self.partial else "")
         )
+        if self.not_in_spec:
+            text += f"; {self.not_in_spec} committed cells not in the current spec " + (
+                "(included: --all)" if self.shown_all else "(left out; --all includes them)"
+            )
+        return text
+
+
+def spec_cells(run: RunDir) -> frozenset[str] | None:
+    """Ids of the inversion cells of the run's current spec (grid.yaml; a rerun of a changed
+    spec replaces it); None when the spec cannot be expanded here (e.g. missing files)."""
+    try:
+        return frozenset(c.id for c in expand(spec_from_yaml(run.spec_text())).inversion_cells)
+    except ConfigError:
+        return None
+
+
+def in_scope(frame: pd.DataFrame, current: frozenset[str] | None) -> pd.Series:
+    """Rows of cells in the current spec (every row when it cannot be expanded)."""
+    if current is None or "cell_id" not in frame.columns:
+        return pd.Series(True, index=frame.index)
+    return frame["cell_id"].isin(current)
+
+
+def not_in_spec_text(df: pd.DataFrame, current: frozenset[str] | None, *, shown: bool) -> str:
+    """A markdown list of the committed configurations no longer in the spec, with cell counts."""
+    outside = ~in_scope(df, current)
+    if not outside.any():
+        return ""
+    # labelled among all configurations, so that the label says how they differ
+    old = ag.identify(df)[outside.to_numpy()]
+    labels = old.groupby(ag.COLUMN)["cell_id"].nunique().sort_index()
+    what = "included in the tables above (--all)" if shown else (
+        "left out of the tables; `gi-eval tables --all` / `gi-eval report --all` include them"
+    )
+    lines = [f"- {label}: {n} cells" for label, n in labels.items()]
+    return "\n".join([f"Not in the current spec ({what}):", "", *lines, ""])
 
 
 @dataclass(frozen=True)
@@ -75,32 +118,51 @@ class Report:
         return self.table.read_text()
 
 
-def write_report(run: RunDir) -> Report:
-    """Write every table, figure and report.html of `run` into run.reports_dir."""
+def write_report(run: RunDir, *, include_all: bool = False) -> Report:
+    """Write every table, figure and report.html of `run` into run.reports_dir: the cells of
+    its current spec, plus (`include_all`) committed cells of configurations no longer in it."""
     run.compact(min_parts=COMPACT_FROM_PARTS)
     reports = run.reports_dir
     reports.mkdir(parents=True, exist_ok=True)
-    df, cells = run.metrics(), run.cells()
-    coverage = _coverage(run, cells)
+    current = spec_cells(run)
+    everything, all_cells = run.metrics(), run.cells()
+    old_note = not_in_spec_text(everything, current, shown=include_all)
+    coverage = _coverage(all_cells, current, include_all=include_all)
+    df = everything if include_all else everything[in_scope(everything, current)]
+    cells = all_cells if include_all else all_cells[in_scope(all_cells, current)]
+    df = ag.identify(df)
     caption = (
         f"Grid {run.root.name}: {coverage.describe()}. Mean [95 % bootstrap CI over batches × "
-        "seeds]; avg = batch mean, best = best image in the batch; bold = best per row."
+        f"seeds; none below n = {ag.MIN_N}]; avg = batch mean, best = best image in the batch; "
+        "bold = best, separated from the second best by their paired 95 % CI."
     )
     files: list[Path] = []
     table1 = pairs = None
     if not df.empty:
         t1 = tables.table1(df, cells)
-        files += tables.write_table1(t1, reports, caption=caption).values()
+        note = "\n".join(t for t in (budgets.budget_markdown(df), old_note) if t)
+        files += tables.write_table1(t1, reports, caption=caption, note=note).values()
         table1 = tables.styler(t1)
         pair_rows = ag.paired_table(df)
+        baseline = _baseline(run)
+        tested = ag.comparisons(df, baseline) if baseline else None
         files += tables.write_paired(
-            pair_rows, reports, caption="a − b on identical gradients and seeds"
+            pair_rows,
+            reports,
+            caption=(
+                f"Every configuration − the baseline {baseline!r} on identical gradients and "
+                "seeds: Wilcoxon signed-rank p, Holm-adjusted over this table, rank-biserial "
+                "effect size"
+                if baseline
+                else "Paired comparisons"
+            ),
+            tested=tested,
         ).values()
-        pairs = _paired_styler(pair_rows)
+        pairs = _paired_styler(tested) if tested is not None else None
         t1.numbers.to_csv(reports / "summary.csv", index=False)  # avg and best, every metric
         files.append(reports / "summary.csv")
     else:
-        (reports / "table.md").write_text(f"{caption}\n\n(no committed cells yet)\n")
+        (reports / "table.md").write_text(f"{caption}\n\n(no committed cells yet)\n\n{old_note}")
     cells.to_csv(reports / "cells.csv", index=False)
     figures, grids = _figures(run, df) if not df.empty else ([], [])
     files += [f.path for f in [*figures, *grids]]
@@ -121,9 +183,9 @@ def write_report(run: RunDir) -> Report:
     return Report(html=html, table=reports / "table.md", coverage=coverage, files=(*files, html))
 
 
-def write_tables(run: RunDir) -> Path:
+def write_tables(run: RunDir, *, include_all: bool = False) -> Path:
     """The whole report; returns reports/table.md (what `gi-eval run` prints)."""
-    return write_report(run).table
+    return write_report(run, include_all=include_all).table
 
 
 def summary(df: pd.DataFrame) -> tables.Table:
@@ -137,6 +199,13 @@ def markdown(table: tables.Table) -> str:
     return tables.to_markdown(table.text, table.bold)
 
 
+def _baseline(run: RunDir) -> str | None:
+    try:
+        return spec_from_yaml(run.spec_text()).baseline
+    except ConfigError:
+        return None
+
+
 def _paired_styler(pairs: pd.DataFrame) -> Any:
     text, bold = tables.paired_text(pairs)
     if text.empty:
@@ -145,18 +214,22 @@ def _paired_styler(pairs: pd.DataFrame) -> Any:
     return text.style.apply(lambda _: css, axis=None).hide(axis="index")
 
 
-def _coverage(run: RunDir, cells: pd.DataFrame) -> Coverage:
-    status = cells["status"] if "status" in cells.columns else pd.Series(dtype=str)
-    try:
-        planned: int | None = len(expand(spec_from_yaml(run.spec_text())).inversion_cells)
-    except ConfigError:
-        planned = None
+def _coverage(
+    cells: pd.DataFrame, current: frozenset[str] | None, *, include_all: bool
+) -> Coverage:
+    """N of M for the current spec; committed cells outside it counted apart."""
+    mine = cells[in_scope(cells, current)]
+    status = mine["status"] if "status" in mine.columns else pd.Series(dtype=str)
+    others = cells[~in_scope(cells, current)]
+    other_status = others["status"] if "status" in others.columns else pd.Series(dtype=str)
     return Coverage(
-        planned=planned,
+        planned=None if current is None else len(current),
         committed=int(status.isin(["ok", "diverged"]).sum()),
         ok=int((status == "ok").sum()),
         diverged=int((status == "diverged").sum()),
         failed=int((status == "failed").sum()),
+        not_in_spec=int(other_status.isin(["ok", "diverged"]).sum()),
+        shown_all=include_all,
     )
 
 
@@ -183,6 +256,13 @@ def _figures(run: RunDir, df: pd.DataFrame) -> tuple[list[Figure], list[Figure]]
             "fig4a.png",
             "PSNR, 95 % CI",
             lambda p: figs.fig4a(df, p),
+        ),
+        (
+            "Quality versus budget",
+            "quality_vs_budget.png",
+            "mean PSNR of every configuration at its stored snapshots and at its end, against "
+            "victim gradient evaluations and measured attack seconds (pipelines/report_budget.py)",
+            lambda p: budgets.quality_vs_budget(run, df, p),
         ),
         *[
             (
@@ -274,11 +354,17 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
     provenance_lines = [
         f"- {k}: {v}" for k, v in _provenance(run, run.metrics(), run.cells()).items()
     ]
+    stamp = page_stamp(run)
     paired = (reports / "paired.md").read_text() if (reports / "paired.md").is_file() else ""
     page = [
+        f"{PAGE_STAMP}{json.dumps(stamp, sort_keys=True)} -->",
         f"# Results: {run.root.name}",
         "",
         "*Written by `gi-eval report --publish` from the run directory; do not edit by hand.*",
+        "",
+        f"Grid `{stamp['grid']}`, spec sha256 `{stamp['spec_sha256'][:16]}…`; code commit of "
+        f"its cells: {', '.join(c[:12] for c in stamp['cells_commits']) or 'none'}. "
+        "tests/unit/test_results_pages.py fails when the grid file changes after this page.",
         "",
         "## How this was made",
         "",
@@ -312,6 +398,49 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
     ]
     target.write_text("\n".join(page))
     return target
+
+
+PAGE_STAMP = "<!-- gi-eval page: "
+
+
+def page_stamp(run: RunDir) -> dict[str, Any]:
+    """What a results page records so that it cannot go stale silently (issue 16): the grid's
+    name, the sha256 of its spec text (grid.yaml = the spec file as run), and the code commits
+    of the cells of that spec."""
+    text = run.spec_text()
+    current = spec_cells(run)
+    df = run.metrics(columns=["cell_id", "git_commit"])
+    commits = df[in_scope(df, current)]["git_commit"].dropna().unique()
+    return {
+        "grid": spec_from_yaml(text).name,
+        "spec_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "cells_commits": sorted(map(str, commits)),
+    }
+
+
+def page_problems(page: str, grids: Path) -> list[str]:
+    """Why a results page is stale: no stamp, no grid file of its name in `grids`, a grid file
+    whose text changed since the page was published, or cells without a code commit."""
+    first = page.splitlines()[0] if page else ""
+    if not first.startswith(PAGE_STAMP):
+        return ["no `gi-eval page` stamp (publish it with `gi-eval report --publish`)"]
+    stamp = json.loads(first.removeprefix(PAGE_STAMP).removesuffix(" -->"))
+    files = [f for f in sorted(grids.glob("*.yaml")) if _spec_name(f) == stamp["grid"]]
+    if not files:
+        return [f"no grid file named {stamp['grid']!r} in {grids}"]
+    problems = []
+    if hashlib.sha256(files[0].read_bytes()).hexdigest() != stamp["spec_sha256"]:
+        problems.append(f"{files[0].name} changed since this page was published: rerun and "
+                        "publish it again")
+    commits = stamp.get("cells_commits", [])
+    if not commits or "unknown" in commits:
+        problems.append(f"its cells' code commit is unknown ({commits}): rerun from a checkout")
+    return problems
+
+
+def _spec_name(path: Path) -> str | None:
+    data = yaml.safe_load(path.read_text())
+    return data.get("name") if isinstance(data, dict) else None
 
 
 def _leading_comment(text: str) -> list[str]:

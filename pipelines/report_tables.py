@@ -50,6 +50,7 @@ def table1(df: pd.DataFrame, cells: pd.DataFrame | None = None, *, seed: int = 0
     """Table 1 of the committed metrics `df`; `cells` (run.cells()) adds the failed counts."""
     if df.empty:
         return Table(pd.DataFrame(), pd.DataFrame(), pd.DataFrame())
+    df = ag.identify(df)
     by = ag.default_by(df)
     setting = [c for c in by if c not in ag.config_columns(df)]
     avg = ag.summary(df, by, seed=seed).assign(kind="avg")
@@ -99,6 +100,8 @@ def _cell(rows: pd.DataFrame, config: str, metric: str) -> str:
         return "–"
     d = DIGITS.get(metric, 3)
     r = rows.loc[config]
+    if int(r["n"]) < ag.MIN_N:
+        return f"{r['mean']:.{d}f} (no CI: n < {ag.MIN_N})"
     if not np.isfinite(r["ci_low"]):
         return f"{r['mean']:.{d}f}"
     return f"{r['mean']:.{d}f} [{r['ci_low']:.{d}f}, {r['ci_high']:.{d}f}]"
@@ -136,11 +139,14 @@ def to_markdown(text: pd.DataFrame, bold: pd.DataFrame | None = None, caption: s
     return (f"{caption}\n\n" if caption else "") + "\n".join(lines) + "\n"
 
 
-def write_table1(table: Table, reports: Path, *, caption: str) -> dict[str, Path]:
-    """table.md, table.tex (Styler LaTeX, booktabs rules, bold via \\bfseries), table.csv (the
-    numbers in long form, CI bounds as columns)."""
+def write_table1(
+    table: Table, reports: Path, *, caption: str, note: str = ""
+) -> dict[str, Path]:
+    """table.md (+ `note` below it), table.tex (Styler LaTeX, booktabs rules, bold via
+    \\bfseries), table.csv (the numbers in long form, CI bounds as columns)."""
     paths = {k: reports / f"table.{k}" for k in ("md", "tex", "csv")}
-    paths["md"].write_text(to_markdown(table.text, table.bold, caption))
+    md = to_markdown(table.text, table.bold, caption)
+    paths["md"].write_text(md + (f"\n{note}" if note else ""))
     paths["tex"].write_text(
         styler(table).to_latex(
             convert_css=True,
@@ -155,10 +161,13 @@ def write_table1(table: Table, reports: Path, *, caption: str) -> dict[str, Path
 
 
 def paired_text(pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Display strings of aggregate.paired_table rows, bold where p < 0.05."""
+    """Display strings of aggregate.comparisons (or paired_table) rows; bold where the
+    Holm-adjusted p (the raw p where there is none) is below 0.05. Rows below MIN_N units say
+    so instead of a CI and a p."""
     if pairs.empty:
         return pd.DataFrame(), pd.DataFrame()
-    setting = [c for c in ag.SETTING_AXES if c in pairs.columns]
+    setting = [c for c in pairs.columns if c in ag.SETTING_AXES or c in ag.EXTRA_SETTING_AXES]
+    p_column = "p_holm" if "p_holm" in pairs.columns else "p_wilcoxon"
     rows = []
     for r in pairs.to_dict("records"):
         d = DIGITS.get(r["metric"], 3)
@@ -170,28 +179,47 @@ def paired_text(pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
                 "mean diff [95 % CI]": (
                     f"{r['mean_diff']:+.{d}f} [{r['ci_low']:+.{d}f}, {r['ci_high']:+.{d}f}]"
                     if np.isfinite(r["ci_low"])
-                    else f"{r['mean_diff']:+.{d}f}"
+                    else f"{r['mean_diff']:+.{d}f}" + (f" ({r['note']})" if r.get("note") else "")
                 ),
-                "Wilcoxon p": "–" if not np.isfinite(r["p_wilcoxon"]) else f"{r['p_wilcoxon']:.3g}",
+                "Wilcoxon p": _p(r["p_wilcoxon"]),
+                **({"Holm p": _p(r["p_holm"])} if "p_holm" in r else {}),
+                "effect (rank-biserial)": _p(r.get("effect_size", float("nan")), "+.2f"),
                 "n": str(r["n"]),
                 "dropped": str(r["dropped"]),
             }
         )
     text = pd.DataFrame(rows)
     bold = pd.DataFrame(False, index=text.index, columns=text.columns)
-    bold["Wilcoxon p"] = pairs["p_wilcoxon"].lt(0.05).to_numpy()
+    bold["Holm p" if p_column == "p_holm" else "Wilcoxon p"] = pairs[p_column].lt(0.05).to_numpy()
     return text, bold
 
 
-def write_paired(pairs: pd.DataFrame, reports: Path, *, caption: str) -> dict[str, Path]:
-    text, bold = paired_text(pairs)
+def _p(value: float, spec: str = ".3g") -> str:
+    return "–" if not np.isfinite(value) else format(value, spec)
+
+
+def write_paired(
+    pairs: pd.DataFrame, reports: Path, *, caption: str, tested: pd.DataFrame | None = None
+) -> dict[str, Path]:
+    """paired.csv: every pair (uncorrected; for exploration only). paired.md/.tex: the spec's
+    comparisons of interest (`tested`, aggregate.comparisons), or a note that there are none."""
     paths = {k: reports / f"paired.{k}" for k in ("md", "tex", "csv")}
-    if text.empty:
+    pairs.to_csv(paths["csv"], index=False)
+    if tested is None:
         paths["md"].write_text(
-            f"{caption}\n\n(no two configurations attacked the same gradients)\n"
+            f"{caption}\n\nNo `baseline:` in the spec, so no comparison is tested. Every "
+            "pair's paired difference is in paired.csv (uncorrected for multiplicity: "
+            "exploration only).\n"
         )
         paths["tex"].write_text("")
-        pairs.to_csv(paths["csv"], index=False)
+        return paths
+    tested.to_csv(reports / "comparisons.csv", index=False)
+    text, bold = paired_text(tested)
+    if text.empty:
+        paths["md"].write_text(
+            f"{caption}\n\n(the baseline attacked no gradient another configuration did)\n"
+        )
+        paths["tex"].write_text("")
         return paths
     paths["md"].write_text(
         to_markdown(text.set_index("setting"), bold.drop(columns="setting"), caption)
@@ -202,5 +230,4 @@ def write_paired(pairs: pd.DataFrame, reports: Path, *, caption: str) -> dict[st
         .hide(axis="index")
         .to_latex(convert_css=True, hrules=True, caption=caption)
     )
-    pairs.to_csv(paths["csv"], index=False)
     return paths

@@ -61,6 +61,26 @@ _AXES = [
     ("batch_index", pa.int64()),
     ("seed", pa.int64()),
 ]
+# Issue 16, one block: the configuration's identity and the cell's budget.
+_IDENTITY_AND_BUDGET = [
+    # tasks.cells.InversionCell.configuration(): the whole id payload less what repeats differ
+    # in, as canonical JSON (flattened to cfg.<dotted key> columns by pipelines.aggregate), and
+    # its hash. Tables group by it, so two configurations never share a column.
+    ("config_id", pa.string()),
+    ("config", pa.string()),
+    # The budget (tasks.budget): iterations per stage as JSON {"z": 100, "w": 100}, their sum,
+    # restarts, victim gradient evaluations (iterations x restarts: one forward+backward of
+    # the victim per restart per iteration), the matched-budget request, if any, and the
+    # cost-table price in seconds of this attack (null where no cost-table entry applies).
+    ("budget_stage_iterations", pa.string()),
+    ("budget_iterations", pa.int64()),
+    ("budget_restarts", pa.int64()),
+    ("budget_grad_evals", pa.int64()),
+    ("budget_match", pa.string()),  # null | grad_evals | seconds
+    ("budget_match_value", pa.float64()),
+    ("budget_priced_seconds", pa.float64()),
+]
+IDENTITY_AND_BUDGET_COLUMNS = frozenset(name for name, _ in _IDENTITY_AND_BUDGET)
 
 
 def _param_columns() -> list[tuple[str, pa.DataType]]:
@@ -118,8 +138,10 @@ _PROVENANCE = [
     ("python_version", pa.string()),
     ("git_commit", pa.string()),
 ]
-SCHEMA = pa.schema(_AXES + _PARAMS + _PER_IMAGE + _PROVENANCE)
-ROW_COLUMNS: tuple[str, ...] = tuple(name for name, _ in _AXES + _PARAMS + _PER_IMAGE)
+SCHEMA = pa.schema(_AXES + _IDENTITY_AND_BUDGET + _PARAMS + _PER_IMAGE + _PROVENANCE)
+ROW_COLUMNS: tuple[str, ...] = tuple(
+    name for name, _ in _AXES + _IDENTITY_AND_BUDGET + _PARAMS + _PER_IMAGE
+)
 # The schema a reader sees: the file schema plus the partition column.
 DATASET_SCHEMA = SCHEMA.append(pa.field(PARTITION_KEY, pa.string()))
 
@@ -167,7 +189,9 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """A table with exactly SCHEMA (provenance filled in); StorageError names a bad column."""
     for i, row in enumerate(rows):
         # params and where-it-ran columns: null if absent
-        optional = PARAM_COLUMNS | JOB_COLUMNS | CONFIG_OPTIONAL
+        # (identity and budget too: rows written before issue 16 lack them; the pipeline
+        # always fills them, and pipelines.aggregate falls back to the named axes)
+        optional = PARAM_COLUMNS | JOB_COLUMNS | CONFIG_OPTIONAL | IDENTITY_AND_BUDGET_COLUMNS
         missing = sorted(set(ROW_COLUMNS) - set(row) - optional)
         extra = sorted(set(row) - set(ROW_COLUMNS))
         if missing or extra:

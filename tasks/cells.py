@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -23,6 +24,8 @@ from gi_core.attacks.registry import method_config, uses_generator
 from gi_core.datasets import batch_indices
 from gi_core.defenses import Defense
 from gi_core.errors import ConfigError
+from tasks import budget
+from tasks.budget import BudgetRecord, total_iterations
 from tasks.spec import (
     GeneratorSpec,
     GridSpec,
@@ -39,6 +42,11 @@ from tasks.spec import (
 # how gradients are computed): every id changes, so a resumed run recomputes everything.
 SCHEMA_VERSION = 2  # 2: tv_form/signed_grad/preset in configs, shuffle_seed in gradients
 ID_LENGTH = 16
+# What repeats of one configuration differ in (issue 16): the batch (its number and images) and
+# the attack seed. Everything else in a cell's id payload is its configuration.
+REPEAT_KEYS = frozenset({"batch_index", "indices", "seed"})
+# Bookkeeping keys of the id payload that carry no configuration (kind, schema, id links).
+_NOT_CONFIGURATION = frozenset({"kind", "schema", "gradient_id"})
 
 
 def cell_hash(payload: Mapping[str, Any]) -> str:
@@ -116,6 +124,9 @@ class InversionCell:
     # Table name of this configuration (spec `label`, else derived by `variant_labels`).
     # Not part of the id: renaming a configuration recomputes nothing.
     variant: str = ""
+    # The matched-budget request that set the config's iterations, and its price (rows only:
+    # the iterations themselves are in the config and so in the id).
+    budget: BudgetRecord = BudgetRecord()
 
     @property
     def gradient_id(self) -> str:
@@ -146,6 +157,7 @@ class InversionCell:
             "id": self.id,
             "gradient": self.gradient.describe(),
             "variant": self.variant,
+            "budget": self.budget.to_dict(),
         }
 
     @classmethod
@@ -158,17 +170,33 @@ class InversionCell:
             generator=GeneratorSpec.model_validate(d["generator"]) if d["generator"] else None,
             seed=d["seed"],
             variant=d.get("variant", ""),
+            budget=BudgetRecord(**d.get("budget", {})),
         )
         _check_id(cell.id, d)
         return cell
 
+    def configuration(self) -> dict[str, Any]:
+        """The cell's configuration, derived from its id payload (never a hand list): to_dict()
+        with the gradient cell's payload inlined and the full config (defaults included), less
+        what repeats differ in (REPEAT_KEYS). Two cells with different ids that are not repeats
+        therefore always have different configurations (issue 16, Deliver 1)."""
+        payload = {**self.to_dict(), "config": self.config_dict}
+        payload["gradient"] = _without(self.gradient.to_dict(), REPEAT_KEYS | _NOT_CONFIGURATION)
+        return _without(payload, REPEAT_KEYS | _NOT_CONFIGURATION)
+
     def metric_axes(self) -> dict[str, Any]:
-        """The configuration columns of this cell's metrics rows (see storage.metrics): every
-        field that tells two configurations apart, so that no table mixes them."""
+        """The configuration columns of this cell's metrics rows (see storage.metrics): the
+        full configuration as JSON (`config`, flattened to `cfg.<dotted key>` columns by
+        pipelines.aggregate.identify) and its hash (`config_id`), plus the named axes."""
         g, v, config = self.gradient, self.gradient.victim, self.config_dict
+        configuration = self.configuration()
         return {
             "cell_id": self.id,
             "gradient_id": g.id,
+            "config_id": cell_hash(configuration),
+            "config": canonical_json(configuration),
+            **budget_columns(self.config),
+            **self.budget.columns(total_iterations(self.config)),
             "method": self.method,
             "variant": self.variant,
             "preset": config["preset"],
@@ -217,7 +245,8 @@ def expand(spec: GridSpec) -> Plan:
     defended gradient shares one gradient cell (and so one stored gradient).
     """
     gradients = _unique(_gradient_cells(spec))
-    scale = spec.budgets.iterations_scale
+    b = spec.budgets
+    scale = b.iterations_scale if b.match is None else 1.0
     colour = data_colour(spec)  # threat-model knowledge: the same for every method
     attacks = [
         (m.name, mark_provenance(spec, m.name, resolve_config(m, scale, colour=colour)))
@@ -225,13 +254,42 @@ def expand(spec: GridSpec) -> Plan:
     ]
     labels = variant_labels(spec.methods, [config for _, config in attacks])
     inversions = _unique(
-        InversionCell(g, name, config, generator, seed, label)
+        InversionCell(g, name, matched, generator, seed, label, record)
         for g in gradients
         for (name, config), label in zip(attacks, labels, strict=True)
+        for matched, record in [budget.match(config, name, g, kind=b.match, value=b.value)]
         for generator in (spec.generator_axis if uses_generator(name) else (None,))
         for seed in spec.seeds
     )
     return Plan(gradients, inversions)
+
+
+def stage_iterations(config: BaseConfig) -> dict[str, int]:
+    """Iterations per stage, keyed by the config field that sets them ('iterations' for a
+    one-stage method, 'z_iterations' + 'w_iterations' for GIAS, ...)."""
+    return {
+        f.name: int(getattr(config, f.name))
+        for f in dataclasses.fields(config)
+        if _is_iteration_count(f.name)
+    }
+
+
+def budget_columns(config: BaseConfig) -> dict[str, Any]:
+    """The cell's budget as metrics columns (storage.metrics, identity-and-budget block).
+
+    Victim gradient evaluations are derived exactly, not counted: every iteration of every
+    stage evaluates the gradient-matching cost once per restart, i.e. one victim forward +
+    backward per restart (BN and TV terms need no further victim gradient). Pruning and plateau
+    stops (engine.OPTIONAL) end restarts early, so this is the budget allotted; the column
+    `iterations` holds the iterations run."""
+    stages = stage_iterations(config)
+    total = sum(stages.values())
+    return {
+        "budget_stage_iterations": json.dumps(stages),  # in stage order, not sorted
+        "budget_iterations": total,
+        "budget_restarts": int(config.restarts),
+        "budget_grad_evals": total * int(config.restarts),
+    }
 
 
 def param_value(value: Any) -> Any:
@@ -343,6 +401,10 @@ def _defense_dict(defense: Defense) -> dict[str, Any]:
     return {
         k: float(v) if k in ("p", "sigma", "clip") and v is not None else v for k, v in d.items()
     }
+
+
+def _without(d: Mapping[str, Any], keys: frozenset[str]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in keys}
 
 
 def _unique(cells: Any) -> list[Any]:

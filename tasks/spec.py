@@ -302,6 +302,24 @@ assert set(_DEFENSE_FIELDS) == set(DEFENSE_KINDS), "spec and gi_core disagree on
 class BudgetSpec(_Model):
     # Multiplies every iteration count of every method (a `runlocal` shrink, e.g. 0.01).
     iterations_scale: float = Field(default=1.0, gt=0)
+    # Matched budgets (issue 16, tasks/budget.py): every method's stages are scaled, in
+    # proportion, to `value` victim gradient evaluations (iterations x restarts) or `value`
+    # attack seconds per cell priced from the committed cost table. None: each method's own
+    # iterations (times iterations_scale, which then does not apply to matched grids).
+    match: Literal["grad_evals", "seconds"] | None = None
+    value: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> BudgetSpec:
+        if (self.match is None) != (self.value is None):
+            raise ValueError(
+                "match and value go together, e.g. budgets: {match: grad_evals, value: 8000}"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), ("match", "value"))
 
 
 _SBATCH_WORD = r"[\s#'\"]"
@@ -456,6 +474,11 @@ class GridSpec(_Model):
     execution: ExecutionSpec = ExecutionSpec()
     storage: StorageSpec = StorageSpec()
     tuning: TuningSpec = TuningSpec()
+    # The comparison of interest (issue 16): a method name (or a method entry's label). The
+    # report tests every other configuration against it in each setting (paired Wilcoxon on
+    # the same gradients and seeds, Holm-corrected, with effect sizes); all pairs go to the CSV
+    # only. Not part of any cell: changing it recomputes nothing.
+    baseline: str | None = None
 
     @property
     def victim_axis(self) -> tuple[VictimSpec, ...]:
@@ -495,6 +518,7 @@ def semantic_problems(spec: GridSpec) -> list[str]:
         *_axis_problems(spec),
         *_method_problems(spec),
         *_variant_problems(spec),
+        *_baseline_problems(spec),
         *_generator_problems(spec),
         *_checkpoint_problems(spec),
         *_data_problems(spec),
@@ -601,6 +625,14 @@ def _variant_problems(spec: GridSpec) -> list[str]:
                 "configuration; give each configuration its own label"
             )
     return problems
+
+
+def _baseline_problems(spec: GridSpec) -> list[str]:
+    names = {m.name for m in spec.methods} | {m.label for m in spec.methods if m.label}
+    if spec.baseline is None or spec.baseline in names:
+        return []
+    known = ", ".join(sorted(names))
+    return [f"baseline: {spec.baseline!r} is none of the grid's methods or labels ({known})"]
 
 
 def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[Any]) -> list[str]:

@@ -71,10 +71,11 @@ def test_summary_means_ci_n_and_best(metrics: pd.DataFrame) -> None:
     ).confidence_interval
     assert (x["ci_low"], x["ci_high"]) == pytest.approx((expected.low, expected.high))
     assert x["ci_low"] < 12.5 < x["ci_high"]
-    # best: higher PSNR wins, lower LPIPS wins, equal SSIM ties
+    # best: higher PSNR wins, lower LPIPS wins (each by a paired CI excluding 0); equal SSIM
+    # separates nothing, so neither is bold
     assert zw["best"] and not x["best"]
     assert _row(table, "gi-z/w", "lpips")["best"] and not _row(table, "gi-x", "lpips")["best"]
-    assert _row(table, "gi-x", "ssim")["best"] and _row(table, "gi-z/w", "ssim")["best"]
+    assert not _row(table, "gi-x", "ssim")["best"] and not _row(table, "gi-z/w", "ssim")["best"]
     ssim = _row(table, "gi-x", "ssim")
     assert (ssim["ci_low"], ssim["ci_high"]) == (0.5, 0.5)  # constant: a point interval
 
@@ -166,3 +167,57 @@ def test_setting_axes_split_only_what_varies_within_a_setting(metrics: pd.DataFr
     none = table[(table["defense"] == "none") & (table["method"] == "gi-x")]
     assert none["mean"].tolist() == pytest.approx([12.5])  # NaN keys still find their units
     assert len(table[table["defense"] == "dp"]) == 4  # 2 methods x 2 clips
+
+
+# --- issue 16: minimum n, comparisons of interest, Holm, bold only when separated ----------
+
+
+def test_below_min_n_there_is_no_ci_and_no_test_and_the_cell_says_why(
+    metrics: pd.DataFrame,
+) -> None:
+    few = metrics[metrics["gradient_id"].isin(["g0", "g1"])]  # 2 batches x 2 seeds = 4 units
+    row = _row(ag.summary(few, metrics=["psnr"]), "gi-x", "psnr")
+    assert row["n"] == 4 < ag.MIN_N
+    assert np.isnan(row["ci_low"]) and np.isnan(row["ci_high"]) and "n = 4 < 5" in row["note"]
+    r = ag.paired(few, "gi-z/w", "gi-x", metric="psnr")
+    assert r.mean_diff == 2.0 and np.isnan(r.p_wilcoxon) and np.isnan(r.ci_low)
+    assert "no CI or test" in r.note
+    # and no bold: "best" needs a paired CI, which needs MIN_N units
+    assert not ag.summary(few, metrics=["psnr"])["best"].any()
+
+
+def test_bold_needs_the_best_separated_from_the_second_by_its_paired_ci(
+    metrics: pd.DataFrame,
+) -> None:
+    rng = np.random.default_rng(0)
+    close = metrics[metrics["method"] == "gi-x"].assign(method="gi-x+bn")
+    # +/- 1 dB noise around the same values: gi-x+bn's mean may be higher, but not separated
+    close["psnr"] = close["psnr"] + np.repeat(rng.choice([-1.0, 1.0], len(close) // 2), 2)
+    table = ag.summary(pd.concat([metrics[metrics["method"] == "gi-x"], close]), metrics=["psnr"])
+    assert not table["best"].any()
+    assert ag.summary(metrics, metrics=["psnr"])["best"].sum() == 1  # +2 dB on every unit
+
+
+def test_holm_matches_its_definition() -> None:
+    p = [0.01, 0.04, 0.03, float("nan"), 0.005]
+    # sorted: 0.005*4, 0.01*3, 0.03*2, 0.04*1 -> 0.02, 0.03, 0.06, 0.06 (monotone)
+    assert ag.holm(p) == pytest.approx([0.03, 0.06, 0.06, float("nan"), 0.02], nan_ok=True)
+
+
+def test_comparisons_test_every_configuration_against_the_baseline_only(
+    metrics: pd.DataFrame,
+) -> None:
+    third = metrics[metrics["method"] == "gi-x"].assign(
+        method="gi-z", variant="gi-z", psnr=lambda d: d["psnr"] + 1
+    )
+    df = pd.concat([metrics, third], ignore_index=True)
+    tested = ag.comparisons(df, "gi-x", metrics=["psnr"])
+    assert sorted(tested["a"]) == ["gi-z", "gi-z/w"] and set(tested["b"]) == {"gi-x"}
+    raw = tested.set_index("a")["p_wilcoxon"]
+    assert tested.set_index("a")["p_holm"].to_dict() == pytest.approx(
+        dict(zip(raw.index, ag.holm(raw.to_numpy()), strict=True))
+    )
+    zw = tested.set_index("a").loc["gi-z/w"]
+    assert zw["mean_diff"] == 2.0 and zw["effect_size"] == 1.0  # wins on every unit
+    # all pairs (gi-z vs gi-z/w too) stay in paired_table, i.e. the CSV
+    assert len(ag.paired_table(df, metrics=["psnr"])) == 3

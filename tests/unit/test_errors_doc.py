@@ -172,6 +172,12 @@ CASES = [
     Case("spec fields", "tune: the evaluation attacks every sample at some batch size",
          tune_spec(data={**BASE["data"], "num_batches": 25}, batch_sizes=[1, 4]), 2,
          "tuning.batches: no 2 consecutive batches of 1"),
+    Case("spec fields", "budgets.match without a value", spec(budgets={"match": "grad_evals"}),
+         2, "match and value go together"),
+    Case("spec fields", "budgets.match of an unknown kind",
+         spec(budgets={"match": "flops", "value": 10}), 2, "budgets.match"),
+    Case("spec fields", "baseline that is none of the grid's methods", spec(baseline="gi-z"), 2,
+         "baseline"),
     # --- victim, generator, methods
     Case("victim / generator", "unknown victim architecture", nested("victim", arch="vgg"), 2,
          "victim"),
