@@ -247,9 +247,12 @@ def array_difference(name: str, stored: Any, recomputed: Any) -> str | None:
     same = a.tolist() == b.tolist() if a.dtype.kind in "OUS" else a.tobytes() == b.tobytes()
     if same:
         return None
-    if a.dtype.kind == "f":
+    if a.dtype.kind == "f":  # count by bits: NaN equals the same NaN, 0.0 differs from -0.0
+        bits = np.dtype(f"u{a.dtype.itemsize}")
+        raw_a, raw_b = (np.ascontiguousarray(x).view(bits) for x in (a, b))
+        count = int(np.sum(raw_a != raw_b))
         delta = np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)
-        return f"{name}: {int(np.sum(a != b))} value(s) differ (max |delta| {delta:.3g})"
+        return f"{name}: {count} value(s) differ (max |delta| {delta:.3g})"
     return f"{name}: {int(np.sum(a != b))} value(s) differ"
 
 
