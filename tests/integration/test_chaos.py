@@ -139,6 +139,10 @@ def _stored_gradients(out: Path) -> int:
     return len(storage.open_run(out).stored_gradients()) if (out / "grid.yaml").is_file() else 0
 
 
+def _checkpoints(out: Path) -> int:
+    return len(list((out / "checkpoints").glob("*.pt")))
+
+
 def _kill(pid: int, *, group: bool = False) -> bool:
     try:
         (os.killpg if group else os.kill)(pid, signal.SIGKILL)
@@ -189,10 +193,11 @@ def _assert_clean(figures: dict[str, Any]) -> None:
 
 def _interrupt(
     spec: Path, out: Path, log: Path, rng: random.Random, *, kills_wanted: int,
-    gradient_kills: int, gradients: int,
+    gradient_kills: int, gradients: int, mid_cell: bool = False,
 ) -> tuple[list[str], list[tuple[int, int, int]]]:
     """Start drivers and kill them (or one of their workers) `kills_wanted` times; then let the
-    last driver end. Returns the kinds of kill and (gradients, committed cells, checkpoints) at
+    last driver end. With `mid_cell`, a kill in the inversions waits until some cell has a
+    checkpoint. Returns the kinds of kill and (gradients, committed cells, checkpoints) at
     each one."""
     kills: list[str] = []
     at_kills: list[tuple[int, int, int]] = []  # (gradients, committed cells, checkpoints)
@@ -214,6 +219,7 @@ def _interrupt(
         inversions = len(kills) >= gradient_kills
         while driver.poll() is None and not (
             _workers(out) and (not inversions or _stored_gradients(out) == gradients)
+            and (not (inversions and mid_cell) or _checkpoints(out))
         ):
             time.sleep(0.3)
         if driver.poll() is not None:
@@ -229,7 +235,7 @@ def _interrupt(
             continue
         run = storage.open_run(out)
         at_kills.append((len(run.stored_gradients()), len(run.committed_cells()),
-                         len(list((out / "checkpoints").glob("*.pt")))))
+                         _checkpoints(out)))
     assert driver is not None
     driver.wait(timeout=DRIVER_TIMEOUT_S)  # after a worker kill the driver carries on
     return kills, at_kills
@@ -271,7 +277,7 @@ def test_batched_grid_with_a_generator_survives_kills_bit_for_bit(tmp_path: Path
     _finish(spec, tmp_path / "ref", log, "--executor", "inline")
     start, out = time.monotonic(), tmp_path / "run"
     kills, at_kills = _interrupt(spec, out, log, random.Random(20), kills_wanted=4,
-                                 gradient_kills=1, gradients=gradients)
+                                 gradient_kills=1, gradients=gradients, mid_cell=True)
     _finish(spec, out, log)
     run = storage.open_run(out)
     df = run.metrics().drop_duplicates("cell_id")
@@ -284,7 +290,9 @@ def test_batched_grid_with_a_generator_survives_kills_bit_for_bit(tmp_path: Path
     _report(tmp_path, "batched", figures)
     assert at_kills[0][0] < gradients  # the first kill landed in gradient generation
     assert "worker" in kills and "driver-group" in kills
-    assert figures["resumed_cells"] >= 1  # some cell was cut mid-way and resumed
+    assert all(c > 0 for _, _, c in at_kills[1:])  # the other kills cut a checkpointed cell
+    assert figures["resumed_cells"] >= 1  # ... and it resumed from its checkpoint
+    assert figures["later_attempts"] >= figures["resumed_cells"]  # provenance counts the kill
     _assert_clean(figures)
 
 
