@@ -109,6 +109,8 @@ def recompute(run_dir: Path, *, n: int, cells: Sequence[str], seed: int = 0) -> 
     report = RecomputeReport(checks, scratch_root)
     if report.identical:
         shutil.rmtree(scratch_root, ignore_errors=True)
+        with contextlib.suppress(OSError):  # another audit may still be using scratch/
+            scratch_root.parent.rmdir()
     return report
 
 
