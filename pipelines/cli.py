@@ -207,8 +207,25 @@ def verify(
     run_dir: Path,
     deep: bool = typer.Option(False, help="read every row and every zip, not only footers"),
     dry_run: bool = typer.Option(False, help="report only; move nothing"),
+    recompute: int = typer.Option(
+        0, "--recompute", help="recompute N committed cells (drawn with --seed) and compare "
+        "them bit for bit with the stored ones; exit 1 when any differs",
+    ),
+    cells: str = typer.Option("", "--cells", help="with --recompute: these cell ids (a,b,...)"),
+    seed: int = typer.Option(0, "--seed", help="with --recompute: which cells are drawn"),
 ) -> None:
-    """Check a run's stored cells; move unusable ones to quarantine/ (the next run redoes them)."""
+    """Check a run's stored cells; move unusable ones to quarantine/ (the next run redoes them).
+    With --recompute: recompute cells in a scratch area and compare them bit for bit."""
+    if recompute or cells:
+        from pipelines.recompute import EXIT_DIFFERENT
+        from pipelines.recompute import recompute as recompute_cells
+
+        named = [c.strip() for c in cells.split(",") if c.strip()]
+        report = recompute_cells(run_dir, n=recompute, cells=named, seed=seed)
+        typer.echo(report.describe())
+        if not report.identical:
+            raise typer.Exit(EXIT_DIFFERENT)
+        return
     from pipelines.commands import verify_run
 
     typer.echo(verify_run(run_dir, deep=deep, dry_run=dry_run))

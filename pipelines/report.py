@@ -315,6 +315,9 @@ def _provenance(run: RunDir, df: pd.DataFrame, cells: pd.DataFrame) -> dict[str,
     ):
         if column in df.columns and df[column].notna().any():
             out[label] = ", ".join(sorted(map(str, df[column].dropna().unique())))
+    schedule = schedule_sentence(df)
+    if schedule is not None:
+        out["schedule"] = schedule
     if "wall_seconds" in cells.columns and cells["wall_seconds"].notna().any():
         out["attack time (sum over cells)"] = f"{cells['wall_seconds'].sum():.1f} s"
     span = _commit_span(run)
@@ -327,6 +330,22 @@ def _provenance(run: RunDir, df: pd.DataFrame, cells: pd.DataFrame) -> dict[str,
         f"({os.cpu_count()} CPUs, {platform.machine()})"
     )
     return out
+
+
+def schedule_sentence(df: pd.DataFrame) -> str | None:
+    """How many cells were resumed or regrouped (issue 20), from the schedule provenance
+    columns; None when no row has them (a run from before they existed)."""
+    if "attempts" not in df.columns or df["attempts"].isna().all():
+        return None
+    per_cell = df.drop_duplicates("cell_id")
+    resumed = int(per_cell["resumed_from_iteration"].notna().sum())
+    retried = int((per_cell["attempts"] > 1).sum())
+    threads = ", ".join(str(int(t)) for t in sorted(per_cell["threads"].dropna().unique()))
+    return (
+        f"{resumed} of {len(per_cell)} cells resumed from a checkpoint and {retried} ran in a "
+        f"later attempt, i.e. regrouped into a new job (neither changes a result: "
+        f"docs/decisions/101); torch threads {threads or 'unknown'}"
+    )
 
 
 def _commit_span(run: RunDir) -> float | None:

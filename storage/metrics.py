@@ -129,8 +129,15 @@ _PER_IMAGE = [
     ("slurm_array_index", pa.int64()),
     ("host", pa.string()),
     ("device_name", pa.string()),  # GPU model (e.g. "NVIDIA H200") or "cpu"
+    # schedule provenance (#20): how the cell was run, which must never change its numbers
+    # (tasks.work._schedule_columns); null in rows written before these columns existed.
+    ("attempts", pa.int64()),  # this attempt's number (earlier ones that left a trace + 1)
+    ("resumed_from_iteration", pa.int64()),  # global iteration of the checkpoint; null: fresh
+    ("batch_group_size", pa.int64()),  # cells of its batch-key group run in the same unit
+    ("threads", pa.int64()),  # torch.get_num_threads() while it ran
 ]
 JOB_COLUMNS = frozenset({"slurm_job_id", "slurm_array_index", "host", "device_name"})
+SCHEDULE_COLUMNS = frozenset({"attempts", "resumed_from_iteration", "batch_group_size", "threads"})
 # Filled in by write_metrics_part, never by the caller.
 _PROVENANCE = [
     ("gi_eval_version", pa.string()),
@@ -191,7 +198,13 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
         # params and where-it-ran columns: null if absent
         # (identity and budget too: rows written before issue 16 lack them; the pipeline
         # always fills them, and pipelines.aggregate falls back to the named axes)
-        optional = PARAM_COLUMNS | JOB_COLUMNS | CONFIG_OPTIONAL | IDENTITY_AND_BUDGET_COLUMNS
+        optional = (
+            PARAM_COLUMNS
+            | JOB_COLUMNS
+            | CONFIG_OPTIONAL
+            | IDENTITY_AND_BUDGET_COLUMNS
+            | SCHEDULE_COLUMNS
+        )
         missing = sorted(set(ROW_COLUMNS) - set(row) - optional)
         extra = sorted(set(row) - set(ROW_COLUMNS))
         if missing or extra:

@@ -27,7 +27,10 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -223,3 +226,46 @@ def _ids(directory: Path) -> set[str]:
         return set()
     return {n[: -len(GROUP_SUFFIX)] for n in os.listdir(directory)
             if n.endswith(GROUP_SUFFIX) and not n.startswith(".")}
+
+
+# Reproducibility audit (issue 20, `gi-eval verify --recompute`): a recomputed cell against the
+# stored one, bit for bit. Kept apart from the scan/repair above.
+
+# Metric values of a cell's rows that a recompute must reproduce exactly. wall_seconds, where
+# it ran and the schedule provenance columns describe the run, not the result.
+RECOMPUTED_COLUMNS = (
+    "sample_index", "label", "label_accuracy", "psnr", "ssim", "lpips", "best_psnr_in_batch",
+    "best_ssim_in_batch", "best_lpips_in_batch", "final_cost", "status", "iterations",
+)  # fmt: skip
+
+
+def array_difference(name: str, stored: Any, recomputed: Any) -> str | None:
+    """None when the two arrays are equal bit for bit (NaN payloads included), else why not."""
+    a, b = np.asarray(stored), np.asarray(recomputed)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return f"{name}: shape/dtype {a.shape} {a.dtype} stored, {b.shape} {b.dtype} recomputed"
+    same = a.tolist() == b.tolist() if a.dtype.kind in "OUS" else a.tobytes() == b.tobytes()
+    if same:
+        return None
+    if a.dtype.kind == "f":  # count by bits: NaN equals the same NaN, 0.0 differs from -0.0
+        bits = np.dtype(f"u{a.dtype.itemsize}")
+        raw_a, raw_b = (np.ascontiguousarray(x).view(bits) for x in (a, b))
+        count = int(np.sum(raw_a != raw_b))
+        delta = np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64)), initial=0.0)
+        return f"{name}: {count} value(s) differ (max |delta| {delta:.3g})"
+    return f"{name}: {int(np.sum(a != b))} value(s) differ"
+
+
+def row_differences(stored: pd.DataFrame, recomputed: pd.DataFrame) -> list[str]:
+    """Each RECOMPUTED_COLUMNS column that is not bit-identical between two cells' rows
+    (compared in image order)."""
+    a = stored.sort_values("image_index").reset_index(drop=True)
+    b = recomputed.sort_values("image_index").reset_index(drop=True)
+    if len(a) != len(b):
+        return [f"rows: {len(a)} stored, {len(b)} recomputed"]
+    out = []
+    for column in RECOMPUTED_COLUMNS:
+        problem = array_difference(column, a[column].to_numpy(), b[column].to_numpy())
+        if problem is not None:
+            out.append(problem)
+    return out

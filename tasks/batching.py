@@ -1,4 +1,7 @@
-"""Which cells of a chunk are solved together, and how many fit in memory (issue 12).
+"""Which cells of a chunk form a group, and how many fit in memory (issue 12).
+
+A group's cells run one after another in one job unit (tasks.work.invert_group), never as one
+batched solve: grouping must not change a result (issue 20, docs/decisions/101).
 
 Cells join one batch when they share method, resolved config, generator, image size, batch size
 and victim architecture (victim seeds, data and defenses may differ: the engine takes

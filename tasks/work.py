@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from gi_core.attacks import InversionProblem, Progress, reconstruct
-from gi_core.attacks.batched import batchable, reconstruct_batch
-from gi_core.attacks.engine import choose_path
+from gi_core.attacks.batched import batchable
 from gi_core.datasets import dataset_info, load_images
 from gi_core.defenses import apply_defense
 from gi_core.errors import DegenerateInputError, ExecutionError
@@ -44,7 +43,7 @@ from gi_core.stylegan2 import StyleGAN2Generator, build_stylegan2
 from gi_core.victims import build_victim
 from storage.checkpoints import delete_checkpoint, load_checkpoint, save_checkpoint
 from storage.run import RunDir, open_run
-from storage.tables import record_failure, write_curve
+from storage.tables import FAILURES_DIR, record_failure, write_curve
 from storage.zarr_store import (
     StoredGradient,
     StoredReconstruction,
@@ -88,8 +87,8 @@ class Chunk:
     keep_restarts: bool = False
     threads: int | None = None  # torch threads of the job (None: leave the process default)
     snapshots: tuple[int, ...] = ()  # iterations at which to store images (storage.snapshots)
-    # Batched cells (issue 12): solve cells of one batch key together under a memory budget
-    # (None: from the device); see tasks.batching and execution.batch_cells in the spec.
+    # Cells of one batch key run as one unit, one after another (decision 101: a batched solve
+    # is not bit-identical to a cell's own); see tasks.batching and execution.batch_cells.
     batch_cells: bool = False
     memory_budget_gb: float | None = None
 
@@ -118,8 +117,8 @@ def run_chunk(chunk: Chunk, preemption: Preemption | None = None) -> int:
 
 
 def _units(run: RunDir, chunk: Chunk) -> list[list[dict[str, Any]]]:
-    """The chunk's cells as units of work: one cell each, or groups of inversion cells solved
-    as one batch (same batch key, sized under the memory budget; tasks.batching)."""
+    """The chunk's cells as units of work: one cell each, or groups of inversion cells of one
+    batch key (sized under the memory budget; tasks.batching) run one after another."""
     if chunk.kind != "inversions" or not chunk.batch_cells:
         return [[d] for d in chunk.cells]
     by_id = {d["id"]: d for d in chunk.cells}
@@ -272,12 +271,14 @@ def invert(
     preemption: Preemption,
     keep_restarts: bool,
     snapshots: Sequence[int] = (),
+    group_size: int = 1,
 ) -> int:
-    """Attack one stored gradient, resuming from a checkpoint; commit curve, then metrics last."""
+    """Attack one stored gradient, resuming from a checkpoint; commit curve, then metrics last.
+    `group_size` (cells of its unit) is provenance only: it never changes the numbers."""
     if run.is_committed(cell.id, cell.method):
         return 0
     start = time.perf_counter()
-    p = _prepare(run, cell, snapshots)
+    p = _prepare(run, cell, snapshots, group_size)
     result = reconstruct(
         cell.method,
         p.problem,
@@ -302,9 +303,12 @@ class _Prepared:
     checkpoint_path: Any
     state: dict[str, Any] | None
     trace: Trace
+    group_size: int = 1
 
 
-def _prepare(run: RunDir, cell: InversionCell, snapshots: Sequence[int]) -> _Prepared:
+def _prepare(
+    run: RunDir, cell: InversionCell, snapshots: Sequence[int], group_size: int = 1
+) -> _Prepared:
     dev = device()
     stored = read_gradient(run.gradient_path(cell.gradient_id))
     problem = _problem(stored, victim_for(cell.gradient), dev)
@@ -312,9 +316,11 @@ def _prepare(run: RunDir, cell: InversionCell, snapshots: Sequence[int]) -> _Pre
     problem = dataclasses.replace(problem, labels=labels)
     checkpoint_path = run.checkpoint_path(cell.id)
     state = load_checkpoint(checkpoint_path)
-    trace = Trace.resume(state, snapshots)
+    failed_before = (run.root / FAILURES_DIR / f"{cell.id}.json").is_file()
+    trace = Trace.resume(state, snapshots, failed_before=failed_before)
     return _Prepared(
-        cell, stored, problem, label_acc, generator_for(cell), checkpoint_path, state, trace
+        cell, stored, problem, label_acc, generator_for(cell), checkpoint_path, state, trace,
+        group_size,
     )
 
 
@@ -326,61 +332,15 @@ def invert_group(
     keep_restarts: bool,
     snapshots: Sequence[int] = (),
 ) -> int:
-    """Cells of one batch key (tasks.batching) solved as one batch where the engine's measured
-    policy says vectorising pays; cells with a checkpoint, or where it does not pay, run alone.
-    Each cell keeps its own checkpoint, and wall_seconds is the batch's time / its cells."""
-    todo = [c for c in cells if not run.is_committed(c.id, c.method)]
-    start = time.perf_counter()
-    prepared = [_prepare(run, c, snapshots) for c in todo]
-    fresh = [p for p in prepared if p.state is None]
-    together = len(fresh) > 1 and all(p.generator is fresh[0].generator for p in fresh)
-    restarts = fresh[0].cell.config.restarts if fresh else 1
-    problems = [p.problem for p in fresh]
-    if not together or choose_path(problems, restarts) != "vmap":
-        return sum(
-            invert(run, p.cell, preemption=preemption, keep_restarts=keep_restarts,
-                   snapshots=snapshots)
-            for p in prepared
-        )
-    alone = [p for p in prepared if p.state is not None]
-    # Only the last cell's callback lets a deferred preemption through, after every cell of
-    # the batch has saved its checkpoint at this iteration boundary.
-    gates = [_SeesPreemption(preemption)] * (len(fresh) - 1) + [preemption]
-    results = reconstruct_batch(
-        fresh[0].cell.method,
-        problems,
-        fresh[0].cell.config,
-        seeds=[p.cell.seed for p in fresh],
-        generator=fresh[0].generator,
-        progress=[
-            p.trace.around(_checkpointer(p.checkpoint_path, gate, p.trace))
-            for p, gate in zip(fresh, gates, strict=True)
-        ],
+    """Cells of one batch key (tasks.batching), one after another in this job: they share the
+    cached victim, generator and LPIPS network. Not one batched solve (gi_core.attacks.batched):
+    measured on CPU, a batched cell's bits depend on its group (decision 101), and a resume
+    regroups the cells that are left, so results would depend on grouping and interruptions."""
+    return sum(
+        invert(run, cell, preemption=preemption, keep_restarts=keep_restarts,
+               snapshots=snapshots, group_size=len(cells))
+        for cell in cells
     )
-    share = (time.perf_counter() - start) / len(fresh)
-    done = sum(
-        _commit_inversion(run, p, r, share, keep_restarts)
-        for p, r in zip(fresh, results, strict=True)
-    )
-    return done + sum(
-        invert(run, p.cell, preemption=preemption, keep_restarts=keep_restarts,
-               snapshots=snapshots)
-        for p in alone
-    )
-
-
-class _SeesPreemption:
-    """Sees a preemption request (to checkpoint) but leaves the safe point to another cell."""
-
-    def __init__(self, inner: Preemption) -> None:
-        self.inner = inner
-
-    @property
-    def requested(self) -> bool:
-        return self.inner.requested
-
-    def safe_point(self) -> None:
-        return None
 
 
 def _commit_inversion(
@@ -406,7 +366,9 @@ def _commit_inversion(
         iterations=iterations,
         stages=[trace.stage_of(int(i)) for i in iterations],
     )
-    run.commit_metrics(_rows(cell, stored, result, scores, wall, dev, label_acc))
+    run.commit_metrics(
+        _rows(cell, stored, result, scores, wall, dev, label_acc, _schedule_columns(p))
+    )
     delete_checkpoint(checkpoint_path)
     return 1
 
@@ -423,8 +385,7 @@ def generator_for(cell: InversionCell) -> Generator | None:
 
 @functools.lru_cache(maxsize=4)
 def _with_noise_seed(spec: GeneratorSpec, output_size: int, seed: int) -> Generator:
-    # One object per (prior, seed): cells of one seed share it, so invert_group can still
-    # batch them (it batches cells whose generator is the same object).
+    # One object per (prior, seed): cells of one seed share it (and its noise maps).
     gen = _generator(spec, output_size)
     assert isinstance(gen, StyleGAN2Generator)
     return gen.with_noise_seed(seed)
@@ -462,12 +423,23 @@ class Trace:
     snapshot_at: frozenset[int]
     stage_starts: dict[str, int]  # stage name -> first global iteration (0-based step index)
     snapshots: dict[int, torch.Tensor]  # iteration -> (R, B, C, H, W) in [0, 1], on the CPU
+    # Schedule provenance (issue 20): this attempt's number, counting earlier attempts that left
+    # a trace (a checkpoint, or a failure record); the global iteration the state resumes after.
+    attempts: int = 1
+    resumed_from: int | None = None
 
     @classmethod
-    def resume(cls, state: dict[str, Any] | None, snapshots: Sequence[int]) -> Trace:
+    def resume(
+        cls, state: dict[str, Any] | None, snapshots: Sequence[int], *, failed_before: bool = False
+    ) -> Trace:
         saved = state.pop(TRACE_KEY, {}) if state is not None else {}
-        return cls(frozenset(snapshots), dict(saved.get("stage_starts", {})),
-                   dict(saved.get("snapshots", {})))
+        starts = dict(saved.get("stage_starts", {}))
+        earlier = int(saved.get("attempts", 1)) if state is not None else int(failed_before)
+        resumed = None
+        if state is not None:
+            resumed = saved.get("iteration", _global_iteration(state, starts))
+        return cls(frozenset(snapshots), starts, dict(saved.get("snapshots", {})),
+                   attempts=earlier + 1, resumed_from=resumed)
 
     def around(self, inner: Callable[[Progress], None]) -> Callable[[Progress], None]:
         def on_progress(p: Progress) -> None:
@@ -478,8 +450,10 @@ class Trace:
 
         return on_progress
 
-    def saved(self) -> dict[str, Any]:
-        return {"stage_starts": dict(self.stage_starts), "snapshots": dict(self.snapshots)}
+    def saved(self, iteration: int) -> dict[str, Any]:
+        """What a checkpoint taken after global `iteration` keeps of the trace."""
+        return {"stage_starts": dict(self.stage_starts), "snapshots": dict(self.snapshots),
+                "attempts": self.attempts, "iteration": iteration}
 
     def stage_of(self, iteration: int) -> str:
         """The stage whose first step is the latest one at or before `iteration`."""
@@ -496,6 +470,14 @@ class Trace:
         }
 
 
+def _global_iteration(state: dict[str, Any], stage_starts: dict[str, int]) -> int:
+    """A checkpoint written before its trace kept the iteration: its stage's first global step
+    plus the step within that stage."""
+    starts = sorted(stage_starts.values())
+    stage = int(state.get("stage", 0))
+    return (starts[stage] if stage < len(starts) else 0) + int(state.get("iteration", 0))
+
+
 def _checkpointer(path: Any, preemption: Preemption, trace: Trace) -> Callable[[Progress], None]:
     """Save the attack state every CHECKPOINT_EVERY_S and when preemption is requested, then
     let the deferred preemption through (at an iteration boundary: the state is consistent)."""
@@ -504,7 +486,7 @@ def _checkpointer(path: Any, preemption: Preemption, trace: Trace) -> Callable[[
     def on_progress(p: Progress) -> None:
         due = time.monotonic() - last[0] >= CHECKPOINT_EVERY_S
         if (due or preemption.requested) and p.iteration < p.total:
-            save_checkpoint(path, {**p.export_state(), TRACE_KEY: trace.saved()})
+            save_checkpoint(path, {**p.export_state(), TRACE_KEY: trace.saved(p.iteration)})
             last[0] = time.monotonic()
         preemption.safe_point()
 
@@ -575,6 +557,7 @@ def _rows(
     wall: float,
     dev: torch.device,
     label_acc: float,
+    schedule: dict[str, Any],
 ) -> list[dict[str, Any]]:
     axes = {**cell.metric_axes(), **_config_columns(cell, stored)}
     cost = (
@@ -602,9 +585,21 @@ def _rows(
             "wall_seconds": wall,
             "device": str(dev),
             **_where(dev),
+            **schedule,
         }
         for i in range(len(stored.labels))
     ]
+
+
+def _schedule_columns(p: _Prepared) -> dict[str, Any]:
+    """How the cell was scheduled (issue 20; storage.metrics "schedule provenance"): none of it
+    may change the numbers, and `gi-eval verify --recompute` names it when a cell differs."""
+    return {
+        "attempts": p.trace.attempts,
+        "resumed_from_iteration": p.trace.resumed_from,
+        "batch_group_size": p.group_size,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _where(dev: torch.device) -> dict[str, Any]:

@@ -3,9 +3,13 @@
 Every variable of the engine has a row dimension; P problems with R restarts each become
 P × R rows (problem-major) with per-problem victim parameters, targets, labels, masks and BN
 targets (vmap over problems on the `vmap` path, one row at a time on the `loop` path), and
-stacked per-image generator copies for GI-z/w. Each problem's rows get exactly the updates they
-would get alone (Adam is elementwise), so per-cell results equal solving each cell alone within
-float tolerance (tests/unit/test_batching.py).
+stacked per-image generator copies for GI-z/w. Each problem's rows get the updates they would
+get alone (Adam is elementwise), but not bit for bit: measured on CPU, the vmapped kernels block
+over problems and round differently, and Adam amplifies that over a run (issue 20: up to 5.6 dB
+PSNR on one image). Per-cell results equal each cell alone within float tolerance after a few
+steps (tests/unit/test_batching.py); on the `loop` path they are bit-identical where the cell
+alone also takes the loop path. So the pipeline does not use this module to solve cells
+(docs/decisions/101): it is a library function for throughput experiments.
 
 How: each attack runs once with `run_stages` intercepted (its stages, problem, config and initial
 variables are captured, nothing is optimised), the captured calls are solved together by

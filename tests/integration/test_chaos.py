@@ -5,6 +5,11 @@ alternating SIGKILL of the driver's whole process group (driver, submitit contro
 their tasks) and SIGKILL of one worker (a task process; the driver lives on and Prefect's retry
 resubmits the missing cells). Then one uninterrupted `gi-eval run` finishes the grid.
 
+Batched (issue 20): the issue's grid shape in small (several cells per job, batch_cells, GI-z/w,
+noise and quantisation), killed once during gradient generation and three times mid-cell
+(driver group and worker); the resumed cells are regrouped into new jobs, and every cell must
+still be bit-identical to the uninterrupted run.
+
 Slurm: a small grid whose driver is `kill -9`ed while its jobs run (the jobs live on), then
 one job is `scancel`led and another gets USR2 (checkpoint + requeue) under the next driver.
 
@@ -54,6 +59,23 @@ LOCAL: dict[str, Any] = {
     "defenses": [{"kind": "none"}, {"kind": "sparsity", "p": 0.9}],
     "batch_sizes": [1],
     "execution": {"executor": "local", "cells_per_job": 2, "max_parallel": 2},
+}
+# Issue 20's grid shape, small: GI-x and GI-z/w x noise and quantisation x 2 batches = 8 cells
+# on 4 gradients, 4 cells per job in groups of one batch key (batch_cells). Cells take seconds
+# and checkpoint every second, so kills land mid-cell and the cells left are regrouped.
+BATCHED: dict[str, Any] = {
+    "name": "chaos-batched",
+    "data": {"dataset": "lfw-faces", "image_size": 32, "num_batches": 2},
+    "victim": {"arch": "convnet", "width": 4, "seed": 0},
+    "generator": {"kind": "dcgan32"},
+    "methods": [
+        {"name": "gi-x", "params": {"iterations": 300, "restarts": 1}},
+        {"name": "gi-z/w", "params": {"z_iterations": 20, "w_iterations": 20, "restarts": 1}},
+    ],
+    "defenses": [{"kind": "noise", "sigma": 0.01}, {"kind": "quantize", "bits": 4}],
+    "batch_sizes": [1],
+    "execution": {"executor": "local", "cells_per_job": 4, "max_parallel": 2,
+                  "batch_cells": True},
 }
 SLURM: dict[str, Any] = {
     **LOCAL,
@@ -117,6 +139,10 @@ def _stored_gradients(out: Path) -> int:
     return len(storage.open_run(out).stored_gradients()) if (out / "grid.yaml").is_file() else 0
 
 
+def _checkpoints(out: Path) -> int:
+    return len(list((out / "checkpoints").glob("*.pt")))
+
+
 def _kill(pid: int, *, group: bool = False) -> bool:
     try:
         (os.killpg if group else os.kill)(pid, signal.SIGKILL)
@@ -165,36 +191,35 @@ def _assert_clean(figures: dict[str, Any]) -> None:
         assert figures[k] == 0, (k, figures)
 
 
-@pytest.mark.slow
-def test_local_grid_survives_random_kills(tmp_path: Path) -> None:
-    spec = _write(tmp_path / "chaos.yaml", LOCAL)
-    plan = expand(load_spec(spec))
-    cells, gradients = {c.id for c in plan.inversion_cells}, len(plan.gradient_cells)
-    assert len(cells) >= 24
-    log = tmp_path / "drivers.log"
-    _finish(spec, tmp_path / "ref", log, "--executor", "inline")
-    start = time.monotonic()
-    out, rng = tmp_path / "run", random.Random(13)
+def _interrupt(
+    spec: Path, out: Path, log: Path, rng: random.Random, *, kills_wanted: int,
+    gradient_kills: int, gradients: int, mid_cell: bool = False,
+) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Start drivers and kill them (or one of their workers) `kills_wanted` times; then let the
+    last driver end. With `mid_cell`, a kill in the inversions waits until some cell has a
+    checkpoint. Returns the kinds of kill and (gradients, committed cells, checkpoints) at
+    each one."""
     kills: list[str] = []
     at_kills: list[tuple[int, int, int]] = []  # (gradients, committed cells, checkpoints)
     driver: subprocess.Popen[bytes] | None = None
     starts = 0
-    while len(kills) < 8:
+    while len(kills) < kills_wanted:
         if driver is None or driver.poll() is not None:
             starts += 1
             assert starts <= 40, f"40 drivers for {len(kills)} kills:\n{log.read_text()[-3000:]}"
             # A driver that ended on its own finished the grid: the test design, not the code
-            # under test, failed (too little work for 8 kills), so say so rather than loop.
+            # under test, failed (too little work for the kills), so say so rather than loop.
             assert driver is None or driver.returncode != 0, \
                 f"the grid finished after only {len(kills)} interruptions: give it more work"
             driver = _driver(spec, out, log)
-        # Kill while work is in flight: once a job runs, at a random moment. The first two
-        # kills may land in gradient generation; the rest wait for the inversions, so cells
-        # are cut mid-way and resume from their checkpoints (before this, all 8 kills landed
-        # in gradient generation: job start-up there outlasted the kill delay).
-        inversions = len(kills) >= 2
+        # Kill while work is in flight: once a job runs, at a random moment. The first
+        # `gradient_kills` kills may land in gradient generation; the rest wait for the
+        # inversions, so cells are cut mid-way and resume from their checkpoints (before this,
+        # all 8 kills landed in gradient generation: job start-up there outlasted the delay).
+        inversions = len(kills) >= gradient_kills
         while driver.poll() is None and not (
             _workers(out) and (not inversions or _stored_gradients(out) == gradients)
+            and (not (inversions and mid_cell) or _checkpoints(out))
         ):
             time.sleep(0.3)
         if driver.poll() is not None:
@@ -210,9 +235,24 @@ def test_local_grid_survives_random_kills(tmp_path: Path) -> None:
             continue
         run = storage.open_run(out)
         at_kills.append((len(run.stored_gradients()), len(run.committed_cells()),
-                         len(list((out / "checkpoints").glob("*.pt")))))
+                         _checkpoints(out)))
     assert driver is not None
     driver.wait(timeout=DRIVER_TIMEOUT_S)  # after a worker kill the driver carries on
+    return kills, at_kills
+
+
+@pytest.mark.slow
+def test_local_grid_survives_random_kills(tmp_path: Path) -> None:
+    spec = _write(tmp_path / "chaos.yaml", LOCAL)
+    plan = expand(load_spec(spec))
+    cells, gradients = {c.id for c in plan.inversion_cells}, len(plan.gradient_cells)
+    assert len(cells) >= 24
+    log = tmp_path / "drivers.log"
+    _finish(spec, tmp_path / "ref", log, "--executor", "inline")
+    start = time.monotonic()
+    out = tmp_path / "run"
+    kills, at_kills = _interrupt(spec, out, log, random.Random(13), kills_wanted=8,
+                                 gradient_kills=2, gradients=gradients)
     _finish(spec, out, log)
     figures = {"interruptions": len(kills), "driver_group_kills": kills.count("driver-group"),
                "worker_kills": kills.count("worker"),
@@ -222,6 +262,38 @@ def test_local_grid_survives_random_kills(tmp_path: Path) -> None:
     _report(tmp_path, "local", figures)
     assert figures["interruptions"] >= 8 and figures["worker_kills"] >= 1
     assert sum(g == gradients for g, _, _ in at_kills) >= 6  # most kills cut inversions
+    _assert_clean(figures)
+
+
+@pytest.mark.slow
+def test_batched_grid_with_a_generator_survives_kills_bit_for_bit(tmp_path: Path) -> None:
+    """Issue 20: the issue's grid shape (several cells per job, batch_cells, GI-z/w, noise and
+    quantisation) killed during gradient generation and mid-cell ends bit-identical to an
+    uninterrupted run, although the resumed cells are regrouped into new jobs."""
+    spec = _write(tmp_path / "chaos-batched.yaml", BATCHED)
+    plan = expand(load_spec(spec))
+    cells, gradients = {c.id for c in plan.inversion_cells}, len(plan.gradient_cells)
+    log = tmp_path / "drivers.log"
+    _finish(spec, tmp_path / "ref", log, "--executor", "inline")
+    start, out = time.monotonic(), tmp_path / "run"
+    kills, at_kills = _interrupt(spec, out, log, random.Random(20), kills_wanted=4,
+                                 gradient_kills=1, gradients=gradients, mid_cell=True)
+    _finish(spec, out, log)
+    run = storage.open_run(out)
+    df = run.metrics().drop_duplicates("cell_id")
+    figures = {"interruptions": len(kills), "kills": kills,
+               "gradients_cells_checkpoints_at_kills": at_kills,
+               "resumed_cells": int(df["resumed_from_iteration"].notna().sum()),
+               "later_attempts": int((df["attempts"] > 1).sum()),
+               **_compare(run, storage.open_run(tmp_path / "ref"), cells),
+               "wall_s": round(time.monotonic() - start, 1)}
+    _report(tmp_path, "batched", figures)
+    assert at_kills[0][0] < gradients  # the first kill landed in gradient generation
+    assert "worker" in kills and "driver-group" in kills
+    # the other kills waited for a checkpoint (a cell may commit in the moments before a kill)
+    assert any(c > 0 for _, _, c in at_kills[1:])
+    assert figures["resumed_cells"] >= 1  # a cell cut mid-way resumed from its checkpoint
+    assert figures["later_attempts"] >= figures["resumed_cells"]  # provenance counts the kill
     _assert_clean(figures)
 
 

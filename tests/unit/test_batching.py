@@ -143,3 +143,20 @@ def test_vmap_and_loop_paths_give_the_same_image_gradient_on_a_bn_victim() -> No
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_the_trace_counts_attempts_and_the_iteration_a_cell_resumed_from() -> None:
+    """Schedule provenance (issue 20): attempts that left a trace, and the resume point."""
+    from tasks.work import TRACE_KEY, Trace
+
+    fresh = Trace.resume(None, ())
+    assert (fresh.attempts, fresh.resumed_from) == (1, None)
+    assert Trace.resume(None, (), failed_before=True).attempts == 2  # a failure record
+    second = Trace.resume({"stage": 0, TRACE_KEY: {"attempts": 1, "iteration": 7}}, ())
+    assert (second.attempts, second.resumed_from) == (2, 7)
+    third = Trace.resume({"stage": 0, TRACE_KEY: second.saved(12)}, ())
+    assert (third.attempts, third.resumed_from) == (3, 12)
+    # a checkpoint from before the trace kept its iteration: stage start + step in the stage
+    old = Trace.resume({"stage": 1, "iteration": 3, TRACE_KEY: {"stage_starts": {"z": 0, "w": 5}}},
+                       ())
+    assert (old.attempts, old.resumed_from) == (2, 8)

@@ -323,7 +323,9 @@ def render(results: dict[str, tuple[int, str]]) -> str:
         "submitted; fix what the message names |",
         "| 3 | the machine is (read-only or full disk, a run another `gi-eval run` drives): "
         "fix the environment or choose another `--out` |",
-        "| 1 | anything else, including bugs: `gi-eval --debug ...` prints the traceback |",
+        "| 1 | anything else, including bugs: `gi-eval --debug ...` prints the traceback; also "
+        "`gi-eval verify --recompute` when a recomputed cell differs from the stored one (no "
+        "`error:` line: the output names the cell; docs/reproducibility.md) |",
         "",
         "Before `gi-eval run` submits anything it also checks that every checkpoint loads into "
         "its architecture, that the run directory is writable and that its filesystem has room "
