@@ -314,6 +314,8 @@ def _pil_to_chw(img: PIL.Image.Image, path: Path | str) -> Tensor:
         return _scaled_gray(np.asarray(img, dtype=np.float64), 65535.0, path)
     if mode == "I":  # 32-bit container: a 16-bit PNG, or a 16/32-bit unsigned TIFF
         bits = int(getattr(img, "tag_v2", {}).get(258, (16,))[0])
+        if bits > 16:  # Pillow reads uint32 samples as int32 (wrapped): tifffile reads them
+            return _tiff_to_chw(path, None)
         return _scaled_gray(np.asarray(img, dtype=np.float64), 2.0**bits - 1.0, path)
     if mode == "F":
         return _unit_float(np.asarray(img, dtype=np.float64), path)
@@ -365,7 +367,7 @@ def _unit_float(array: np.ndarray, path: Path | str) -> Tensor:
     return t.contiguous()
 
 
-def _tiff_to_chw(path: Path | str, pil_error: Exception) -> Tensor:
+def _tiff_to_chw(path: Path | str, pil_error: Exception | None) -> Tensor:
     """TIFFs Pillow cannot open (float RGB, float64, ...), read with tifffile."""
     try:
         import tifffile
@@ -374,8 +376,9 @@ def _tiff_to_chw(path: Path | str, pil_error: Exception) -> Tensor:
             page = tif.pages.first
             array, photometric = page.asarray(), page.photometric
     except (ImportError, OSError, ValueError, IndexError, KeyError) as e:
-        raise ConfigError(f"image {path} does not decode ({pil_error}; {e}); replace or delete "
-                          "the file") from e
+        why = f"{pil_error}; {e}" if pil_error else str(e)
+        raise ConfigError(f"image {path} does not decode ({why}); replace or delete the "
+                          "file") from e
     rgb = array.ndim == 3 and array.shape[-1] == 3 and photometric == tifffile.PHOTOMETRIC.RGB
     if not (array.ndim == 2 or rgb):
         kind = getattr(photometric, "name", photometric)
