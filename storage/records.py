@@ -78,16 +78,34 @@ def read_cancel_time(path: Path) -> float | None:
     """When `gi-eval cancel` asked to stop (jobs/CANCEL holds time.time()); a damaged marker
     counts from its modification time: the request was made, only its text is lost."""
     try:
-        text = path.read_bytes()
-        return float(text.decode())
+        text, mtime = path.read_bytes(), os.stat(path).st_mtime
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):
-        _damaged(path, "not a time stamp; using its modification time")
-        try:
-            return os.stat(path).st_mtime
-        except FileNotFoundError:
-            return None
+    stamp = _float(text)
+    # written atomically right after time.time(): a stamp far from the file's own time (a
+    # truncated "17648..." still parses as a number) is damage too
+    if stamp is None or abs(stamp - mtime) > _STAMP_SLACK_S:
+        _damaged(path, "not its time stamp; using its modification time")
+        return mtime
+    return stamp
+
+
+def cancel_marker_damaged(path: Path) -> bool:
+    try:
+        stamp, mtime = _float(path.read_bytes()), os.stat(path).st_mtime
+    except FileNotFoundError:
+        return False
+    return stamp is None or abs(stamp - mtime) > _STAMP_SLACK_S
+
+
+_STAMP_SLACK_S = 3600.0
+
+
+def _float(text: bytes) -> float | None:
+    try:
+        return float(text.decode())
+    except ValueError:  # UnicodeDecodeError included
+        return None
 
 
 def _damaged(path: Path, why: str) -> None:

@@ -183,10 +183,18 @@ def _cells_without_group(
             problem: str | None = "committed, but its reconstruction group is missing"
         else:
             problem = _zip_problem(run.reconstruction_path(cell), crc=deep)
-            problem = problem and f"reconstruction group {problem}"
+            problem = problem and f"reconstruction group {run.reconstruction_path(cell)} {problem}"
         if problem is not None:
             found.append(Finding(path, problem, (cell,), compact))
+            found += _damaged_group(run, cell)
     return found
+
+
+def _damaged_group(run: RunDir, cell: str) -> list[Finding]:
+    """The damaged group itself goes to quarantine too (its cell is recomputed anyway)."""
+    group = run.reconstruction_path(cell)
+    return [Finding(group, "damaged reconstruction group (its cell is recomputed)", (cell,))] \
+        if group.exists() else []
 
 
 def _zip_problem(path: Path, *, crc: bool = True) -> str | None:
@@ -331,7 +339,7 @@ def record_findings(run: RunDir) -> list[Finding]:
                 problem = records.json_problem(path, check)
                 found += [Finding(path, problem)] if problem else []
     cancel = run.root / "jobs" / "CANCEL"
-    if cancel.is_file() and records.read_cancel_time(cancel) != _float_of(cancel):
+    if cancel.is_file() and records.cancel_marker_damaged(cancel):
         found.append(Finding(cancel, "damaged cancel marker: rewritten with its modification "
                                      "time (the cancel request stands)"))
     for state in commits.scan_partitions(run.metrics_dir):
@@ -343,13 +351,6 @@ def record_findings(run: RunDir) -> list[Finding]:
                   if records.json_problem(m, records.is_manifest) is not None]
     found += _curve_findings(run) + _checkpoint_findings(run)
     return found
-
-
-def _float_of(path: Path) -> float | None:
-    try:
-        return float(path.read_bytes().decode())
-    except (OSError, ValueError):
-        return None
 
 
 def _curve_findings(run: RunDir) -> list[Finding]:
@@ -377,6 +378,7 @@ def _repair_one(run: RunDir, finding: Finding, folder: Path) -> None:
         _copy_aside(run, path, folder)
         if stamp is not None:
             write_bytes_atomic(path, str(stamp).encode())
+            os.utime(path, (stamp, stamp))  # the marker's time and its text agree again
         return
     is_manifest = path.name.startswith(commits.MANIFEST_PREFIX)
     _move(run, path, folder)
