@@ -327,7 +327,7 @@ def test_run_quarantines_every_damaged_file_and_completes(
     for kind, path in paths.items():
         if kind != "driver lock":  # rewritten by this very driver
             assert str(path.relative_to(run.root)) in moved, (kind, moved)
-    assert f"{run.gradient_path(GRAD1)}: gradient group" in out  # found before submission
+    assert f"{run.gradient_path(GRAD1)}: gradient group" in err  # found before submission
     assert run.committed_cells() == {X0, X1, B0, B1}
     df = run.metrics()
     assert len(df) == 4 and df["cell_id"].is_unique
