@@ -136,7 +136,7 @@ def _compact_partition(state: PartitionState, *, min_parts: int) -> CompactionRe
     # One dataset over all parts reads them on pyarrow's thread pool (10^4 small files).
     table = ds.dataset([str(state.parts[c]) for c in new], schema=SCHEMA,
                        format="parquet").to_table()
-    _check_cells(table, new)
+    _check_cells(table, new, state.directory)
     name = hashlib.sha256("\n".join(new).encode()).hexdigest()[:16]
     target = state.directory / f"{COMPACT_PREFIX}{name}{PARQUET_SUFFIX}"
     record = {"format": 1, "file": target.name, "rows": table.num_rows, "cells": new}
@@ -186,11 +186,13 @@ def cells_in_file(path: Path) -> frozenset[str] | None:
         return None
 
 
-def _check_cells(table: pa.Table, expected: list[str]) -> None:
+def _check_cells(table: pa.Table, expected: list[str], directory: Path) -> None:
     found = set(table.column("cell_id").to_pylist())
     if found != set(expected):
+        differ = sorted(found ^ set(expected))
         raise StorageError(
-            f"part files disagree with their names: {len(found ^ set(expected))} cell ids differ"
+            f"part files in {directory} disagree with their names: {len(differ)} cell ids "
+            f"differ (e.g. {differ[0]}): a part file holds another cell's rows"
         )
 
 
