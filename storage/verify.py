@@ -43,13 +43,21 @@ import pyarrow.parquet as pq
 from storage import commits, records
 from storage.atomic import is_temp_name, publishing, write_bytes_atomic
 from storage.checkpoints import checkpoint_problem
-from storage.metrics import PARQUET_SUFFIX, PART_PREFIX, SCHEMA, is_cell_id, part_filename
+from storage.metrics import (
+    PARQUET_SUFFIX,
+    PART_PREFIX,
+    SCHEMA,
+    cell_of_part,
+    is_cell_id,
+    part_filename,
+)
 from storage.run import GROUP_SUFFIX, RunDir
 
 QUARANTINE_DIR = "quarantine"
 REASONS_FILE = "reasons.json"
 _STRAY = ("stray file: not the committed file of any cell (a sync tool's copy?); it was never "
           "counted and nothing is recomputed")
+_GRADIENT = "gradient group"
 # Columns every metrics file of this project has had (later issues only add columns).
 _CORE_COLUMNS = ("cell_id", "image_index", "psnr", "status")
 
@@ -113,7 +121,7 @@ def scan(run: RunDir, *, deep: bool = False) -> VerifyReport:
 def _report(findings: list[Finding], parts: int, groups: int) -> VerifyReport:
     cells = frozenset(c for f in findings for c in f.cells)
     gradients = frozenset(f.path.name.removesuffix(GROUP_SUFFIX) for f in findings
-                          if f.path.parent.name == "gradients" and f.path.suffix == ".zip")
+                          if f.reason.startswith(_GRADIENT))
     return VerifyReport(tuple(findings), parts, groups, cells=cells, gradients=gradients)
 
 
@@ -272,7 +280,7 @@ def gradient_findings(run: RunDir, ids: Iterable[str], *, deep: bool) -> list[Fi
         path = run.gradient_path(gid)
         problem = _zip_problem(path, crc=deep)
         if problem is not None:
-            found.append(Finding(path, f"gradient group {problem}; `gi-eval run` regenerates it"))
+            found.append(Finding(path, f"{_GRADIENT} {problem}; `gi-eval run` regenerates it"))
     return found
 
 
@@ -303,15 +311,9 @@ def _strays_in_partition(state: commits.PartitionState) -> list[Path]:
         if name.startswith(commits.COMPACT_PREFIX) and manifest.exists() \
                 and records.json_problem(manifest, records.is_manifest) is None:
             continue  # published after this partition's listing
-        if cell_of_name(name) is None:
+        if cell_of_part(name) is None:
             strays.append(state.directory / name)
     return [p for p in strays if p.exists()]
-
-
-def cell_of_name(name: str) -> str | None:
-    cell = name.removeprefix(PART_PREFIX).removesuffix(PARQUET_SUFFIX)
-    ok = name.startswith(PART_PREFIX) and name.endswith(PARQUET_SUFFIX) and is_cell_id(cell)
-    return cell if ok else None
 
 
 def _strays_in(directory: Path, prefix: str, suffix: str) -> list[Path]:
@@ -357,7 +359,7 @@ def _curve_findings(run: RunDir) -> list[Finding]:
     found = []
     for path in sorted((run.root / "curves").glob(f"{PART_PREFIX}*{PARQUET_SUFFIX}")):
         problem = _parquet_problem(path, deep=False, columns=("cell_id", "cost"))
-        if problem is not None and cell_of_name(path.name) is not None:
+        if problem is not None and cell_of_part(path.name) is not None:
             found.append(Finding(path, f"loss curve: {problem}; the cell keeps its metrics"))
     return found
 

@@ -125,12 +125,16 @@ def test_a_sync_tools_copy_is_never_counted_and_is_quarantined_as_stray(
     base: Path, tmp_path: Path
 ) -> None:
     run = copy_run(base, tmp_path)
-    part = run.part_path("gi-x", X0)
-    copies = [part.with_name(f"part-{X0} (1).parquet"),
-              run.reconstruction_path(X0).with_name(f"{X0} (1).zarr.zip"),
-              part.with_name(f"part-{X0}.sync-conflict-20260101-000000-ABC.parquet")]
-    for copy in copies:
-        shutil.copy(part if copy.suffix == ".parquet" else run.reconstruction_path(X0), copy)
+    part, group, grad = run.part_path("gi-x", X0), run.reconstruction_path(X0), \
+        run.gradient_path(GRAD0)
+    sources = {part.with_name(f"part-{X0} (1).parquet"): part,
+               part.with_name(f"part-{X0}.sync-conflict-20260101-000000-ABC.parquet"): part,
+               group.with_name(f"{X0} (1).zarr.zip"): group,
+               grad.with_name(f"{GRAD0} (1).zarr.zip"): grad,
+               curve_path(run, X0).with_name(f"part-{X0} (1).parquet"): curve_path(run, X0)}
+    copies = list(sources)
+    for copy, source in sources.items():
+        shutil.copy(source, copy)
 
     assert len(run.metrics()) == 4 and run.committed_cells() == {X0, X1, B0, B1}  # 90df1cd: 5
     assert run.stored_gradients() == {GRAD0, GRAD1}
