@@ -24,15 +24,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import heapq
+import io
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    import PIL.Image
 
 from gi_core.errors import ConfigError
 
@@ -255,21 +260,143 @@ def _imagefolder_source(path: str) -> _Source:
 
 
 def decode_image_file(path: Path | str) -> Tensor:
-    """One image file -> (3, H, W) float32 in [0, 1]; ConfigError naming the file if it does not
-    decode. 16-bit images are scaled by 65535 (PIL's convert("RGB") would clip them to white);
-    palette, gray and alpha images become RGB; a GIF gives its first frame."""
+    """One image file -> (3, H, W) float32 in [0, 1], as an image viewer shows it; ConfigError
+    naming the file and what to do when it does not decode or its scale is not defined.
+
+    Unsigned integers are scaled by their full range (8-bit by 255, 16-bit by 65535: PIL's
+    convert("RGB") would clip 16-bit to white); float images must already lie in [0, 1] (a
+    float TIFF in 0..1 would otherwise become black); signed integers, float values outside
+    [0, 1], transparency and colour models other than gray/RGB/YCbCr/CMYK are refused, because
+    no scaling of theirs is the one a viewer shows. Palette, gray and bilevel images become
+    RGB; CMYK goes through its embedded ICC profile when it has one; a GIF gives its first
+    frame. Float and multi-channel TIFFs Pillow cannot open are read with tifffile."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
             img.load()  # full decode now: a truncated file fails here, not in a job
-            if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-                gray = np.asarray(img, dtype=np.float64) / 65535.0
-                t = torch.from_numpy(np.clip(gray, 0.0, 1.0)).float()
-                return t.unsqueeze(0).expand(3, -1, -1).contiguous()
-            return _hwc_uint8_to_chw(np.asarray(img.convert("RGB")))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            return _pil_to_chw(img, path)
+    except ConfigError:
+        raise
+    except UnidentifiedImageError as e:
+        if Path(path).suffix.lower() in (".tif", ".tiff"):
+            return _tiff_to_chw(path, e)
         raise ConfigError(f"image {path} does not decode ({e}); replace or delete the file") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ConfigError(f"image {path} does not decode ({e}); replace or delete the file") from e
+
+
+_SIGNED_TIFF, _FLOAT_TIFF = 2, 3  # TIFF tag 339 SampleFormat values
+_AS_RGB = frozenset({"1", "L", "P", "RGB", "RGBX", "YCbCr"})
+_WITH_ALPHA = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+_UINT16 = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _pil_to_chw(img: PIL.Image.Image, path: Path | str) -> Tensor:
+    """A decoded PIL image -> (3, H, W) float32 in [0, 1] (see decode_image_file)."""
+    mode = img.mode
+    formats = _tiff_sample_formats(img)
+    if _SIGNED_TIFF in formats:
+        raise _refuse(path, "holds signed integers, whose scale a viewer would have to guess")
+    if mode == "P" and "transparency" in img.info:
+        mode, img = "RGBA", img.convert("RGBA")
+    if mode in _AS_RGB:
+        return _hwc_uint8_to_chw(np.asarray(img.convert("RGB")))
+    if mode in _WITH_ALPHA:
+        rgba = np.asarray(img.convert("RGBA"))
+        if rgba[..., 3].min() < 255:
+            raise _refuse(path, "is partly transparent: the colour under its transparent "
+                                "pixels is undefined; flatten it onto a background")
+        return _hwc_uint8_to_chw(rgba)
+    if mode == "CMYK":
+        return _hwc_uint8_to_chw(np.asarray(_cmyk_to_rgb(img)))
+    if mode in _UINT16:
+        return _scaled_gray(np.asarray(img, dtype=np.float64), 65535.0, path)
+    if mode == "I":  # 32-bit container: a 16-bit PNG, or a 16/32-bit unsigned TIFF
+        bits = int(getattr(img, "tag_v2", {}).get(258, (16,))[0])
+        if bits > 16:  # Pillow reads uint32 samples as int32 (wrapped): tifffile reads them
+            return _tiff_to_chw(path, None)
+        return _scaled_gray(np.asarray(img, dtype=np.float64), 2.0**bits - 1.0, path)
+    if mode == "F":
+        return _unit_float(np.asarray(img, dtype=np.float64), path)
+    raise _refuse(path, f"uses the colour model {mode!r}, which has no defined RGB view here")
+
+
+def _tiff_sample_formats(img: PIL.Image.Image) -> set[int]:
+    tags = getattr(img, "tag_v2", None)
+    value = tags.get(339) if tags is not None else None
+    if value is None:
+        return set()
+    return {int(v) for v in (value if isinstance(value, tuple) else (value,))}
+
+
+def _cmyk_to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
+    """Through the image's own ICC profile when it has one (as colour-managed viewers do)."""
+    from PIL import ImageCms
+
+    icc = img.info.get("icc_profile")
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            converted = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"),
+                                                  outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            converted = None  # a broken profile: fall back to the plain conversion below
+        if converted is not None:
+            return converted
+    return img.convert("RGB")
+
+
+def _scaled_gray(gray: np.ndarray, full: float, path: Path | str) -> Tensor:
+    if gray.size and (gray.min() < 0 or gray.max() > full):
+        raise _refuse(path, f"has values {gray.min():g}..{gray.max():g} outside its 0..{full:g} "
+                            "range")
+    t = torch.from_numpy(gray / full).float()
+    return t.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+def _unit_float(array: np.ndarray, path: Path | str) -> Tensor:
+    """(H, W) or (H, W, 3) floats that must lie in [0, 1] -> (3, H, W)."""
+    if not np.isfinite(array).all():
+        raise _refuse(path, "is a float image with NaN or infinite values")
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        raise _refuse(path, f"is a float image with values {array.min():g}..{array.max():g}; "
+                            "only float images in 0..1 have a defined view")
+    t = torch.from_numpy(array).float()
+    t = t.unsqueeze(0).expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)
+    return t.contiguous()
+
+
+def _tiff_to_chw(path: Path | str, pil_error: Exception | None) -> Tensor:
+    """TIFFs Pillow cannot open (float RGB, float64, ...), read with tifffile."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            array, photometric = page.asarray(), page.photometric
+    except (ImportError, OSError, ValueError, IndexError, KeyError) as e:
+        why = f"{pil_error}; {e}" if pil_error else str(e)
+        raise ConfigError(f"image {path} does not decode ({why}); replace or delete the "
+                          "file") from e
+    rgb = array.ndim == 3 and array.shape[-1] == 3 and photometric == tifffile.PHOTOMETRIC.RGB
+    if not (array.ndim == 2 or rgb):
+        kind = getattr(photometric, "name", photometric)
+        raise _refuse(path, f"is a TIFF of shape {array.shape} ({kind}); only gray or RGB "
+                            "TIFFs are read")
+    if array.dtype.kind == "f":
+        return _unit_float(array.astype(np.float64), path)
+    if array.dtype.kind == "u":
+        full = float(np.iinfo(array.dtype).max)
+        t = torch.from_numpy(array.astype(np.float64) / full).float()
+        return (t.unsqueeze(0).expand(3, -1, -1) if t.dim() == 2 else t.permute(2, 0, 1)) \
+            .contiguous()
+    raise _refuse(path, f"holds {array.dtype} samples, whose scale a viewer would have to guess")
+
+
+def _refuse(path: Path | str, why: str) -> ConfigError:
+    return ConfigError(f"image {path} {why}; convert it to an 8- or 16-bit RGB or gray PNG "
+                       "(or remove it from the folder)")
 
 
 # --------------------------------------------------------------------------------------------

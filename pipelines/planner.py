@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from gi_core.errors import ConfigError
-from storage.run import RunDir, create_run, open_run, update_spec
+from storage.run import RunDir, create_run, open_run, replace_damaged_spec, update_spec
 from tasks.cells import GradientCell, InversionCell, Plan, expand
 from tasks.spec import GridSpec, read_spec_text, spec_from_yaml
 from tasks.work import Chunk
@@ -63,6 +63,7 @@ def prepare_run(spec: GridSpec, text: str, out: Path | str | None) -> RunDir:
     """Create the run directory (or reopen it: the frozen grid.yaml must describe this grid)."""
     path = run_dir_for(spec, out)
     if (path / "grid.yaml").is_file():
+        replace_damaged_spec(open_run(path), text)  # a damaged frozen spec is rebuilt from this
         frozen = spec_from_yaml((path / "grid.yaml").read_text())
         if frozen.name != spec.name:
             raise ConfigError(

@@ -20,6 +20,9 @@ from storage.atomic import environment_problem, publishing
 # torch.save reports a full disk as RuntimeError("... unexpected pos ..."), without errno: below
 # this much free space after such a failure we call it what it is.
 _NEARLY_FULL_BYTES = 64 * 1024 * 1024
+# What torch.load raises on a truncated, overwritten or foreign file.
+_LOAD_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, KeyError,
+                IndexError, TypeError, AttributeError)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -40,12 +43,23 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+    except FileNotFoundError:
+        return None  # deleted by the cell's commit, or quarantined, since the check above
+    except _LOAD_ERRORS as e:
         # Atomic writes rule out torn files, so this is a foreign or corrupt file: say which.
         raise StorageError(f"unreadable checkpoint {path}: {e}") from e
     if not isinstance(state, dict):
         raise StorageError(f"checkpoint {path} holds a {type(state).__name__}, not a dict")
     return state
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint at `path` cannot resume its cell (None: it loads, or is gone)."""
+    try:
+        load_checkpoint(path)
+    except StorageError as e:
+        return f"damaged checkpoint ({' '.join(str(e).split())[:200]}); the cell restarts"
+    return None
 
 
 def delete_checkpoint(path: Path) -> None:

@@ -33,6 +33,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from gi_core.errors import StorageError
+from storage import records
 from storage.atomic import publishing, write_bytes_atomic
 from storage.metrics import PARQUET_SUFFIX, SCHEMA, cell_of_part, method_of_dirname
 
@@ -51,6 +52,9 @@ class PartitionState:
     parts: dict[str, Path]  # cell id -> part file
     compacted: dict[Path, frozenset[str]]  # compact file -> cell ids (complete compactions)
     orphan_manifests: tuple[Path, ...] = ()
+    # damaged manifests whose cells were read back from their compact file (verify rewrites
+    # them); a damaged manifest whose compact file is unreadable too counts as an orphan
+    damaged_manifests: tuple[Path, ...] = ()
 
     @property
     def compacted_cells(self) -> set[str]:
@@ -94,8 +98,8 @@ def scan_partition(directory: Path, method: str) -> PartitionState:
     first = os.listdir(directory)
     second = os.listdir(directory)
     parts = {c: directory / n for n in first if (c := cell_of_part(n)) is not None}
-    compacted, orphans = _compactions(directory, set(second))
-    return PartitionState(method, directory, parts, compacted, tuple(orphans))
+    compacted, orphans, damaged = _compactions(directory, set(second))
+    return PartitionState(method, directory, parts, compacted, tuple(orphans), tuple(damaged))
 
 
 def committed_cells(metrics_dir: Path) -> set[str]:
@@ -132,7 +136,7 @@ def _compact_partition(state: PartitionState, *, min_parts: int) -> CompactionRe
     # One dataset over all parts reads them on pyarrow's thread pool (10^4 small files).
     table = ds.dataset([str(state.parts[c]) for c in new], schema=SCHEMA,
                        format="parquet").to_table()
-    _check_cells(table, new)
+    _check_cells(table, new, state.directory)
     name = hashlib.sha256("\n".join(new).encode()).hexdigest()[:16]
     target = state.directory / f"{COMPACT_PREFIX}{name}{PARQUET_SUFFIX}"
     record = {"format": 1, "file": target.name, "rows": table.num_rows, "cells": new}
@@ -145,34 +149,50 @@ def _compact_partition(state: PartitionState, *, min_parts: int) -> CompactionRe
     return CompactionReport(len(new), table.num_rows, [target], len(stale))
 
 
-def _compactions(directory: Path, names: set[str]) -> tuple[dict[Path, frozenset[str]], list[Path]]:
+def _compactions(
+    directory: Path, names: set[str]
+) -> tuple[dict[Path, frozenset[str]], list[Path], list[Path]]:
     compacted: dict[Path, frozenset[str]] = {}
-    orphans = []
+    orphans, damaged = [], []
     for name in sorted(names):
         if not (name.startswith(MANIFEST_PREFIX) and name.endswith(MANIFEST_SUFFIX)):
             continue
         key = name[len(MANIFEST_PREFIX):-len(MANIFEST_SUFFIX)]
         data = f"{COMPACT_PREFIX}{key}{PARQUET_SUFFIX}"
-        if data in names:
-            compacted[directory / data] = _manifest_cells(directory / name)
-        else:
+        cells = _manifest_cells(directory / name) if data in names else None
+        if cells is None and data in names:
+            # Manifests are published atomically, so this is real damage: the compact file
+            # itself still says which cells it holds.
+            cells = cells_in_file(directory / data)
+            if cells is not None:
+                damaged.append(directory / name)
+        if cells is None:
             orphans.append(directory / name)
-    return compacted, orphans
+        else:
+            compacted[directory / data] = cells
+    return compacted, orphans, damaged
 
 
-def _manifest_cells(path: Path) -> frozenset[str]:
+def _manifest_cells(path: Path) -> frozenset[str] | None:
+    record = records.read_json(path, records.is_manifest)
+    return None if record is None else frozenset(record["cells"])
+
+
+def cells_in_file(path: Path) -> frozenset[str] | None:
+    """The cell ids in a metrics file (its cell_id column); None if it cannot be read."""
     try:
-        return frozenset(json.loads(path.read_text())["cells"])
-    except (OSError, ValueError, KeyError) as e:
-        # Manifests are published atomically, so this is real corruption: stop, don't guess.
-        raise StorageError(f"unreadable compaction manifest {path}: {e}") from e
+        return frozenset(pq.read_table(path, columns=["cell_id"]).column(0).to_pylist())
+    except (pa.ArrowException, OSError, KeyError, ValueError):
+        return None
 
 
-def _check_cells(table: pa.Table, expected: list[str]) -> None:
+def _check_cells(table: pa.Table, expected: list[str], directory: Path) -> None:
     found = set(table.column("cell_id").to_pylist())
     if found != set(expected):
+        differ = sorted(found ^ set(expected))
         raise StorageError(
-            f"part files disagree with their names: {len(found ^ set(expected))} cell ids differ"
+            f"part files in {directory} disagree with their names: {len(differ)} cell ids "
+            f"differ (e.g. {differ[0]}): a part file holds another cell's rows"
         )
 
 

@@ -132,9 +132,11 @@ def read_holder(path: Path) -> Holder | None:
         data = json.loads(path.read_text() or "null")
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict):
+    # A damaged file (garbage, wrong-shaped JSON) names no holder; the next driver rewrites it.
+    if not isinstance(data, dict) or not isinstance(data.get("pid"), int):
         return None
-    return Holder(str(data.get("host")), int(data.get("pid", -1)), data.get("process"),
+    process = data.get("process")
+    return Holder(str(data.get("host")), data["pid"], process if isinstance(process, str) else None,
                   str(data.get("since")))
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib.metadata
 import platform
+import re
 import subprocess
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -166,14 +167,26 @@ def method_of_dirname(dirname: str) -> str | None:
     return urllib.parse.unquote(value) if sep and key == PARTITION_KEY and value else None
 
 
+# What a cell id may look like (tasks.cells: 16 hex digits; tests use short names). Anything
+# else in a committed file's place ("part-<id> (1).parquet" of a sync tool, "<id>.sync-conflict-
+# ...", an editor's backup) is a stray copy: never counted, reported by `gi-eval verify`.
+CELL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def is_cell_id(text: str) -> bool:
+    return CELL_ID.fullmatch(text) is not None
+
+
 def part_filename(cell_id: str) -> str:
     return f"{PART_PREFIX}{cell_id}{PARQUET_SUFFIX}"
 
 
 def cell_of_part(filename: str) -> str | None:
-    """Cell id of a committed part file name; None for anything else (temp files included)."""
+    """Cell id of a committed part file name; None for anything else (temp files and stray
+    copies such as "part-<id> (1).parquet" included)."""
     if filename.startswith(PART_PREFIX) and filename.endswith(PARQUET_SUFFIX):
-        return filename[len(PART_PREFIX):-len(PARQUET_SUFFIX)]
+        cell = filename[len(PART_PREFIX):-len(PARQUET_SUFFIX)]
+        return cell if is_cell_id(cell) else None
     return None
 
 
@@ -223,8 +236,8 @@ def _single_cell(rows: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
     if len(keys) != 1:
         raise StorageError(f"one part holds one cell of one method; got {sorted(keys)}")
     method, cell_id = keys.pop()
-    if not cell_id or "/" in cell_id:
-        raise StorageError(f"invalid cell_id {cell_id!r}")
+    if not is_cell_id(cell_id):
+        raise StorageError(f"invalid cell_id {cell_id!r} (letters, digits, '-' and '_' only)")
     return method, cell_id
 
 

@@ -27,13 +27,14 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import yaml
 
-from gi_core.errors import StorageError
+from gi_core.errors import ConfigError, StorageError
 from storage import commits, tables
 from storage.atomic import sweep_temp_files, write_bytes_atomic
 from storage.metrics import (
     DATASET_SCHEMA,
     PARTITION_KEY,
     SCHEMA,
+    is_cell_id,
     part_filename,
     partition_dirname,
     write_metrics_part,
@@ -82,6 +83,13 @@ class RunDir:
         return self.root / "checkpoints" / f"{cell_id}.pt"
 
     def spec_text(self) -> str:
+        """The frozen grid.yaml; ConfigError naming it (and how to rebuild it) when damaged."""
+        problem = frozen_spec_problem(self)
+        if problem is not None:
+            raise ConfigError(
+                f"{self.grid_path}: {problem}; `gi-eval run SPEC --out {self.root}` with the "
+                "grid's spec file rebuilds it (committed cells are kept)"
+            )
         return self.grid_path.read_text()
 
     def has_gradient(self, gradient_id: str) -> bool:
@@ -224,11 +232,39 @@ def open_run(path: Path | str) -> RunDir:
     return run
 
 
+def frozen_spec_problem(run: RunDir) -> str | None:
+    """Why grid.yaml cannot be the run's spec (None: it is a YAML mapping, or is missing)."""
+    try:
+        data = yaml.safe_load(run.grid_path.read_bytes().decode())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, yaml.YAMLError) as e:  # UnicodeDecodeError is a ValueError
+        return f"damaged frozen spec ({' '.join(str(e).split())[:120]})"
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return "damaged frozen spec (not a grid spec mapping with a name)"
+    return None
+
+
+def replace_damaged_spec(run: RunDir, spec_text: str) -> Path | None:
+    """Move a damaged grid.yaml to quarantine/ and freeze `spec_text` in its place; returns
+    where the damaged copy went (None: grid.yaml was fine). Cell ids are content hashes, so
+    every committed cell stays valid under the rebuilt spec."""
+    if frozen_spec_problem(run) is None:
+        return None
+    folder = run.root / "quarantine" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / GRID_FILE
+    os.replace(run.grid_path, target)
+    write_bytes_atomic(run.grid_path, spec_text.encode())
+    return target
+
+
 def _ids_with_suffix(directory: Path, suffix: str) -> set[str]:
     if not directory.is_dir():
         return set()
+    # only canonical ids: "<id> (1).zarr.zip" of a sync tool is not a stored group
     return {n[: -len(suffix)] for n in os.listdir(directory)
-            if n.endswith(suffix) and not n.startswith(".")}
+            if n.endswith(suffix) and is_cell_id(n[: -len(suffix)])}
 
 
 def _yaml_data(text: str) -> Any:

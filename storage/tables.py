@@ -24,8 +24,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage import records
 from storage.atomic import publishing, write_bytes_atomic
-from storage.metrics import PARQUET_SUFFIX, PART_PREFIX
+from storage.metrics import PARQUET_SUFFIX, PART_PREFIX, is_cell_id
 
 if TYPE_CHECKING:
     from storage.run import RunDir
@@ -98,10 +99,23 @@ def curves(run: RunDir, cells: Iterable[str] | None = None) -> pd.DataFrame:
     wanted = run.committed_cells()
     if cells is not None:
         wanted &= set(cells)
-    files = [str(p) for c in sorted(wanted) if (p := curve_path(run, c)).is_file()]
-    if not files:
+    files = [p for c in sorted(wanted) if (p := curve_path(run, c)).is_file()]
+    tables = [t for f in files if (t := _read_curve(f)) is not None]
+    if not tables:
         return CURVE_SCHEMA.empty_table().to_pandas()
-    return pa.concat_tables([pq.read_table(f, schema=CURVE_SCHEMA) for f in files]).to_pandas()
+    return pa.concat_tables(tables).to_pandas()
+
+
+def _read_curve(path: Path) -> pa.Table | None:
+    try:
+        return pq.read_table(path, schema=CURVE_SCHEMA)
+    except FileNotFoundError:
+        return None  # quarantined concurrently
+    except (pa.ArrowException, OSError) as e:
+        # A damaged curve costs the cell its loss curve, not the run its figures.
+        records.log.warning("ignoring damaged loss curve %s (%s); `gi-eval verify` moves it "
+                            "to quarantine", path, e)
+        return None
 
 
 def record_failure(run: RunDir, cell_id: str, *, method: str, reason: str) -> None:
@@ -120,16 +134,22 @@ def record_failure(run: RunDir, cell_id: str, *, method: str, reason: str) -> No
 
 
 def failures(run: RunDir) -> pd.DataFrame:
-    """Failure records of cells that are still not committed."""
+    """Failure records of cells that are still not stored: a record of an inversion cell that
+    later committed, or of a gradient that was later stored, no longer counts. Stray copies
+    ("<id> (1).json") and damaged records are never counted."""
     directory = run.root / FAILURES_DIR
-    committed = run.committed_cells()
-    records = []
+    stored = run.committed_cells() | run.stored_gradients()
+    found = []
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:
-        if path.stem not in committed:
-            records.append(json.loads(path.read_text()))
-    return pd.DataFrame(
-        records, columns=["cell_id", "method", "reason", "host", "time", "slurm_job_id"]
-    )
+        if not is_cell_id(path.stem) or path.stem in stored:
+            continue
+        record = records.read_json(path, records.is_failure_record)
+        if record is not None and record["cell_id"] == path.stem:
+            found.append(record)
+    return pd.DataFrame(found, columns=list(FAILURE_COLUMNS))
+
+
+FAILURE_COLUMNS = ("cell_id", "method", "reason", "host", "time", "slurm_job_id")
 
 
 def cells(run: RunDir) -> pd.DataFrame:

@@ -4,7 +4,13 @@ What counts as broken (each found object becomes a `Finding`):
   * a metrics part or compact file that pyarrow cannot read (truncated, overwritten, foreign);
   * a committed cell whose reconstruction group is missing (deleted), is not a readable zip
     (truncated, foreign) or, in a deep check, fails its CRC check;
-  * (deep check) a gradient group that is not a readable zip.
+  * a gradient group that is not a readable zip (quick check: its zip directory; deep check
+    and `gi-eval run` for the gradients its to-do cells need: every CRC);
+  * a stray file where only committed files belong ("part-<id> (1).parquet" of a sync tool):
+    it was never counted, and moving it un-commits nothing;
+  * a damaged record (job record, failure record, compaction manifest, cancel marker, loss
+    curve, checkpoint): readers already ignore it (storage.records); repair moves it, or
+    rebuilds it where its content is known (a manifest from its compact file).
 
 Repair moves each finding to <run>/quarantine/<time>-<pid>/<its path in the run> and writes
 `reasons.json` beside it. Moving a cell's part file un-commits the cell, so the next `gi-eval
@@ -20,6 +26,7 @@ row and checks every zip's CRCs, gradient groups included.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -36,13 +43,28 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from storage import commits
-from storage.atomic import publishing, write_bytes_atomic
-from storage.metrics import SCHEMA, part_filename
+from storage import commits, records
+from storage.atomic import is_temp_name, publishing, write_bytes_atomic
+from storage.checkpoints import checkpoint_problem
+from storage.metrics import (
+    PARQUET_SUFFIX,
+    PART_PREFIX,
+    SCHEMA,
+    cell_of_part,
+    is_cell_id,
+    part_filename,
+)
 from storage.run import GROUP_SUFFIX, RunDir
 
 QUARANTINE_DIR = "quarantine"
 REASONS_FILE = "reasons.json"
+_STRAY = (
+    "stray file: not the committed file of any cell (a sync tool's copy?); it was never "
+    "counted and nothing is recomputed"
+)
+_GRADIENT = "gradient group"
+# Columns every metrics file of this project has had (later issues only add columns).
+_CORE_COLUMNS = ("cell_id", "image_index", "psnr", "status")
 
 
 @dataclass(frozen=True)
@@ -62,6 +84,7 @@ class VerifyReport:
     groups_checked: int
     moved_to: Path | None = None  # quarantine folder of this repair (None: nothing moved)
     cells: frozenset[str] = field(default_factory=frozenset)  # cells to recompute
+    gradients: frozenset[str] = field(default_factory=frozenset)  # gradients to regenerate
 
     def describe(self) -> str:
         head = (
@@ -70,10 +93,13 @@ class VerifyReport:
         )
         lines = [head] + [f"  {f.path}: {f.reason}" for f in self.findings]
         if self.moved_to is not None:
-            lines.append(
-                f"moved to {self.moved_to} ({len(self.cells)} cell(s) to recompute: "
-                "`gi-eval run` does it)"
+            todo = (
+                f"{len(self.cells)} cell(s) to recompute, {len(self.gradients)} gradient(s) "
+                "to regenerate: `gi-eval run` does it"
+                if self.cells or self.gradients
+                else "nothing to recompute"
             )
+            lines.append(f"moved to {self.moved_to} ({todo})")
         return "\n".join(lines)
 
 
@@ -94,15 +120,18 @@ def scan(run: RunDir, *, deep: bool = False) -> VerifyReport:
                 findings.append(Finding(path, problem, tuple(sorted(cells)), compact))
                 continue
             findings += _cells_without_group(run, path, cells, groups, deep=deep)
-    checked = len(groups)
-    if deep:
-        for gid in sorted(_ids(run.root / "store" / "gradients")):
-            problem = _zip_problem(run.gradient_path(gid))
-            if problem is not None:
-                findings.append(Finding(run.gradient_path(gid), f"gradient group {problem}"))
-        checked += len(_ids(run.root / "store" / "gradients"))
+    stored = _ids(run.root / "store" / "gradients")
+    findings += gradient_findings(run, stored, deep=deep)
+    findings += stray_findings(run) + record_findings(run)
+    return _report(findings, parts, len(groups) + len(stored))
+
+
+def _report(findings: list[Finding], parts: int, groups: int) -> VerifyReport:
     cells = frozenset(c for f in findings for c in f.cells)
-    return VerifyReport(tuple(findings), parts, checked, cells=cells)
+    gradients = frozenset(
+        f.path.name.removesuffix(GROUP_SUFFIX) for f in findings if f.reason.startswith(_GRADIENT)
+    )
+    return VerifyReport(tuple(findings), parts, groups, cells=cells, gradients=gradients)
 
 
 def repair(run: RunDir, report: VerifyReport) -> VerifyReport:
@@ -116,12 +145,23 @@ def repair(run: RunDir, report: VerifyReport) -> VerifyReport:
         reasons += _uncompact(run, compact, bad, folder)
     for f in report.findings:
         if f.compact is None:
-            _move(run, f.path, folder)
-            reasons.append({"path": str(f.path.relative_to(run.root)), "reason": f.reason,
-                            "cells": list(f.cells)})
+            _repair_one(run, f, folder)
+            reasons.append(
+                {
+                    "path": str(f.path.relative_to(run.root)),
+                    "reason": f.reason,
+                    "cells": list(f.cells),
+                }
+            )
     write_bytes_atomic(folder / REASONS_FILE, json.dumps(reasons, indent=1).encode())
-    return VerifyReport(report.findings, report.parts_checked, report.groups_checked, folder,
-                        report.cells)
+    return dataclasses.replace(report, moved_to=folder)
+
+
+def with_findings(report: VerifyReport, extra: Iterable[Finding]) -> VerifyReport:
+    """`report` plus the findings of `extra` it does not hold yet."""
+    known = {(f.path, f.cells) for f in report.findings}
+    findings = [*report.findings, *(f for f in extra if (f.path, f.cells) not in known)]
+    return _report(findings, report.parts_checked, report.groups_checked)
 
 
 def verify_and_repair(run: RunDir, *, deep: bool = False) -> VerifyReport:
@@ -135,14 +175,19 @@ def _data_files(state: commits.PartitionState) -> list[tuple[Path, frozenset[str
     return files
 
 
-def _parquet_problem(path: Path, *, deep: bool) -> str | None:
+def _parquet_problem(
+    path: Path, *, deep: bool, columns: Iterable[str] = _CORE_COLUMNS
+) -> str | None:
     try:
         if deep:
             table = pq.read_table(path, schema=SCHEMA)
             if table.num_rows == 0:
                 return "Parquet file has no rows"
         else:
-            pq.read_metadata(path)
+            names = set(pq.read_schema(path).names)  # the footer only
+            missing = [c for c in columns if c not in names]
+            if missing:
+                return f"Parquet file of another kind (no column {', '.join(missing)})"
     except FileNotFoundError:
         return None  # compacted or quarantined concurrently: nothing to judge
     except (pa.ArrowException, OSError, ValueError) as e:
@@ -160,10 +205,21 @@ def _cells_without_group(
             problem: str | None = "committed, but its reconstruction group is missing"
         else:
             problem = _zip_problem(run.reconstruction_path(cell), crc=deep)
-            problem = problem and f"reconstruction group {problem}"
+            problem = problem and f"reconstruction group {run.reconstruction_path(cell)} {problem}"
         if problem is not None:
             found.append(Finding(path, problem, (cell,), compact))
+            found += _damaged_group(run, cell)
     return found
+
+
+def _damaged_group(run: RunDir, cell: str) -> list[Finding]:
+    """The damaged group itself goes to quarantine too (its cell is recomputed anyway)."""
+    group = run.reconstruction_path(cell)
+    return (
+        [Finding(group, "damaged reconstruction group (its cell is recomputed)", (cell,))]
+        if group.exists()
+        else []
+    )
 
 
 def _zip_problem(path: Path, *, crc: bool = True) -> str | None:
@@ -194,7 +250,7 @@ def _by_compact_file(findings: Iterable[Finding]) -> dict[Path, set[str]]:
 
 def _uncompact(run: RunDir, compact: Path, bad: set[str], folder: Path) -> list[dict[str, object]]:
     """Write the good cells of `compact` back as part files, then quarantine it + manifest."""
-    key = compact.name[len(commits.COMPACT_PREFIX):].removesuffix(".parquet")
+    key = compact.name[len(commits.COMPACT_PREFIX) :].removesuffix(".parquet")
     manifest = compact.with_name(f"{commits.MANIFEST_PREFIX}{key}{commits.MANIFEST_SUFFIX}")
     cells = commits.scan_partition(compact.parent, "").compacted.get(compact, frozenset())
     good = sorted(set(cells) - bad)
@@ -208,8 +264,13 @@ def _uncompact(run: RunDir, compact: Path, bad: set[str], folder: Path) -> list[
         bad = set(cells)  # an unreadable compact file: every cell in it is recomputed
     for path in (manifest, compact):  # manifest first: the un-compaction's commit point
         _move(run, path, folder)
-    return [{"path": str(compact.relative_to(run.root)), "reason": "cells recomputed",
-             "cells": sorted(bad)}]
+    return [
+        {
+            "path": str(compact.relative_to(run.root)),
+            "reason": "cells recomputed",
+            "cells": sorted(bad),
+        }
+    ]
 
 
 def _move(run: RunDir, path: Path, folder: Path) -> None:
@@ -224,8 +285,169 @@ def _move(run: RunDir, path: Path, folder: Path) -> None:
 def _ids(directory: Path) -> set[str]:
     if not directory.is_dir():
         return set()
-    return {n[: -len(GROUP_SUFFIX)] for n in os.listdir(directory)
-            if n.endswith(GROUP_SUFFIX) and not n.startswith(".")}
+    return {
+        n[: -len(GROUP_SUFFIX)]
+        for n in os.listdir(directory)
+        if n.endswith(GROUP_SUFFIX) and is_cell_id(n[: -len(GROUP_SUFFIX)])
+    }
+
+
+# ---- gradients, stray files and records (issues 18 and 20) ------------------------------------
+
+
+def gradient_findings(run: RunDir, ids: Iterable[str], *, deep: bool) -> list[Finding]:
+    """Stored gradient groups among `ids` that are not usable: the quick check reads each zip's
+    directory (a truncated or foreign file), the deep one every CRC. A moved gradient is
+    regenerated by the next `gi-eval run` before the cells that need it."""
+    found = []
+    for gid in sorted(ids):
+        path = run.gradient_path(gid)
+        problem = _zip_problem(path, crc=deep)
+        if problem is not None:
+            found.append(Finding(path, f"{_GRADIENT} {problem}; `gi-eval run` regenerates it"))
+    return found
+
+
+def stray_findings(run: RunDir) -> list[Finding]:
+    """Files where only canonically named committed files belong (hidden temp files of live
+    writers are left to the temp sweep)."""
+    found = []
+    for state in commits.scan_partitions(run.metrics_dir):
+        found += [Finding(p, _STRAY) for p in _strays_in_partition(state)]
+    for sub, prefix, suffix in (
+        ("store/gradients", "", GROUP_SUFFIX),
+        ("store/reconstructions", "", GROUP_SUFFIX),
+        ("curves", PART_PREFIX, PARQUET_SUFFIX),
+        ("failures", "", ".json"),
+    ):
+        found += [Finding(p, _STRAY) for p in _strays_in(run.root / sub, prefix, suffix)]
+    return found
+
+
+def _strays_in_partition(state: commits.PartitionState) -> list[Path]:
+    known = {p.name for p in state.parts.values()} | {p.name for p in state.compacted}
+    strays = []
+    for name in sorted(os.listdir(state.directory)):
+        if name in known or name == commits.LOCK_NAME or is_temp_name(name):
+            continue
+        if name.startswith(commits.MANIFEST_PREFIX) and name.endswith(commits.MANIFEST_SUFFIX):
+            continue  # complete, orphan (compaction removes it) or damaged (record_findings)
+        key = name.removeprefix(commits.COMPACT_PREFIX).removesuffix(PARQUET_SUFFIX)
+        manifest = state.directory / f"{commits.MANIFEST_PREFIX}{key}{commits.MANIFEST_SUFFIX}"
+        if (
+            name.startswith(commits.COMPACT_PREFIX)
+            and manifest.exists()
+            and records.json_problem(manifest, records.is_manifest) is None
+        ):
+            continue  # published after this partition's listing
+        if cell_of_part(name) is None:
+            strays.append(state.directory / name)
+    return [p for p in strays if p.exists()]
+
+
+def _strays_in(directory: Path, prefix: str, suffix: str) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    strays = []
+    for name in sorted(os.listdir(directory)):
+        if is_temp_name(name) or name.startswith("."):
+            continue
+        ident = name.removeprefix(prefix).removesuffix(suffix)
+        if not (name.startswith(prefix) and name.endswith(suffix) and is_cell_id(ident)):
+            strays.append(directory / name)
+    return strays
+
+
+def record_findings(run: RunDir) -> list[Finding]:
+    """Damaged records (see storage.records): job and failure records, compaction manifests,
+    the cancel marker, loss curves and checkpoints."""
+    found = []
+    checks = (
+        ("jobs", "*.json", records.is_job_record),
+        ("failures", "*.json", records.is_failure_record),
+    )
+    for sub, pattern, check in checks:
+        for path in sorted((run.root / sub).glob(pattern)):
+            if sub != "failures" or is_cell_id(path.stem):
+                problem = records.json_problem(path, check)
+                found += [Finding(path, problem)] if problem else []
+    cancel = run.root / "jobs" / "CANCEL"
+    if cancel.is_file() and records.cancel_marker_damaged(cancel):
+        found.append(
+            Finding(
+                cancel,
+                "damaged cancel marker: rewritten with its modification "
+                "time (the cancel request stands)",
+            )
+        )
+    for state in commits.scan_partitions(run.metrics_dir):
+        found += [
+            Finding(m, "damaged compaction manifest: rebuilt from its compact file")
+            for m in state.damaged_manifests
+        ]
+        found += [
+            Finding(
+                m,
+                "damaged compaction manifest of an unreadable compact file: its "
+                "cells are recomputed",
+            )
+            for m in state.orphan_manifests
+            if records.json_problem(m, records.is_manifest) is not None
+        ]
+    found += _curve_findings(run) + _checkpoint_findings(run)
+    return found
+
+
+def _curve_findings(run: RunDir) -> list[Finding]:
+    found = []
+    for path in sorted((run.root / "curves").glob(f"{PART_PREFIX}*{PARQUET_SUFFIX}")):
+        problem = _parquet_problem(path, deep=False, columns=("cell_id", "cost"))
+        if problem is not None and cell_of_part(path.name) is not None:
+            found.append(Finding(path, f"loss curve: {problem}; the cell keeps its metrics"))
+    return found
+
+
+def _checkpoint_findings(run: RunDir) -> list[Finding]:
+    found = []
+    for path in sorted((run.root / "checkpoints").glob("*.pt")):
+        problem = checkpoint_problem(path)
+        found += [Finding(path, problem)] if problem else []
+    return found
+
+
+def _repair_one(run: RunDir, finding: Finding, folder: Path) -> None:
+    """Move `finding` to quarantine; records whose content is known are rebuilt in place."""
+    path = finding.path
+    if path.name == "CANCEL":
+        stamp = records.read_cancel_time(path)
+        _copy_aside(run, path, folder)
+        if stamp is not None:
+            write_bytes_atomic(path, str(stamp).encode())
+            os.utime(path, (stamp, stamp))  # the marker's time and its text agree again
+        return
+    is_manifest = path.name.startswith(commits.MANIFEST_PREFIX)
+    _move(run, path, folder)
+    if is_manifest:
+        _rebuild_manifest(path)
+
+
+def _copy_aside(run: RunDir, path: Path, folder: Path) -> None:
+    target = folder / path.relative_to(run.root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.write_bytes(path.read_bytes())
+    except FileNotFoundError:
+        pass
+
+
+def _rebuild_manifest(manifest: Path) -> None:
+    key = manifest.name[len(commits.MANIFEST_PREFIX) : -len(commits.MANIFEST_SUFFIX)]
+    data = manifest.with_name(f"{commits.COMPACT_PREFIX}{key}{PARQUET_SUFFIX}")
+    cells = commits.cells_in_file(data)
+    if cells is None:
+        return  # the compact file is gone or unreadable too: its cells are recomputed
+    record = {"format": 1, "file": data.name, "cells": sorted(cells), "rebuilt": True}
+    write_bytes_atomic(manifest, json.dumps(record).encode())
 
 
 # Reproducibility audit (issue 20, `gi-eval verify --recompute`): a recomputed cell against the

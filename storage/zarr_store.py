@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+import zarr.errors
 from zarr.codecs import BloscCodec
 from zarr.storage import ZipStore
 
@@ -215,20 +217,42 @@ def _unpack_mask(bits: np.ndarray | None, n: int) -> np.ndarray | None:
 
 
 def _read_group(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    with open_group(path) as group:
-        attrs: dict[str, Any] = dict(group.attrs)
-        arrays = {name: np.asarray(arr[...]) for name, arr in group.arrays()}
+    try:
+        with open_group(path) as group:
+            attrs: dict[str, Any] = dict(group.attrs)
+            arrays = {name: np.asarray(arr[...]) for name, arr in group.arrays()}
+    except StorageError:
+        raise
+    except _READ_ERRORS as e:
+        # a chunk that fails its CRC or does not decompress: name the file, not zarr's internals
+        raise StorageError(f"damaged stored group {path} ({type(e).__name__}: {e}); "
+                           f"`gi-eval verify --deep` moves it to quarantine") from e
     return attrs, arrays
+
+
+# What zipfile, zarr and numcodecs raise on a damaged group (truncated, overwritten, foreign).
+_READ_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError, RuntimeError,
+                TypeError, zarr.errors.BaseZarrError)
 
 
 @contextlib.contextmanager
 def open_group(path: Path) -> Iterator[zarr.Group]:
-    """The Zarr group stored in the zip at `path`, read-only; closed on exit."""
+    """The Zarr group stored in the zip at `path`, read-only; closed on exit. StorageError
+    naming the file when it is missing, not a zip or not a Zarr group."""
     if not path.is_file():
-        raise StorageError(f"no stored group at {path}")
-    store = ZipStore(path, mode="r")
+        what = "a directory, not a zip group" if path.is_dir() else "missing"
+        raise StorageError(f"no stored group at {path} ({what})")
     try:
-        yield zarr.open_group(store=store, mode="r")
+        # ZipStore opens lazily: open it here, so a bad file fails before zarr wraps it (and
+        # before close() would raise AttributeError '_zf' over the real BadZipFile)
+        zipfile.ZipFile(path).close()
+        store = ZipStore(path, mode="r")
+        group = zarr.open_group(store=store, mode="r")
+    except _READ_ERRORS as e:
+        raise StorageError(f"damaged stored group {path} ({type(e).__name__}: {e}); "
+                           f"`gi-eval verify` moves it to quarantine") from e
+    try:
+        yield group
     finally:
         store.close()
 

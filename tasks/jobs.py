@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from storage import records as run_records
 from storage.atomic import write_bytes_atomic
 from storage.lock import process_identity
 from storage.run import RunDir
@@ -47,8 +48,8 @@ def request_cancel(run: RunDir) -> None:
 
 
 def cancel_requested(run: RunDir, *, since: float) -> bool:
-    path = jobs_dir(run) / CANCEL_MARKER
-    return path.is_file() and float(path.read_text()) >= since
+    stamp = run_records.read_cancel_time(jobs_dir(run) / CANCEL_MARKER)  # damaged: its mtime
+    return stamp is not None and stamp >= since
 
 
 def record_jobs(
@@ -77,7 +78,8 @@ def record_jobs(
 def read_records(run: RunDir) -> list[JobRecord]:
     records = []
     for path in sorted(jobs_dir(run).glob("*.json")):
-        for r in json.loads(path.read_text()):
+        # a damaged record is ignored (logged) and quarantined by `gi-eval verify` / `run`
+        for r in run_records.read_json(path, run_records.is_job_record) or []:
             cells = tuple(r["cells"])
             records.append(JobRecord(r["kind"], r["job_id"], cells, r.get("process")))
     return records

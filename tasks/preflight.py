@@ -8,8 +8,10 @@ of these fails only after queueing, model loading and three attempts.
 
 On resume (`prepare_resume`, under the driver lock): temp files of crashed writers are removed
 (all of them when no earlier job can still be writing, else those older than an hour), and the
-quick storage self-check moves unreadable metrics files and committed cells without a
-reconstruction group to quarantine, so that this run recomputes them.
+quick storage self-check moves unreadable metrics files, committed cells without a
+reconstruction group, stray copies and damaged records to quarantine, so that this run
+recomputes (or rebuilds) them; the gradients the remaining cells will read are checked in full
+(every CRC), so a damaged one is regenerated before its cells are submitted.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from gi_core.generators import build_generator, load_generator_checkpoint
 from gi_core.victims import build_victim
 from storage import verify
 from storage.run import RunDir
-from tasks.cells import GradientCell, InversionCell
+from tasks.cells import GradientCell, InversionCell, expand
 from tasks.jobs import active_records
+from tasks.spec import spec_from_yaml
 
 # What torch.load / load_state_dict raise on a file that is not a matching state_dict (a text
 # file gives KeyError, a truncated zip RuntimeError, a foreign pickle UnpicklingError, ...).
@@ -205,13 +208,25 @@ def prepare_resume(run: RunDir) -> list[str]:
     """Sweep temp files and quarantine what readers cannot use; returns lines to show."""
     earlier_jobs = bool(active_records(run))
     removed = run.sweep_temp_files(older_than_s=_STALE_TEMP_S if earlier_jobs else 0.0)
-    report = verify.verify_and_repair(run)
+    report = verify.scan(run)
+    # The gradients this run's cells will read get the deep check (every CRC) now, so that a
+    # damaged one is regenerated before its cells are submitted instead of failing them.
+    deep = verify.gradient_findings(run, _gradients_to_read(run), deep=True)
+    report = verify.repair(run, verify.with_findings(report, deep))
     lines = []
     if removed:
         lines.append(f"removed {removed} temp file(s) of interrupted writers")
     if report.findings:
         lines.append(report.describe())
     return lines
+
+
+def _gradients_to_read(run: RunDir) -> set[str]:
+    """Stored gradients that the run's uncommitted cells need."""
+    committed = run.committed_cells()
+    plan = expand(spec_from_yaml(run.spec_text()))
+    needed = {c.gradient_id for c in plan.inversion_cells if c.id not in committed}
+    return needed & run.stored_gradients()
 
 
 def _existing(path: Path) -> Path:

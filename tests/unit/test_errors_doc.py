@@ -102,10 +102,9 @@ def run_dir(command: str, prepare: str = "none") -> Setup:
         if prepare == "other-grid":
             storage.create_run(tmp / "run", yaml.safe_dump({**BASE, "name": "other"}))
             return spec()(tmp)
-        if prepare == "bad-record":
+        if prepare == "bad-spec":  # a frozen grid.yaml damaged after the fact (issue 18)
             run = storage.create_run(tmp / "run", yaml.safe_dump(BASE))
-            (run.root / "jobs").mkdir()
-            (run.root / "jobs" / "x.json").write_text("{truncated")
+            run.grid_path.write_bytes(b"\x00\xff garbage")
         return [command, str(tmp / "run")]
 
     return setup
@@ -117,6 +116,23 @@ def tune_spec(**over: Any) -> Setup:
     def setup(tmp: Path) -> list[str]:
         spec(**over)(tmp)
         return ["tune", str(tmp / "spec.yaml"), "--out", str(tmp / "tune")]
+
+    return setup
+
+
+def float_tiff_folder() -> Setup:
+    """An image folder of 32-bit float TIFFs scaled 0..255 (issue 20: no defined view)."""
+
+    def setup(tmp: Path) -> list[str]:
+        import numpy as np
+        import tifffile
+
+        for c in range(2):
+            (tmp / "imgs" / f"class{c}").mkdir(parents=True)
+            tifffile.imwrite(tmp / "imgs" / f"class{c}" / "0.tif",
+                             np.full((32, 32), 200.0 + c, np.float32))
+        return spec(data={"dataset": f"imagefolder:{tmp / 'imgs'}", "image_size": 32,
+                          "num_batches": 1})(tmp)
 
     return setup
 
@@ -158,6 +174,8 @@ CASES = [
     Case("spec fields", "unknown top-level key", spec(epochs=3), 2, "epochs"),
     Case("spec fields", "name with a slash", spec(name="a/b"), 2, "name"),
     Case("spec fields", "data section missing", spec(data=None), 2, "data"),
+    Case("spec fields", "image folder with a float TIFF outside 0..1", float_tiff_folder(), 2,
+         "is a float image with values"),
     Case("spec fields", "unknown data set", nested("data", dataset="mnist"), 2,
          "unknown data set"),
     Case("spec fields", "image_size below 32 (LPIPS)", nested("data", image_size=16), 2,
@@ -247,6 +265,8 @@ CASES = [
     # --- run directories
     Case("run directory", "--out holds another grid's run", run_dir("run", "other-grid"), 2,
          "holds the run of grid 'other'"),
+    Case("run directory", "status of a run whose grid.yaml is damaged",
+         run_dir("status", "bad-spec"), 2, "damaged frozen spec"),
     Case("run directory", "status of a directory that is no run", run_dir("status"), 2,
          "is not a run directory"),
     Case("run directory", "tables of a directory that is no run", run_dir("tables"), 2,
@@ -260,9 +280,6 @@ CASES = [
          "choose a writable run directory", needs_root=True),
     Case("environment", "too little free space for the cells to do", environment("full"), 3,
          "free space or choose another run directory", needs_root=True),
-    # --- bugs (exit 1)
-    Case("internal", "a corrupted job record (JSON) in the run", run_dir("status", "bad-record"),
-         1, "internal error: JSONDecodeError"),
 ]
 
 
