@@ -174,12 +174,15 @@ def _stylegan2_activations(config: StyleGAN2Config) -> int:
     return int(math.ceil(total))
 
 
-def memory_lines(spec: GridSpec, cells: Sequence[InversionCell]) -> list[str]:
-    """`gi-eval plan` lines: the largest per-cell estimate and the job limit it must fit."""
+def memory_lines(
+    spec: GridSpec, cells: Sequence[InversionCell], *, executor: str
+) -> list[str]:
+    """`gi-eval plan` lines: the largest per-cell estimate and the limit of a job of the
+    resolved `executor` (planner.resolve_executor) it must fit."""
     if not cells:
         return []
     worst = max((estimate_cell(c) for c in cells), key=lambda e: e.bytes)
-    limit = job_memory_limit(spec, spec.execution.executor)
+    limit = job_memory_limit(spec, executor)
     fits = "no job limit checked (GPU jobs)" if limit is None else f"limit {limit / 2**30:.1f} GiB"
     lines = [f"memory: up to ~{worst.gib:.1f} GiB per cell ({worst.method}); {fits}"]
-    return lines + memory_problems(spec, cells, executor=spec.execution.executor)
+    return lines + memory_problems(spec, cells, executor=executor)
