@@ -373,7 +373,7 @@ class _ProjectLines(logging.Handler):
 @contextmanager
 def _prefect_logs(notify: Callable[[str], None], *, verbose: bool) -> Iterator[None]:
     """Prefect's loggers stay at INFO (the flow's lines reach its API and UI). Without
-    --verbose its console handler is raised to CRITICAL, because Prefect logs every failed
+    --verbose its console handler is silenced, because Prefect logs every failed
     task with a traceback and the CLI prints one `error:` line; the project's own lines go to
     `notify` instead."""
     if verbose:
@@ -381,12 +381,12 @@ def _prefect_logs(notify: Callable[[str], None], *, verbose: bool) -> Iterator[N
         return
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    consoles = [h for h in logging.getLogger().handlers if isinstance(h, PrefectConsoleHandler)]
-    levels = [h.level for h in consoles]
+    # Left raised afterwards: the ephemeral server logs its shutdown when the process exits.
+    for h in logging.getLogger().handlers:
+        if isinstance(h, PrefectConsoleHandler):
+            h.setLevel(logging.CRITICAL + 1)
     forward = _ProjectLines(notify)
     run_loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
-    for h in consoles:
-        h.setLevel(logging.CRITICAL + 1)
     for lg in run_loggers:
         lg.addHandler(forward)
     try:
@@ -394,8 +394,6 @@ def _prefect_logs(notify: Callable[[str], None], *, verbose: bool) -> Iterator[N
     finally:
         for lg in run_loggers:
             lg.removeHandler(forward)
-        for h, level in zip(consoles, levels, strict=True):
-            h.setLevel(level)
 
 
 def status_report(run_dir: Path) -> str:

@@ -732,6 +732,9 @@ def _messages(error: ValidationError) -> list[str]:
         if _follows_from_items(err, errors):
             continue
         msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "too_short":  # pydantic's "Tuple should have at least 1 item ..."
+            ctx = err.get("ctx", {})
+            msg = f"must list at least {ctx.get('min_length', 1)} (got {ctx.get('actual_length')})"
         where = _dotted(err["loc"])
         for line in msg.splitlines():  # semantic problems arrive as one multi-line message
             lines.append(f"{where}: {line}" if where else line)
