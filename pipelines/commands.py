@@ -182,7 +182,10 @@ def run_grid(
         for line in prepare_resume(run):
             notify(line)
         with _prefect_logs(notify, verbose=verbose), _progress(cell_ids, run_path, notify):
-            table_path = evaluation_grid(str(spec_path), kind, str(run_path))
+            # kind is one of the flow's Literal kinds: resolve_executor checked it
+            table_path = evaluation_grid(  # type: ignore[call-overload]
+                str(spec_path), kind, str(run_path)
+            )
     wall = time.perf_counter() - start
     figure = Path(table_path).with_name("reconstructions.png")
     html = Path(table_path).with_name("report.html")

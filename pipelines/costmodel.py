@@ -117,7 +117,8 @@ def estimate(
     device = target_device(spec, executor)
     rows = load_table() if table is None else table
     parallel, cores = parallelism(spec, executor)
-    total, unknown, sources = 0.0, 0, {}
+    total, unknown = 0.0, 0
+    sources: dict[str, str] = {}
     for cell in cells:
         cost = cell_cost(
             cell, device=device, table=rows, run=run_timings or {}, calibrated=calibrated or {}
@@ -201,7 +202,7 @@ def forward_gflop(arch: str, width: int | None, image_size: int) -> float:
 
     from gi_core.victims import build_victim
 
-    extra = {"width": width} if width is not None else {}
+    extra: dict[str, Any] = {"width": width} if width is not None else {}
     model = build_victim(arch, num_classes=10, image_size=image_size, seed=0, **extra).eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -108,7 +109,7 @@ def check_memory(spec: GridSpec, cells: Sequence[InversionCell], *, executor: st
 def _victim_size(victim: VictimSpec, dataset: str, image_size: int) -> tuple[int, int]:
     """(parameters, activation elements per image), built and run on the meta device."""
     classes = dataset_info(dataset, image_size=image_size).num_classes
-    extra = {"width": victim.width} if victim.width is not None else {}
+    extra: dict[str, Any] = {"width": victim.width} if victim.width is not None else {}
     with torch.device("meta"):
         model = build_victim(
             victim.arch, num_classes=classes, image_size=image_size, seed=None, **extra
