@@ -88,3 +88,30 @@ def test_progress_line_and_interval(monkeypatch: Any) -> None:
     assert progress_interval() == 2.5
     monkeypatch.delenv("GI_PROGRESS_EVERY_S")
     assert progress_interval() == 30.0
+
+
+def test_prefect_loggers_stay_at_info_and_project_lines_reach_the_cli() -> None:
+    """Without --verbose only Prefect's console is silenced; the run loggers keep INFO, and
+    lines logged by the project's own code are forwarded (without tracebacks)."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    import pipelines.commands as commands
+    import pipelines.flows  # noqa: F401 - as run_grid: importing the flows sets Prefect's logging up
+
+    shown: list[str] = []
+    flow_log = logging.getLogger("prefect.flow_runs")
+    with commands._prefect_logs(shown.append, verbose=False):
+        assert flow_log.getEffectiveLevel() <= logging.INFO
+        consoles = [h for h in logging.getLogger().handlers
+                    if isinstance(h, PrefectConsoleHandler)]
+        assert all(h.level > logging.CRITICAL for h in consoles)
+        ours = logging.LogRecord("prefect.flow_runs", logging.INFO, commands.__file__, 1,
+                                 "array inversions-0: jobs ended", None, None)
+        engine = logging.LogRecord("prefect.flow_runs", logging.INFO, logging.__file__, 1,
+                                   "Finished in state Completed()", None, None)
+        flow_log.handle(ours)
+        flow_log.handle(engine)
+    flow_log.handle(ours)  # after the run: no longer forwarded
+    assert len(shown) == 1 and shown[0].endswith("array inversions-0: jobs ended")
