@@ -167,8 +167,10 @@ def tune(
     """Tune each method's key hyperparameters on held-out batches (Optuna, PSNR criterion) and
     write a spec with the chosen values (docs/tuning.md)."""
     from pipelines.commands import check_out_dir, run_grid
+    from pipelines.planner import read_spec, resolve_executor
     from pipelines.tune import tune as run_tuning
 
+    resolve_executor(read_spec(spec)[0], executor)  # an unknown --executor: exit 2, named
     for path in (out, write_spec):
         if path is not None:
             check_out_dir(path, option="--out" if path is out else "--write-spec")

@@ -242,6 +242,8 @@ CASES = [
          "executor: unknown 'cloud'"),
     Case("execution", "plan --executor slurmm", cli_args("plan", "SPEC", "--executor", "slurmm"),
          2, "executor: unknown 'slurmm'"),
+    Case("execution", "tune --executor slurmm", cli_args("tune", "SPEC", "--executor", "slurmm"),
+         2, "executor: unknown 'slurmm'"),
     Case("execution", "GI_PROGRESS_EVERY_S not a positive number", spec(), 2,
          "GI_PROGRESS_EVERY_S: must be a positive number", env={"GI_PROGRESS_EVERY_S": "0"}),
     # --- checkpoints (loaded before anything is submitted)
