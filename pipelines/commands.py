@@ -130,9 +130,9 @@ def estimate_vs_measured(run_path: Path, wall_s: float) -> str | None:
     if estimated <= 0 or cells == 0:
         return None
     return (
-        f"`gi-eval plan` estimated ~{estimated:.0f} s wall time for {cells} cell(s) "
-        f"({record.get('created', '?')}); measured {wall_s:.0f} s "
-        f"({wall_s / estimated:.2f}x the estimate)"
+        f"`gi-eval plan` estimated ~{estimated:.3g} s of attack wall time for {cells} cell(s) "
+        f"({record.get('created', '?')}); measured {wall_s:.3g} s, startup, gradients and "
+        f"report included ({wall_s / estimated:.2f}x the estimate)"
     )
 
 
