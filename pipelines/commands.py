@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -181,7 +182,7 @@ def run_grid(
         run = prepare_run(spec, text, out)
         for line in prepare_resume(run):
             notify(line)
-        with _prefect_logs(notify, verbose=verbose), _progress(cell_ids, run_path, notify):
+        with prefect_logs(notify, verbose=verbose), _progress(cell_ids, run_path, notify):
             # kind is one of the flow's Literal kinds: resolve_executor checked it
             table_path = evaluation_grid(  # type: ignore[call-overload]
                 str(spec_path), kind, str(run_path)
@@ -356,6 +357,11 @@ def _progress_bar(cell_ids: set[str], run_path: Path) -> Iterator[None]:
             thread.join()
 
 
+def to_stderr(line: str) -> None:
+    """A `notify` for commands without one: the line on stderr, at once."""
+    print(line, file=sys.stderr, flush=True)
+
+
 class _ProjectLines(logging.Handler):
     """Forwards the project's own run-logger lines (array submitted / ended, plan, report) to
     the CLI's `notify` as plain one-liners without tracebacks; Prefect keeps them at INFO."""
@@ -374,7 +380,7 @@ class _ProjectLines(logging.Handler):
 
 
 @contextmanager
-def _prefect_logs(notify: Callable[[str], None], *, verbose: bool) -> Iterator[None]:
+def prefect_logs(notify: Callable[[str], None], *, verbose: bool) -> Iterator[None]:
     """Prefect's loggers stay at INFO (the flow's lines reach its API and UI). Without
     --verbose its console handler is silenced, because Prefect logs every failed
     task with a traceback and the CLI prints one `error:` line; the project's own lines go to

@@ -102,7 +102,7 @@ def test_prefect_loggers_stay_at_info_and_project_lines_reach_the_cli() -> None:
 
     shown: list[str] = []
     flow_log = logging.getLogger("prefect.flow_runs")
-    with commands._prefect_logs(shown.append, verbose=False):
+    with commands.prefect_logs(shown.append, verbose=False):
         assert flow_log.getEffectiveLevel() <= logging.INFO
         consoles = [h for h in logging.getLogger().handlers
                     if isinstance(h, PrefectConsoleHandler)]
