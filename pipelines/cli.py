@@ -102,14 +102,20 @@ def doctor() -> None:
 
 @app.command()
 @_errors
-def methods() -> None:
-    """The attack registry: spec names and the paper each method comes from."""
-    from gi_core.attacks.registry import METHODS
+def methods(
+    name: str | None = typer.Argument(None, help="one method, e.g. gi-x (default: all)"),
+) -> None:
+    """Each attack method's parameters: the paper's value, the tuned value (`preset: tuned`)
+    and where the tuned one comes from."""
+    from rich.console import Console
 
-    width = max(len(n) for n in METHODS)
-    for name, m in METHODS.items():
-        prior = "generator prior" if m.uses_generator else "pixels"
-        typer.echo(f"{name:<{width}}  {m.reference}  [{prior}]")
+    from pipelines.methods_table import TUNING_SOURCE, method_names, method_table
+
+    console = Console(width=max(100, Console().width))
+    for method in method_names(name):
+        console.print(method_table(method))
+    console.print(f"tuned values: {TUNING_SOURCE}; '=' means the paper's value is kept",
+                  markup=False)
 
 
 @app.command()
@@ -124,8 +130,10 @@ def plan(
 ) -> None:
     """Cells total / done / to do, gradients to generate, cost estimate, submission shape.
     The cost comes from the cost model (measured tables, this run's cells), not from attacks."""
-    from pipelines.commands import plan_report
+    from pipelines.commands import check_out_dir, plan_report
 
+    if out is not None:
+        check_out_dir(out)
     typer.echo(plan_report(spec, out, calibrate=calibrate, executor=executor))
 
 
@@ -177,8 +185,14 @@ def tune(
 ) -> None:
     """Tune every option of each method at each of its budgets on held-out samples (Optuna,
     PSNR or LPIPS criterion) and write a spec with the chosen values (docs/tuning.md)."""
-    from pipelines.commands import run_grid
+    from pipelines.commands import check_out_dir, run_grid
+    from pipelines.planner import read_spec, resolve_executor
     from pipelines.tune import tune as run_tuning
+
+    resolve_executor(read_spec(spec)[0], executor)  # an unknown --executor: exit 2, named
+    for path in (out, write_spec):
+        if path is not None:
+            check_out_dir(path, option="--out" if path is out else "--write-spec")
 
     def one_round(path: Path, run_dir: Path) -> None:
         run_grid(path, executor=executor, out=run_dir, verbose=False,

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from gi_core.errors import ConfigError
+from gi_core.errors import ConfigError, EnvironmentProblem
 from pipelines.calibrate import calibrate_on_executor
-from pipelines.costmodel import estimate
+from pipelines.costmodel import Estimate, duration, estimate
 from pipelines.memory import check_memory, memory_lines
 from pipelines.planner import (
     grid_status,
     prepare_run,
     read_spec,
+    resolve_executor,
     run_dir_for,
     stored_timings,
     submission_shape,
 )
+from storage.atomic import write_bytes_atomic
 from storage.lock import driver_lock
 from storage.run import RunDir, open_run
 from storage.verify import scan, verify_and_repair
@@ -38,6 +44,8 @@ from tasks.jobs import (
 from tasks.preflight import check_before_submission, prepare_resume
 from tasks.spec import spec_from_yaml
 
+PLAN_FILE = "plan.json"  # under the run's reports/: `gi-eval plan`'s estimate
+
 
 def _existing_run(path: Path) -> RunDir | None:
     return open_run(path) if (path / "grid.yaml").is_file() else None
@@ -48,9 +56,12 @@ def plan_report(
 ) -> str:
     """Counts, cost and submission shape in seconds: the cost comes from the cost model
     (pipelines.costmodel), never from attacks on this machine; `calibrate` runs one
-    calibration job on the target executor first."""
+    calibration job on the target executor first. The executor is resolved once (the flag
+    over the spec) and every line uses it; the estimate is stored as reports/plan.json."""
     spec, _ = read_spec(spec_path)
-    run = _existing_run(run_dir_for(spec, out))
+    kind = resolve_executor(spec, executor)
+    run_path = run_dir_for(spec, out)
+    run = _existing_run(run_path)
     queued = queued_cells(run) if run else set()
     status = grid_status(spec, run, queued=queued)
     todo = status.todo
@@ -60,27 +71,70 @@ def plan_report(
 
         log_dir = (run.root / "logs") if run else Path(tempfile.gettempdir())
         calibrated = calibrate_on_executor(
-            status.plan, executor_config(spec, executor), log_dir=log_dir
+            status.plan, executor_config(spec, kind), log_dir=log_dir
         )
     cost = estimate(
-        spec, todo, executor=executor, run_timings=stored_timings(run), calibrated=calibrated
+        spec, todo, executor=kind, run_timings=stored_timings(run), calibrated=calibrated
     )
     per_job = spec.execution.cells_per_job
     grad_shape = submission_shape(len(status.gradients_todo), per_job=per_job)
     shape = submission_shape(len(todo), per_job=per_job)
+    stored = store_plan(run_path, kind=kind, cells=len(todo), cost=cost)
     lines = [
-        f"grid {spec.name!r} -> {run_dir_for(spec, out)}",
+        f"grid {spec.name!r} -> {run_path}",
         f"cells: {len(status.plan.inversion_cells)} total, {status.done} done, "
         f"{len(queued)} in queue, {len(todo)} to do",
         f"gradients: {len(status.plan.gradient_cells)} total, "
         f"{len(status.gradients_todo)} to generate",
         *cost.lines(),
-        f"submission ({spec.execution.executor}): gradients {grad_shape.describe()}; "
+        f"submission ({kind}): gradients {grad_shape.describe()}; "
         f"inversions {shape.describe()}; {grad_shape.sbatch_calls + shape.sbatch_calls} "
         "sbatch call(s) in all",
-        *memory_lines(spec, todo or status.plan.inversion_cells),
+        *memory_lines(spec, todo or status.plan.inversion_cells, executor=kind),
+        f"estimate stored: {stored}" if stored else "estimate not stored (run directory "
+        "not writable)",
     ]
     return "\n".join(lines)
+
+
+def store_plan(run_path: Path, *, kind: str, cells: int, cost: Estimate) -> Path | None:
+    """Write the estimate to RUN/reports/plan.json so that a finished `gi-eval run` can set
+    the measured wall time against it; None where the run directory cannot be written."""
+    path = RunDir(run_path).reports_dir / PLAN_FILE
+    record = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "executor": kind,
+        "device": cost.device,
+        "cells_to_do": cells,
+        "device_seconds": cost.seconds,
+        "wall_seconds": cost.wall_seconds,
+        "parallel_jobs": cost.parallel,
+        "seconds_per_iteration": cost.sources,
+        "cells_without_estimate": cost.unknown,
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
+    except OSError:
+        return None  # plan reads; a read-only run still gets its estimate printed
+    return path
+
+
+def estimate_vs_measured(run_path: Path, wall_s: float) -> str | None:
+    """'plan estimated ~X for N cells; measured Y (ratio)' from reports/plan.json, if any."""
+    path = RunDir(run_path).reports_dir / PLAN_FILE
+    try:
+        record = json.loads(path.read_text())
+        estimated, cells = float(record["wall_seconds"]), int(record["cells_to_do"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no plan stored (or unreadable): nothing to compare with
+    if estimated <= 0 or cells == 0:
+        return None
+    return (
+        f"`gi-eval plan` estimated ~{estimated:.3g} s of attack wall time for {cells} cell(s) "
+        f"({record.get('created', '?')}); measured {wall_s:.3g} s, startup, gradients and "
+        f"report included ({wall_s / estimated:.2f}x the estimate)"
+    )
 
 
 def run_grid(
@@ -101,7 +155,11 @@ def run_grid(
     spec, text = read_spec(spec_path)
     from pipelines.flows import evaluation_grid, executor_config
 
-    executor_config(spec, executor)
+    kind = resolve_executor(spec, executor)
+    executor_config(spec, kind)
+    progress_interval()  # a bad GI_PROGRESS_EVERY_S is refused before anything starts
+    check_out_dir(run_dir_for(spec, out))
+    check_slurm_commands(kind)
     # expanding checks data set sizes, generator and method params; its ids feed the progress bar
     plan = expand(spec)
     cell_ids = {c.id for c in plan.inversion_cells}
@@ -110,7 +168,7 @@ def run_grid(
     todo = grid_status(spec, existing).todo if existing else plan.inversion_cells
     check_before_submission(run_path, todo, [c.gradient for c in todo],
                             keep_restarts=spec.storage.keep_restarts)
-    check_memory(spec, todo, executor=executor or spec.execution.executor)  # exit 2 if too big
+    check_memory(spec, todo, executor=kind)  # exit 2 if too big
     run_path.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     waiting = "waiting for the other `gi-eval run` on {} ({}) to finish (--wait)"
@@ -124,31 +182,155 @@ def run_grid(
         run = prepare_run(spec, text, out)
         for line in prepare_resume(run):
             notify(line)
-        if not verbose:
-            # Prefect logs every failed task/flow with a traceback; the CLI prints one line.
-            os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-            logging.getLogger("prefect").setLevel(logging.CRITICAL)
-        with _progress(cell_ids, run_path):
-            table_path = evaluation_grid(str(spec_path), executor, str(run_path))
+        with prefect_logs(notify, verbose=verbose), _progress(cell_ids, run_path, notify):
+            # kind is one of the flow's Literal kinds: resolve_executor checked it
+            table_path = evaluation_grid(  # type: ignore[call-overload]
+                str(spec_path), kind, str(run_path)
+            )
     wall = time.perf_counter() - start
     figure = Path(table_path).with_name("reconstructions.png")
     html = Path(table_path).with_name("report.html")
+    versus = estimate_vs_measured(run_path, wall)
     return (
         Path(table_path).read_text()
         + f"\nfigure: {figure}\nreport: {html}\n{run_path}: done in {wall:.1f} s\n"
+        + (f"{versus}\n" if versus else "")
     )
 
 
+def check_out_dir(path: Path, *, option: str = "--out") -> None:
+    """An output path (`option`) must not lie under a file; --out must also not be a file."""
+    if option == "--out" and path.exists() and not path.is_dir():
+        raise ConfigError(f"{option}: {path} is a file, not a directory; choose a directory path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(
+                    f"{option}: {path} lies under {parent}, which is a file; choose a path "
+                    "whose parents are directories"
+                )
+            return
+
+
+def check_slurm_commands(kind: str) -> None:
+    """The Slurm executor needs sbatch and srun on PATH: a machine problem (exit 3), found
+    before anything is planned or written."""
+    missing = [c for c in ("sbatch", "srun") if kind == "slurm" and shutil.which(c) is None]
+    if missing:
+        raise EnvironmentProblem(
+            f"executor slurm: {' and '.join(missing)} not found on PATH; run from a Slurm login "
+            "node (or load its module), or use --executor local"
+        )
+
+
+PROGRESS_ENV = "GI_PROGRESS_EVERY_S"  # seconds between progress lines without a terminal
+PROGRESS_EVERY_S = 30.0
+# Where a log record's code lives decides whether the CLI shows it: the project's own lines
+# (plan, array submitted/ended, report) yes, Prefect's engine chatter and tracebacks no.
+_PROJECT_DIRS = tuple(str(Path(__file__).resolve().parents[1] / d) for d in ("pipelines", "tasks"))
+
+
+def progress_interval() -> float:
+    """GI_PROGRESS_EVERY_S (a positive number of seconds), else PROGRESS_EVERY_S."""
+    raw = os.environ.get(PROGRESS_ENV)
+    if raw is None:
+        return PROGRESS_EVERY_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ConfigError(f"{PROGRESS_ENV}: must be a positive number of seconds (got {raw!r})")
+    return value
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One snapshot of a run's cells, and its line for a log file."""
+
+    done: int
+    total: int
+    running: int
+    failed: int
+    done_at_start: int
+    elapsed_s: float
+
+    def line(self) -> str:
+        new = self.done - self.done_at_start
+        rate = new / self.elapsed_s * 60 if self.elapsed_s > 0 else 0.0
+        left = self.total - self.done
+        eta = f"~{duration(left / rate * 60)} left" if rate > 0 and left else (
+            "nothing left" if not left else "time left unknown (no cell finished yet)")
+        stamp = time.strftime("%H:%M:%S")
+        return (
+            f"{stamp} progress: {self.done}/{self.total} cells done ({new} in this run), "
+            f"{self.running} running, {self.failed} failed; {rate:.2f} cells/min; {eta} "
+            f"[+{self.elapsed_s:.0f} s]"
+        )
+
+
+def _snapshot(run_path: Path, cell_ids: set[str]) -> tuple[int, int, int]:
+    """(done, running, failed) from the run directory; zeros before it exists. A record being
+    rewritten or a damaged file must not end the progress thread: it counts as nothing."""
+    if not (run_path / "grid.yaml").is_file():
+        return 0, 0, 0
+    try:
+        run = open_run(run_path)
+        running, failed = job_cell_counts(run)
+        return len(run.committed_cells() & cell_ids), running, failed
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0, 0, 0
+
+
 @contextmanager
-def _progress(cell_ids: set[str], run_path: Path) -> Iterator[None]:
+def _progress(
+    cell_ids: set[str], run_path: Path, notify: Callable[[str], None]
+) -> Iterator[None]:
+    """A rich progress bar on a terminal; without one (a log file, nohup, an sbatch'ed driver)
+    a progress line through `notify` every progress_interval() seconds, at a fixed pace."""
+    if os.isatty(1):
+        with _progress_bar(cell_ids, run_path):
+            yield
+        return
+    every, start = progress_interval(), time.monotonic()
+    done_at_start = _snapshot(run_path, cell_ids)[0]
+    stop = threading.Event()
+
+    def emit() -> None:
+        done, running, failed = _snapshot(run_path, cell_ids)
+        notify(Progress(done, len(cell_ids), running, failed, done_at_start,
+                        time.monotonic() - start).line())
+
+    def ticks() -> None:
+        due = start
+        while True:
+            emit()
+            due += every
+            if due < time.monotonic():  # a tick starved by a loaded machine: no burst after
+                due = time.monotonic() + every
+            if stop.wait(due - time.monotonic()):
+                return
+
+    thread = threading.Thread(target=ticks, name="progress-lines", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        emit()  # the final count
+
+
+@contextmanager
+def _progress_bar(cell_ids: set[str], run_path: Path) -> Iterator[None]:
     """A rich progress bar fed by polling the run directory's commit markers (any executor)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeRemainingColumn,
     )
+    from rich.progress import Progress as Bar
 
     stop = threading.Event()
     columns = [
@@ -158,19 +340,13 @@ def _progress(cell_ids: set[str], run_path: Path) -> Iterator[None]:
         TextColumn("{task.fields[extra]}"),
         TimeRemainingColumn(),
     ]
-    with Progress(*columns, transient=True, disable=not os.isatty(1)) as bar:
+    with Bar(*columns, transient=True) as bar:
         task = bar.add_task("cells", total=len(cell_ids), extra="")
 
         def poll() -> None:
             while not stop.wait(1.0):
-                if (run_path / "grid.yaml").is_file():
-                    run = open_run(run_path)
-                    running, failed = job_cell_counts(run)
-                    bar.update(
-                        task,
-                        completed=len(run.committed_cells() & cell_ids),
-                        extra=f"{running} running, {failed} failed",
-                    )
+                done, running, failed = _snapshot(run_path, cell_ids)
+                bar.update(task, completed=done, extra=f"{running} running, {failed} failed")
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()
@@ -179,6 +355,54 @@ def _progress(cell_ids: set[str], run_path: Path) -> Iterator[None]:
         finally:
             stop.set()
             thread.join()
+
+
+def to_stderr(line: str) -> None:
+    """A `notify` for commands without one: the line on stderr, at once."""
+    print(line, file=sys.stderr, flush=True)
+
+
+class _ProjectLines(logging.Handler):
+    """Forwards the project's own run-logger lines (array submitted / ended, plan, report) to
+    the CLI's `notify` as plain one-liners without tracebacks; Prefect keeps them at INFO."""
+
+    def __init__(self, notify: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.notify = notify
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.pathname.startswith(_PROJECT_DIRS):
+            return
+        try:
+            self.notify(f"{time.strftime('%H:%M:%S')} {record.getMessage()}")
+        except Exception:  # noqa: BLE001 - logging must never end the run
+            self.handleError(record)
+
+
+@contextmanager
+def prefect_logs(notify: Callable[[str], None], *, verbose: bool) -> Iterator[None]:
+    """Prefect's loggers stay at INFO (the flow's lines reach its API and UI). Without
+    --verbose its console handler is silenced, because Prefect logs every failed
+    task with a traceback and the CLI prints one `error:` line; the project's own lines go to
+    `notify` instead."""
+    if verbose:
+        yield
+        return
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    # Left raised afterwards: the ephemeral server logs its shutdown when the process exits.
+    for h in logging.getLogger().handlers:
+        if isinstance(h, PrefectConsoleHandler):
+            h.setLevel(logging.CRITICAL + 1)
+    forward = _ProjectLines(notify)
+    run_loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
+    for lg in run_loggers:
+        lg.addHandler(forward)
+    try:
+        yield
+    finally:
+        for lg in run_loggers:
+            lg.removeHandler(forward)
 
 
 def status_report(run_dir: Path) -> str:

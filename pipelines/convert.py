@@ -45,6 +45,7 @@ from gi_core.stylegan2 import (
     config_from_state,
     state_with_arch,
 )
+from tasks.preflight import checkpoint_file_problem
 
 FORMATS = ("auto", "rosinality", "ada")
 
@@ -103,6 +104,11 @@ def _detect_format(src: Path, requested: str) -> str:
         raise ConfigError(f"--format: must be one of {', '.join(FORMATS)} (got {requested!r})")
     if not src.is_file():
         raise ConfigError(f"SRC: no such file {str(src)!r}")
+    bad_file = checkpoint_file_problem(src)
+    if bad_file:
+        raise ConfigError(
+            f"SRC: {src} {bad_file}; give rosinality's .pt or stylegan2-ada's .pkl file"
+        )
     if requested != "auto":
         return requested
     if src.suffix == ".pkl":
@@ -133,7 +139,7 @@ def _read_rosinality(src: Path) -> dict[str, Tensor]:
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             data = torch.load(src, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as e:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, IndexError) as e:
         raise ConfigError(
             f"SRC: {src} is not a weights_only-loadable rosinality checkpoint ({e}); a "
             "stylegan2-ada .pkl needs --format ada and --trust-pickle"

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from pipelines.planner import resolve_executor
 from tasks.cells import InversionCell
 from tasks.spec import GridSpec
 
@@ -61,7 +62,7 @@ class Estimate:
             else f"{hours * self.cores_per_job:.2f} CPU core-hours"
         )
         out = [
-            f"estimate ({self.device}): {usage}; wall time ~{_duration(self.wall_seconds)} at "
+            f"estimate ({self.device}): {usage}; wall time ~{duration(self.wall_seconds)} at "
             f"{self.parallel} parallel job(s)",
             "  seconds/iteration: "
             + "; ".join(f"{m}: {s}" for m, s in sorted(self.sources.items())),
@@ -73,7 +74,7 @@ class Estimate:
 
 def target_device(spec: GridSpec, executor: str | None) -> str:
     """cuda when the cells will get a GPU: Slurm with gpus_per_task > 0, else this machine's."""
-    kind = executor or spec.execution.executor
+    kind = resolve_executor(spec, executor)
     if kind == "slurm":
         return "cuda" if spec.execution.slurm.gpus_per_task > 0 else "cpu"
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,7 +82,7 @@ def target_device(spec: GridSpec, executor: str | None) -> str:
 
 def parallelism(spec: GridSpec, executor: str | None) -> tuple[int, int]:
     """(jobs running at once, cores per job) for the target executor."""
-    kind = executor or spec.execution.executor
+    kind = resolve_executor(spec, executor)
     if kind == "slurm":
         return spec.execution.slurm.array_parallelism, spec.execution.slurm.cpus_per_task
     if kind == "inline":
@@ -116,7 +117,8 @@ def estimate(
     device = target_device(spec, executor)
     rows = load_table() if table is None else table
     parallel, cores = parallelism(spec, executor)
-    total, unknown, sources = 0.0, 0, {}
+    total, unknown = 0.0, 0
+    sources: dict[str, str] = {}
     for cell in cells:
         cost = cell_cost(
             cell, device=device, table=rows, run=run_timings or {}, calibrated=calibrated or {}
@@ -200,7 +202,7 @@ def forward_gflop(arch: str, width: int | None, image_size: int) -> float:
 
     from gi_core.victims import build_victim
 
-    extra = {"width": width} if width is not None else {}
+    extra: dict[str, Any] = {"width": width} if width is not None else {}
     model = build_victim(arch, num_classes=10, image_size=image_size, seed=0, **extra).eval()
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
@@ -208,7 +210,8 @@ def forward_gflop(arch: str, width: int | None, image_size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """Seconds as '45 s', '12.5 min' or '3.2 h'."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"

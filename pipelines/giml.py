@@ -178,9 +178,7 @@ def run_command(
 ) -> str:
     """`gi-eval giml` / `gi-eval pretrain`: validate everything (exit 2 on a bad spec) before
     Prefect starts or a job is submitted, then run the flow; returns what to look at."""
-    import logging
-    import os
-
+    from pipelines.commands import prefect_logs, to_stderr
     from tasks.giml import client_indices
 
     model = GIMLSpec if kind == "giml" else PretrainSpec
@@ -188,11 +186,9 @@ def run_command(
     executor_config(spec, executor)
     if isinstance(spec, GIMLSpec):
         client_indices(spec)  # data set sizes and the held-out split
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-        logging.getLogger("prefect").setLevel(logging.CRITICAL)
     target = out and str(out)
-    if kind == "giml":
-        return f"report: {giml(str(spec_path), executor, target)}"
-    root = pretrain(str(spec_path), executor, target)
+    with prefect_logs(to_stderr, verbose=verbose):  # the flow's lines at INFO, one-liners here
+        if kind == "giml":
+            return f"report: {giml(str(spec_path), executor, target)}"
+        root = pretrain(str(spec_path), executor, target)
     return f"snapshots: {root}/snapshots (use gan:{root}@<step> as a generator checkpoint)"

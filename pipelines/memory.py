@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -132,7 +133,7 @@ def check_memory(spec: GridSpec, cells: Sequence[InversionCell], *, executor: st
 def _victim_size(victim: VictimSpec, dataset: str, image_size: int) -> tuple[int, int]:
     """(parameters, activation elements per image), built and run on the meta device."""
     classes = dataset_info(dataset, image_size=image_size).num_classes
-    extra = {"width": victim.width} if victim.width is not None else {}
+    extra: dict[str, Any] = {"width": victim.width} if victim.width is not None else {}
     with torch.device("meta"):
         model = build_victim(
             victim.arch, num_classes=classes, image_size=image_size, seed=None, **extra
@@ -198,15 +199,18 @@ def _stylegan2_activations(config: StyleGAN2Config) -> int:
     return int(math.ceil(total))
 
 
-def memory_lines(spec: GridSpec, cells: Sequence[InversionCell]) -> list[str]:
-    """`gi-eval plan` lines: the largest per-cell estimate and the job limit it must fit."""
+def memory_lines(
+    spec: GridSpec, cells: Sequence[InversionCell], *, executor: str
+) -> list[str]:
+    """`gi-eval plan` lines: the largest per-cell estimate and the limit of a job of the
+    resolved `executor` (planner.resolve_executor) it must fit."""
     if not cells:
         return []
     worst = max((estimate_cell(c) for c in cells), key=lambda e: e.bytes)
-    limit = job_memory_limit(spec, spec.execution.executor)
+    limit = job_memory_limit(spec, executor)
     fits = "no job limit checked (GPU jobs)" if limit is None else f"limit {limit / 2**30:.1f} GiB"
     lines = [f"memory: up to ~{worst.gib:.1f} GiB per cell ({worst.method}); {fits}"]
-    return lines + memory_problems(spec, cells, executor=spec.execution.executor)
+    return lines + memory_problems(spec, cells, executor=executor)
 
 
 def sized_mem_gb(cells: Sequence[InversionCell]) -> float | None:

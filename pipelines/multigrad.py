@@ -130,12 +130,9 @@ def multigrad(spec_path: str, executor: str | None = None, out: str | None = Non
 
 def run_command(spec_path: Path, *, executor: str | None, out: Path | None, verbose: bool) -> str:
     """`gi-eval multigrad`: validate (exit 2 on a bad spec) before Prefect, then run the flow."""
-    import logging
-    import os
+    from pipelines.commands import prefect_logs, to_stderr
 
     spec, _ = load_yaml_spec(spec_path, MultiGradSpec)
     executor_config(spec, executor)
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "CRITICAL")
-        logging.getLogger("prefect").setLevel(logging.CRITICAL)
-    return Path(multigrad(str(spec_path), executor, out and str(out))).read_text()
+    with prefect_logs(to_stderr, verbose=verbose):  # the flow's lines at INFO, one-liners here
+        return Path(multigrad(str(spec_path), executor, out and str(out))).read_text()

@@ -7,12 +7,12 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, get_args
 
 from gi_core.errors import ConfigError
 from storage.run import RunDir, create_run, open_run, replace_damaged_spec, update_spec
 from tasks.cells import GradientCell, InversionCell, Plan, expand
-from tasks.spec import GridSpec, read_spec_text, spec_from_yaml
+from tasks.spec import ExecutionSpec, GridSpec, read_spec_text, spec_from_yaml
 from tasks.work import Chunk
 
 T = TypeVar("T")
@@ -48,6 +48,22 @@ class GridStatus:
     @property
     def done(self) -> int:
         return sum(c.id in self.committed for c in self.plan.inversion_cells)
+
+
+# The executor kinds, as the spec's schema spells them (the one list of them).
+EXECUTOR_KINDS: tuple[str, ...] = get_args(ExecutionSpec.model_fields["executor"].annotation)
+
+
+def resolve_executor(spec: GridSpec, flag: str | None) -> str:
+    """The executor a command targets: the CLI's --executor over the spec's
+    execution.executor. Every command resolves it here once and passes the result down."""
+    if flag is None:
+        return spec.execution.executor
+    if flag not in EXECUTOR_KINDS:
+        raise ConfigError(
+            f"executor: unknown {flag!r}; choose one of {', '.join(EXECUTOR_KINDS)}"
+        )
+    return flag
 
 
 def read_spec(path: Path | str) -> tuple[GridSpec, str]:

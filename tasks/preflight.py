@@ -107,8 +107,36 @@ def checkpoint_problems(
     return list(problems.values())
 
 
+# How a file that torch.save wrote begins: a zip archive (torch >= 1.6) or a pickle (older
+# torch, and the stylegan2-ada .pkl network pickles).
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def checkpoint_file_problem(path: Path | str) -> str | None:
+    """Why `path` cannot be a PyTorch checkpoint at all, judged from its first bytes, else None.
+    torch.load of a text file fails with whatever its unpickler meets first (IndexError: pop
+    from empty list, UnpicklingError: invalid load key, ...); this says what the file is."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if not head:
+        return "is an empty file, not a PyTorch checkpoint"
+    if head.startswith(_TORCH_MAGIC):
+        return None
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "is not a PyTorch checkpoint (neither a torch.save zip nor a pickle)"
+    return "is a text file, not a PyTorch checkpoint (torch.save writes a zip or a pickle)"
+
+
 def _victim_problem(cell: GradientCell) -> str | None:
     v = cell.victim
+    bad_file = checkpoint_file_problem(v.checkpoint)
+    if bad_file:
+        return f"{bad_file}; save one with torch.save(model.state_dict(), path)"
     classes = dataset_info(cell.dataset, image_size=cell.image_size).num_classes
     what = f"a {v.arch} state_dict for {classes} classes at {cell.image_size} px"
     try:
@@ -123,6 +151,9 @@ def _victim_problem(cell: GradientCell) -> str | None:
 
 
 def _generator_problem(kind: str, checkpoint: str, image_size: int) -> str | None:
+    bad_file = checkpoint_file_problem(checkpoint)
+    if bad_file:
+        return f"{bad_file}; give the generator's torch.save(state_dict) file"
     try:
         state = load_generator_checkpoint(checkpoint)
         build_generator(kind, output_size=image_size, state_dict=state)

@@ -456,6 +456,31 @@ class TuningSpec(_Model):
         defaults = {"objective": "psnr", "stage": False}
         return {k: v for k, v in data.items() if not (k in defaults and v == defaults[k])}
 
+    @field_validator("space")
+    @classmethod
+    def _ranges_in_order(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """A [low, high(, scale)] range must have low <= high (and low > 0 on a log scale):
+        Optuna would stop the tuning run with a ValueError after its first trial."""
+        for method, params in v.items():
+            for name, spec in params.items():
+                problem = _range_problem(spec)
+                if problem:
+                    raise ValueError(f"{method}.{name}: {problem} (got {spec})")
+        return v
+
+
+def _range_problem(spec: Any) -> str | None:
+    if not isinstance(spec, list | tuple) or len(spec) not in (2, 3):
+        return None
+    low, high, *scale = spec
+    if not all(isinstance(x, int | float) and not isinstance(x, bool) for x in (low, high)):
+        return None  # a list of choices
+    if low > high:
+        return f"low {low} is above high {high}; write [low, high]"
+    if scale != ["linear"] and low <= 0:
+        return f"a log-uniform range needs low > 0; write [low, high, linear] for {low}"
+    return None
+
 
 class GridSpec(_Model):
     name: str
@@ -908,12 +933,28 @@ def read_spec_text(path: Path | str) -> str:
 
 def _messages(error: ValidationError) -> list[str]:
     lines = []
-    for err in error.errors():
+    errors = error.errors()
+    for err in errors:
+        if _follows_from_items(err, errors):
+            continue
         msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "too_short":  # pydantic's "Tuple should have at least 1 item ..."
+            ctx = err.get("ctx", {})
+            msg = f"must list at least {ctx.get('min_length', 1)} (got {ctx.get('actual_length')})"
         where = _dotted(err["loc"])
         for line in msg.splitlines():  # semantic problems arrive as one multi-line message
             lines.append(f"{where}: {line}" if where else line)
     return lines
+
+
+def _follows_from_items(err: Any, errors: list[Any]) -> bool:
+    """A tuple's min_length counts only its valid items, so one bad item of a required list
+    also reports 'Tuple should have at least 1 item'; that line says nothing new, drop it."""
+    loc = tuple(err["loc"])
+    return err["type"] == "too_short" and any(
+        len(other["loc"]) > len(loc) and tuple(other["loc"][: len(loc)]) == loc
+        for other in errors
+    )
 
 
 def _dotted(loc: tuple[int | str, ...]) -> str:

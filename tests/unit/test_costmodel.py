@@ -99,7 +99,9 @@ def test_plan_report_runs_no_attack_and_labels_its_numbers(tmp_path: Path) -> No
     assert "estimate" in report
     if (ROOT / "docs" / "results" / "performance.json").is_file():
         assert "measured (table" in report or "scaled by FLOPs" in report
-    assert not (tmp_path / "run").exists()  # planning creates nothing
+    # planning creates no run (no grid.yaml, no cells): only its stored estimate
+    made = sorted(p.relative_to(tmp_path).as_posix() for p in (tmp_path / "run").rglob("*"))
+    assert made == ["run/reports", "run/reports/plan.json"]
 
 
 @pytest.mark.slow  # times every method of the smoke grid (a few short attacks)

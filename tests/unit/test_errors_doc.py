@@ -48,6 +48,7 @@ class Case:
     code: int
     expect: str  # a part of the error line that must be there
     needs_root: bool = False
+    env: dict[str, str] | None = None  # environment variables during the command
 
 
 def spec(**over: Any) -> Setup:
@@ -145,6 +146,34 @@ def cli_args(*args: str) -> Setup:
     return setup
 
 
+def text_file(name: str = "weights.pt") -> Callable[[Path], Path]:
+    def write(tmp: Path) -> Path:
+        (tmp / name).write_text("this is not a checkpoint\n")
+        return tmp / name
+
+    return write
+
+
+def generators_text_checkpoint(tmp: Path) -> list[str]:
+    path = text_file()(tmp)
+    return spec(generators=[{"kind": "stylegan2", "checkpoint": str(path)}],
+                methods=[{"name": "gi-z", "params": {"z_iterations": 2}}])(tmp)
+
+
+def convert_text_file(tmp: Path) -> list[str]:
+    return ["convert-generator", str(text_file()(tmp)), str(tmp / "out.pt")]
+
+
+def out_is_file(command: str, under: bool) -> Setup:
+    def setup(tmp: Path) -> list[str]:
+        args = spec()(tmp)
+        (tmp / "afile").write_text("x\n")
+        out = tmp / "afile" / "run" if under else tmp / "afile"
+        return [command, *args[1:-1], str(out)]
+
+    return setup
+
+
 def environment(kind: str) -> Setup:
     def setup(tmp: Path) -> list[str]:
         args = spec()(tmp)
@@ -204,7 +233,7 @@ CASES = [
          spec(generator={"kind": "biggan"}, methods=["gi-z"]), 2, "generator"),
     Case("victim / generator", "gi-z without a generator", spec(methods=["gi-z"]), 2,
          "generator: required by gi-z"),
-    Case("methods", "no methods", spec(methods=[]), 2, "methods"),
+    Case("methods", "no methods", spec(methods=[]), 2, "methods: must list at least 1"),
     Case("methods", "unknown method", spec(methods=["gi-q"]), 2, "unknown method 'gi-q'"),
     Case("methods", "unknown method parameter", method(epochs=3), 2,
          "params.epochs: not a parameter of gi-x"),
@@ -213,6 +242,11 @@ CASES = [
     Case("methods", "restarts: 0", method(restarts=0), 2, "params.restarts"),
     Case("methods", "tv: a string", method(tv="high"), 2, "params.tv: must be a number"),
     Case("methods", "unknown distance", method(distance="l7"), 2, "params.distance"),
+    Case("methods", "`gi-eval methods` of an unknown name", lambda t: ["methods", "gi-q"], 2,
+         "method: unknown 'gi-q'"),
+    Case("methods", "tuning space with low > high",
+         spec(tuning={"space": {"gi-x": {"lr": [0.5, 0.01]}}}), 2,
+         "tuning.space: gi-x.lr: low 0.5 is above high 0.01"),
     Case("methods", "idlg labels with batch size 2",
          spec(methods=[{"name": "gi-x", "params": {"labels": "idlg"}}], batch_sizes=[2]), 2,
          "idlg"),
@@ -253,6 +287,12 @@ CASES = [
     Case("execution", "--detach with the local executor",
          cli_args("run", "SPEC", "--detach", "--executor", "local"), 2,
          "--detach hands the grid to Slurm"),
+    Case("execution", "plan --executor slurmm", cli_args("plan", "SPEC", "--executor", "slurmm"),
+         2, "executor: unknown 'slurmm'"),
+    Case("execution", "tune --executor slurmm", cli_args("tune", "SPEC", "--executor", "slurmm"),
+         2, "executor: unknown 'slurmm'"),
+    Case("execution", "GI_PROGRESS_EVERY_S not a positive number", spec(), 2,
+         "GI_PROGRESS_EVERY_S: must be a positive number", env={"GI_PROGRESS_EVERY_S": "0"}),
     # --- checkpoints (loaded before anything is submitted)
     Case("checkpoints", "victim checkpoint does not exist",
          nested("victim", checkpoint="/nonexistent/w.pt"), 2, "no such file"),
@@ -262,11 +302,21 @@ CASES = [
          "size mismatch"),
     Case("checkpoints", "generator checkpoint is a text file", checkpoint("generator", "text"),
          2, "generator.checkpoint:"),
+    Case("checkpoints", "a `generators:` entry's checkpoint is a text file",
+         generators_text_checkpoint, 2, "is a text file, not a PyTorch checkpoint"),
+    Case("checkpoints", "convert-generator of a text file", convert_text_file, 2,
+         "SRC: <tmp>/weights.pt is a text file, not a PyTorch checkpoint"),
     # --- run directories
     Case("run directory", "--out holds another grid's run", run_dir("run", "other-grid"), 2,
          "holds the run of grid 'other'"),
     Case("run directory", "status of a run whose grid.yaml is damaged",
          run_dir("status", "bad-spec"), 2, "damaged frozen spec"),
+    Case("run directory", "run --out is a file", out_is_file("run", under=False), 2,
+         "is a file, not a directory"),
+    Case("run directory", "run --out lies under a file", out_is_file("run", under=True), 2,
+         "which is a file"),
+    Case("run directory", "tune --out lies under a file", out_is_file("tune", under=True), 2,
+         "which is a file"),
     Case("run directory", "status of a directory that is no run", run_dir("status"), 2,
          "is not a run directory"),
     Case("run directory", "tables of a directory that is no run", run_dir("tables"), 2,
@@ -280,6 +330,9 @@ CASES = [
          "choose a writable run directory", needs_root=True),
     Case("environment", "too little free space for the cells to do", environment("full"), 3,
          "free space or choose another run directory", needs_root=True),
+    Case("environment", "--executor slurm without sbatch on PATH",
+         cli_args("run", "SPEC", "--executor", "slurm"), 3, "sbatch and srun not found on PATH",
+         env={"PATH": "/nonexistent"}),
 ]
 
 
@@ -303,7 +356,7 @@ def run_case(case: Case, tmp: Path) -> tuple[int, str]:
     args = case.setup(tmp)
     try:
         with _cwd(tmp):
-            result = CliRunner().invoke(app, args)
+            result = CliRunner().invoke(app, args, env=case.env)
     finally:
         mount = tmp / "mnt"
         if mount.is_dir():

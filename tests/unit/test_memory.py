@@ -53,8 +53,9 @@ def test_a_cell_that_cannot_fit_the_job_is_refused() -> None:
     check_memory(_spec(64), expand(_spec(64)).inversion_cells, executor="slurm")
     gpu = _spec(8, gpus=1)  # device memory is not in the spec: shown, not refused
     check_memory(gpu, expand(gpu).inversion_cells, executor="slurm")
-    assert "no job limit checked" in memory_lines(gpu, expand(gpu).inversion_cells)[0]
-    assert any("gi-z/w needs" in line for line in memory_lines(spec, cells))
+    gpu_lines = memory_lines(gpu, expand(gpu).inversion_cells, executor="slurm")
+    assert "no job limit checked" in gpu_lines[0]
+    assert any("gi-z/w needs" in line for line in memory_lines(spec, cells, executor="slurm"))
 
 
 @pytest.mark.parametrize("kind", ["dcgan32", "dcgan64", "digiface"])
@@ -73,7 +74,7 @@ def test_dcgan_priors_are_estimated_without_building_weights(kind: str) -> None:
     )
     (cell,) = expand(spec).inversion_cells
     assert estimate_cell(cell).bytes > 2 * 2 * 4 * 4 * 1_000_000  # 4 copies of a >1 M prior
-    assert any("memory" in line for line in memory_lines(spec, [cell]))
+    assert any("memory" in line for line in memory_lines(spec, [cell], executor="local"))
 
 
 def _with_slurm(spec, **slurm):
