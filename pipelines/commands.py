@@ -33,13 +33,12 @@ from storage.lock import driver_lock
 from storage.run import RunDir, open_run
 from storage.verify import scan, verify_and_repair
 from tasks.cells import expand
-from tasks.executors import JobHandle, cancel_jobs, kill_local_job
 from tasks.jobs import (
-    active_records,
     job_cell_counts,
     pending_records,
     queued_cells,
     request_cancel,
+    stop_jobs,
 )
 from tasks.preflight import check_before_submission, prepare_resume
 from tasks.spec import spec_from_yaml
@@ -453,15 +452,10 @@ def cancel_run(run_dir: Path) -> str:
     from pipelines.detach import cancel_driver
 
     driver = cancel_driver(run.root)  # before reading the records: it submits no more arrays
-    active = active_records(run)
-    slurm = [JobHandle(kind="slurm", job_id=r.job_id, index=0) for r in active if r.kind == "slurm"]
-    cancel_jobs(slurm)
-    for r in active:
-        if r.kind == "local":
-            kill_local_job(r.job_id)
-    stopped = f"driver job {driver} and " if driver else ""
+    stopped = stop_jobs(run)
+    by_driver = f"driver job {driver} and " if driver else ""
     return (
-        f"cancelled {stopped}{len(active)} job(s); committed cells are kept, `gi-eval run` "
+        f"cancelled {by_driver}{stopped} job(s); committed cells are kept, `gi-eval run` "
         "resumes"
     )
 

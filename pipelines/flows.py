@@ -38,7 +38,7 @@ from pipelines.report import write_report
 from storage.run import open_run
 from tasks.arrays import POLL_S, run_array
 from tasks.executors import ExecutorConfig, threads_per_job
-from tasks.jobs import pending_records, queued_cells
+from tasks.jobs import pending_records, queued_cells, stop_jobs
 from tasks.resources import ArrayGroup, ArrayKind, inversion_groups, kind_config
 from tasks.spec import GridSpec, spec_from_yaml
 from tasks.work import Chunk
@@ -220,8 +220,6 @@ def _cancel_jobs(flow: Any, flow_run: Any, state: Any) -> None:
     the flow-run process; Slurm jobs (and local submitit jobs) are not its children and would
     keep running, so the hook does what `gi-eval cancel RUN_DIR` does: mark the run cancelled
     (an array still polling raises RunCancelled instead of retrying) and cancel its jobs."""
-    from pipelines.commands import cancel_run
-
     log = logging.getLogger(__name__)
     params = flow_run.parameters
     try:
@@ -231,7 +229,8 @@ def _cancel_jobs(flow: Any, flow_run: Any, state: Any) -> None:
         return
     run_path = run_dir_for(spec, params.get("out"))
     if (run_path / "grid.yaml").is_file():
-        log.warning("flow run cancelled: %s", cancel_run(run_path))
+        stopped = stop_jobs(open_run(run_path))
+        log.warning("flow run cancelled: %d job(s) of %s cancelled", stopped, run_path)
 
 
 @flow(

@@ -17,7 +17,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -28,8 +28,19 @@ from storage import records
 from storage.atomic import publishing, write_bytes_atomic
 from storage.metrics import PARQUET_SUFFIX, PART_PREFIX, is_cell_id
 
-if TYPE_CHECKING:
-    from storage.run import RunDir
+
+class RunDir(Protocol):
+    """What these tables read of a run directory (storage.run.RunDir). A protocol, not an
+    import: RunDir's own `cells()` and `curves()` call this module."""
+
+    @property
+    def root(self) -> Path: ...
+
+    def committed_cells(self) -> set[str]: ...
+
+    def stored_gradients(self) -> set[str]: ...
+
+    def metrics(self, columns: Sequence[str] | None = None) -> pd.DataFrame: ...
 
 CURVES_DIR = "curves"
 FAILURES_DIR = "failures"

@@ -22,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from gi_core.attacks.engine import BaseConfig
 from gi_core.errors import ConfigError
+from tasks.pricing import cell_cost, load_table
 
 if TYPE_CHECKING:
     from tasks.cells import GradientCell
@@ -95,10 +97,7 @@ def match(
 
 def seconds_per_iteration(config: BaseConfig, method: str, gradient: GradientCell) -> float:
     """The cost table's CPU price of one iteration of this attack on this gradient."""
-    from pipelines.costmodel import cell_cost, load_table  # the cost table lives there
-    from tasks.cells import InversionCell
-
-    probe = InversionCell(gradient, method, config, None, 0)
+    probe = SimpleNamespace(method=method, config=config, gradient=gradient)
     cost = cell_cost(probe, device=PRICE_DEVICE, table=load_table(), run={}, calibrated={})
     if not math.isfinite(cost.seconds_per_iteration) or cost.seconds_per_iteration <= 0:
         raise ConfigError(

@@ -23,7 +23,7 @@ from storage import records as run_records
 from storage.atomic import write_bytes_atomic
 from storage.lock import process_identity
 from storage.run import RunDir
-from tasks.executors import JobHandle, queued_job_ids
+from tasks.executors import JobHandle, cancel_jobs, kill_local_job, queued_job_ids
 
 CANCEL_MARKER = "CANCEL"
 
@@ -124,3 +124,18 @@ def job_cell_counts(run: RunDir) -> tuple[int, int]:
     done = run.committed_cells() | run.stored_gradients()
     ended = {c for r in records for c in r.cells} - running
     return len(running - done), len(ended - done)
+
+
+def stop_jobs(run: RunDir) -> int:
+    """Mark the run cancelled (a driver still polling stops instead of resubmitting), then
+    cancel every queued or running job it recorded; the number of jobs stopped. What `gi-eval
+    cancel` and a cancelled Prefect flow run both do (the former also stops a detached driver
+    first)."""
+    request_cancel(run)
+    active = active_records(run)
+    cancel_jobs([JobHandle(kind="slurm", job_id=r.job_id, index=0) for r in active
+                 if r.kind == "slurm"])  # fmt: skip
+    for r in active:
+        if r.kind == "local":
+            kill_local_job(r.job_id)
+    return len(active)

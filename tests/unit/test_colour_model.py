@@ -17,7 +17,7 @@ from PIL import Image
 
 from gi_core.attacks import InversionProblem, method_config, reconstruct
 from gi_core.attacks.colour import LUMA, luma, project
-from gi_core.attacks.engine import make_cost
+from gi_core.attacks.engine import choose_path, make_batch_cost
 from gi_core.attacks.prior import render_latents
 from gi_core.attacks.registry import METHOD_NAMES, uses_generator
 from gi_core.datasets import detect_colour, load_images
@@ -113,7 +113,8 @@ def test_generator_output_is_projected_to_luminance(gen) -> None:
 
 def test_the_gradient_through_the_projection_matches_the_chain_rule(gen) -> None:
     problem, _ = _gray_problem(batch=2)
-    cost = make_cost(problem, method_config("gi-z", {"colour": "gray"}))
+    config = method_config("gi-z", {"colour": "gray"})
+    cost = make_batch_cost([problem], config, path=choose_path([problem], config.restarts, "auto"))
     z = gen.sample_latents(1, 2, generator=torch.Generator().manual_seed(2)).requires_grad_()
     (auto,) = torch.autograd.grad(cost(render_latents(gen, z, "gray")).sum(), z)
     # by hand: d cost / d image at the gray image, through P^T (each output channel is the

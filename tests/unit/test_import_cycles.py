@@ -1,7 +1,9 @@
 """No import circles between the project's modules (issue 17), deferred imports included.
 
 A circle means two modules cannot be understood, tested or changed one without the other; a
-deferred `import` inside a function only hides it. Scanned on the source, like the layering rule.
+deferred `import` inside a function only hides it. Imports under `if TYPE_CHECKING:` name a type
+for the checker and never run, so they do not count. Scanned on the source, like the layering
+rule.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ def _imports(path: Path, known: set[str]) -> set[str]:
     """Project modules `path` imports anywhere in its body (`from a.b import c` counts a.b.c
     when that is a module, else a.b)."""
     out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):  # drop `if TYPE_CHECKING:` bodies before walking
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             out |= {a.name for a in node.names if a.name in known}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:

@@ -1,0 +1,109 @@
+"""What one iteration of an attack costs, from the committed cost table (issue 12 and 16).
+
+`docs/results/performance.json`'s `cost_table` holds measured seconds per iteration per method
+family, victim, image size, batch and restarts (benchmarks/performance.py). `cell_cost` prices a
+cell from it: the exact row scaled in batch x restarts, else the nearest row scaled by the
+victim's forward FLOPs. Used by `gi-eval plan` (pipelines.costmodel) and by seconds-matched
+budgets (tasks.budget), so it lives in tasks, below both. A cell here is anything with
+`method`, `config` and `gradient` (an InversionCell), which keeps tasks.cells out of the import.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TABLE = Path(__file__).resolve().parent.parent / "docs" / "results" / "performance.json"
+PIXEL_METHODS = ("gi-x", "gi-x+bn")  # the rest search a generator's latents or weights
+
+
+@dataclass(frozen=True)
+class CellCost:
+    seconds_per_iteration: float
+    source: str  # measured (this run) | calibrated | measured (table) | scaled by FLOPs | none
+
+
+def load_table(path: Path = TABLE) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows: list[dict[str, Any]] = json.loads(path.read_text()).get("cost_table", [])
+    return rows
+
+
+def cell_cost(
+    cell: Any,
+    *,
+    device: str,
+    table: Sequence[Mapping[str, Any]],
+    run: Mapping[str, float],
+    calibrated: Mapping[str, float],
+) -> CellCost:
+    if cell.method in run:
+        return CellCost(run[cell.method], "measured (this run)")
+    if cell.method in calibrated:
+        return CellCost(calibrated[cell.method], "calibrated")
+    g = cell.gradient
+    work = len(g.indices) * cell.config.restarts
+    family = family_of(cell.method)
+    same = [r for r in table if r["device"] == device and r["family"] == family]
+    exact = [
+        r
+        for r in same
+        if r["victim"] == g.victim.arch
+        and r["image_size"] == g.image_size
+        and r["mode"] == "engine"
+    ]
+    if exact:
+        ref = min(exact, key=lambda r: abs(math.log(r["batch"] * r["restarts"] / work)))
+        scale = work / (ref["batch"] * ref["restarts"])
+        return CellCost(ref["seconds_per_iteration"] * scale, _table_source("measured", ref))
+    engine_rows = [r for r in same if r["mode"] == "engine" and r.get("forward_gflop")]
+    if not engine_rows:
+        return CellCost(math.nan, "none")
+    flop = forward_gflop(g.victim.arch, g.victim.width, g.image_size)
+    ref = min(engine_rows, key=lambda r: abs(math.log(r["forward_gflop"] / flop)))
+    scale = (flop * work) / (ref["forward_gflop"] * ref["batch"] * ref["restarts"])
+    return CellCost(ref["seconds_per_iteration"] * scale, _table_source("scaled by FLOPs", ref))
+
+
+def _table_source(kind: str, row: Mapping[str, Any]) -> str:
+    """The benchmark records the machine's load average and torch threads with each row: on a
+    shared machine the table overestimates a quiet node's time, and a job with fewer cores than
+    the benchmark had runs slower; the label says both."""
+    where = "table" if kind == "measured" else "from a table row"
+    if "load" not in row:
+        return "measured (table)" if kind == "measured" else kind
+    threads = f", {row['threads']} thread(s)" if "threads" in row else ""
+    return f"{kind} ({where} at load {row['load']:.0f}{threads})"
+
+
+def family_of(method: str) -> str:
+    """The table's method family: pixel search (gi-x) or generator search (gi-z/w)."""
+    return "gi-x" if method in PIXEL_METHODS else "gi-z/w"
+
+
+def iterations(config: Any) -> int:
+    names = ("iterations", "z_iterations", "w_iterations", "x_iterations")
+    return sum(int(getattr(config, n, 0) or 0) for n in names)
+
+
+@functools.lru_cache(maxsize=64)
+def forward_gflop(arch: str, width: int | None, image_size: int) -> float:
+    """GFLOPs of one image's forward pass through the victim (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gi_core.victims import build_victim
+
+    extra: dict[str, Any] = {"width": width} if width is not None else {}
+    model = build_victim(arch, num_classes=10, image_size=image_size, seed=0, **extra).eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return counter.get_total_flops() / 1e9
