@@ -4,6 +4,6 @@ No file I/O beyond loading named weights, no orchestration or storage imports, n
 choice, no printing: tensors and a frozen config in, a result dataclass out.
 """
 
-from gi_core.errors import ConfigError, ExecutionError, GIError, StorageError, WeightsMissingError
+from gi_core.errors import ConfigError, GIError, WeightsMissingError
 
-__all__ = ["ConfigError", "ExecutionError", "GIError", "StorageError", "WeightsMissingError"]
+__all__ = ["ConfigError", "GIError", "WeightsMissingError"]

@@ -1,4 +1,16 @@
-"""The project's small exception hierarchy (shared by every layer; gi_core is the root)."""
+"""The root of the project's exception hierarchy and the errors gi_core itself raises.
+
+    GIError
+    ├── ConfigError (also ValueError)  gi_core.errors     a spec, config or argument is invalid
+    ├── WeightsMissingError            gi_core.errors     pretrained weights are not installed
+    ├── StorageError                   storage.errors     a run directory is unreadable/unwritable
+    ├── EnvironmentProblem             storage.errors     disk full, read-only, run held (exit 3)
+    ├── ExecutionError                 tasks.errors       jobs ended without their cells
+    ├── RunCancelled                   tasks.errors       `gi-eval cancel` stopped the run
+    └── DegenerateInputError           tasks.errors       an input that can only mean nothing
+
+Each layer defines the errors it raises; pipelines.cli maps every one to an exit code.
+"""
 
 
 class GIError(Exception):
@@ -11,25 +23,3 @@ class ConfigError(GIError, ValueError):
 
 class WeightsMissingError(GIError):
     """Pretrained weights are not installed; the message names the package to install."""
-
-
-class StorageError(GIError):
-    """A run directory is unreadable, inconsistent or not writable."""
-
-
-class ExecutionError(GIError):
-    """A job failed or cells are missing after their jobs finished (a retry may fix it)."""
-
-
-class EnvironmentProblem(GIError):
-    """The machine, not the input, is at fault (read-only or full disk, a run directory another
-    driver holds); the message names the path and what to do. `gi-eval` exits 3."""
-
-
-class RunCancelled(GIError):
-    """`gi-eval cancel` stopped the run's jobs: nothing is retried; rerunning resumes."""
-
-
-class DegenerateInputError(GIError):
-    """An input that could only give a meaningless number (a zero or non-finite client
-    gradient, ...): its cell fails with this reason instead of committing a result."""

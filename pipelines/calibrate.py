@@ -17,9 +17,9 @@ from typing import Any
 
 from gi_core.attacks import InversionProblem, reconstruct
 from gi_core.datasets import load_images
-from gi_core.errors import ExecutionError
 from gi_core.gradients import bn_statistics, client_gradient
 from tasks.cells import InversionCell, Plan
+from tasks.errors import ExecutionError
 from tasks.executors import ExecutorConfig, submit_array, wait_for_jobs
 from tasks.work import device, generator_for, victim_for
 

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 import typer
 
-from gi_core.errors import ConfigError, EnvironmentProblem, GIError
+from gi_core.errors import ConfigError, GIError
+from storage.errors import EnvironmentProblem
 
 # Before prefect is imported anywhere: a fresh PREFECT_HOME needs 20-45 s for the ephemeral
 # server's first start, more than Prefect's default timeout.

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from gi_core.errors import ConfigError, EnvironmentProblem
+from gi_core.errors import ConfigError
 from pipelines.calibrate import calibrate_on_executor
 from pipelines.costmodel import Estimate, duration, estimate
 from pipelines.memory import check_memory, memory_lines
@@ -29,6 +29,7 @@ from pipelines.planner import (
     submission_shape,
 )
 from storage.atomic import write_bytes_atomic
+from storage.errors import EnvironmentProblem
 from storage.lock import driver_lock
 from storage.run import RunDir, open_run
 from storage.verify import scan, verify_and_repair

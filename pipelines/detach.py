@@ -22,10 +22,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gi_core.errors import ConfigError, EnvironmentProblem
+from gi_core.errors import ConfigError
 from pipelines.memory import check_memory
 from pipelines.planner import grid_status, prepare_run, read_spec, run_dir_for
 from storage.atomic import write_bytes_atomic
+from storage.errors import EnvironmentProblem
 from storage.run import RunDir
 from tasks.arrays import DETACHED_ENV
 from tasks.cells import expand

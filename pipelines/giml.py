@@ -14,13 +14,13 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from gi_core.errors import ExecutionError
 from pipelines.flows import evaluation_grid, executor_config
 from pipelines.giml_report import write_giml_report
 from storage.atomic import write_bytes_atomic
 from storage.generator_snapshots import snapshot_steps
 from storage.run import RunDir, create_run, open_run
 from tasks.arrays import POLL_S, retry_on_missing, submit_and_wait
+from tasks.errors import ExecutionError
 from tasks.executors import (
     ExecutorConfig,
     Resumable,

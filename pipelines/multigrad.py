@@ -9,12 +9,12 @@ import pandas as pd
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from gi_core.errors import ExecutionError
 from pipelines.aggregate import bootstrap_ci
 from pipelines.flows import executor_config
 from storage.atomic import publishing, write_bytes_atomic
 from storage.run import RunDir, create_run
 from tasks.arrays import retry_on_missing, submit_and_wait
+from tasks.errors import ExecutionError
 from tasks.executors import ExecutorConfig, threads_per_job
 from tasks.giml_spec import load_yaml_spec
 from tasks.multigrad import MultiGradJob, MultiGradSpec, cells, result_path, run_cells

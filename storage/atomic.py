@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from gi_core.errors import EnvironmentProblem
+from storage.errors import EnvironmentProblem
 
 TEMP_MARK = ".tmp-"
 # OSErrors that are the machine's fault, not a bug: reported with the path and what to do.

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from gi_core.errors import StorageError
 from storage.atomic import environment_problem, publishing
+from storage.errors import StorageError
 
 # torch.save reports a full disk as RuntimeError("... unexpected pos ..."), without errno: below
 # this much free space after such a failure we call it what it is.

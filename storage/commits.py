@@ -32,9 +32,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from gi_core.errors import StorageError
 from storage import records
 from storage.atomic import publishing, write_bytes_atomic
+from storage.errors import StorageError
 from storage.metrics import PARQUET_SUFFIX, SCHEMA, cell_of_part, method_of_dirname
 
 COMPACT_PREFIX = "compact-"

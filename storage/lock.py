@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from gi_core.errors import EnvironmentProblem
+from storage.errors import EnvironmentProblem
 
 LOCK_FILE = "driver.lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}

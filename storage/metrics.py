@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from gi_core.errors import StorageError
 from storage.atomic import publishing
+from storage.errors import StorageError
 
 PARTITION_KEY = "method"
 PART_PREFIX = "part-"

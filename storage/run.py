@@ -27,9 +27,10 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import yaml
 
-from gi_core.errors import ConfigError, StorageError
+from gi_core.errors import ConfigError
 from storage import commits, tables
 from storage.atomic import sweep_temp_files, write_bytes_atomic
+from storage.errors import StorageError
 from storage.metrics import (
     DATASET_SCHEMA,
     PARTITION_KEY,

@@ -23,8 +23,8 @@ import zarr.errors
 from zarr.codecs import BloscCodec
 from zarr.storage import ZipStore
 
-from gi_core.errors import StorageError
 from storage.atomic import publishing
+from storage.errors import StorageError
 
 FORMAT_VERSION = 1
 # 4 Mi float32 = 16 MiB per gradient chunk: ResNet18 (11.2M params) is 3 chunks, which zarr

@@ -18,8 +18,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 from prefect.states import State
 
-from gi_core.errors import ExecutionError, RunCancelled
 from storage.run import RunDir, open_run
+from tasks.errors import ExecutionError, RunCancelled
 from tasks.executors import (
     ExecutorConfig,
     JobHandle,

@@ -30,7 +30,7 @@ import submitit
 from pydantic import BaseModel, ConfigDict, Field
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
-from gi_core.errors import ExecutionError
+from tasks.errors import ExecutionError
 
 ExecutorKind = Literal["inline", "local", "slurm"]
 

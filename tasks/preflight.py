@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 
 from gi_core.datasets import dataset_info
-from gi_core.errors import ConfigError, EnvironmentProblem
+from gi_core.errors import ConfigError
 from gi_core.generators import build_generator, load_generator_checkpoint
 from gi_core.victims import build_victim
 from storage import verify
+from storage.errors import EnvironmentProblem
 from storage.run import RunDir
 from tasks.cells import GradientCell, InversionCell, expand
 from tasks.jobs import active_records

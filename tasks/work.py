@@ -29,7 +29,6 @@ from gi_core.attacks import InversionProblem, Progress, reconstruct
 from gi_core.attacks.batched import batchable
 from gi_core.datasets import dataset_info, load_images
 from gi_core.defenses import apply_defense
-from gi_core.errors import DegenerateInputError, ExecutionError
 from gi_core.generators import (
     Generator,
     build_generator,
@@ -53,6 +52,7 @@ from storage.zarr_store import (
 )
 from tasks.batching import cell_bytes, device_budget, group_by_key, group_cells
 from tasks.cells import GeneratorSpec, GradientCell, InversionCell
+from tasks.errors import DegenerateInputError, ExecutionError
 from tasks.executors import job_environment
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ import cloudpickle
 import pytest
 from submitit.helpers import Checkpointable, DelayedSubmission
 
-from gi_core.errors import ExecutionError
+from tasks.errors import ExecutionError
 from tasks.executors import (
     DeferredPreemption,
     ExecutorConfig,

@@ -38,9 +38,9 @@ import yaml
 from typer.testing import CliRunner
 
 import storage
-from gi_core.errors import StorageError
 from pipelines.cli import app
 from storage.checkpoints import save_checkpoint
+from storage.errors import StorageError
 from storage.tables import curve_path, record_failure
 from storage.verify import QUARANTINE_DIR
 from tasks.cells import expand

@@ -23,13 +23,14 @@ from gi_core.datasets import (
     load_images,
     max_batches,
 )
-from gi_core.errors import ConfigError, DegenerateInputError
+from gi_core.errors import ConfigError
 from gi_core.gradients import client_gradient
 from gi_core.objectives import total_variation
 from gi_core.victims import build_victim
 from pipelines.cli import app
 from storage.metrics import PARAM_COLUMNS, ROW_COLUMNS
 from tasks.cells import expand
+from tasks.errors import DegenerateInputError
 from tasks.spec import parse_spec
 from tasks.work import _refuse_degenerate
 

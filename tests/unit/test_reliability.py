@@ -23,11 +23,11 @@ import yaml
 from typer.testing import CliRunner
 
 import storage
-from gi_core.errors import EnvironmentProblem
 from gi_core.victims import build_victim
 from pipelines.cli import app
 from pipelines.commands import cancel_run, status_report, tables_text
 from storage.atomic import TEMP_MARK
+from storage.errors import EnvironmentProblem
 from storage.lock import LOCK_FILE, RunLocked, driver_lock, process_identity
 from storage.metrics import ROW_COLUMNS
 from storage.verify import QUARANTINE_DIR, verify_and_repair

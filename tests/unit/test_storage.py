@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import storage
-from gi_core.errors import StorageError
 from storage import commits
+from storage.errors import StorageError
 from storage.metrics import ROW_COLUMNS, SCHEMA, method_of_dirname, partition_dirname
 
 SPEC = "name: t\ndata: {dataset: synthetic}\n"
