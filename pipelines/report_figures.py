@@ -418,7 +418,10 @@ def first_batch_grid(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
     columns = []
     for _, group in first.groupby(keys, sort=True, dropna=False):
         c = group.iloc[0]
-        title = f"{short[_label(df, c.to_dict())]}\n{c['defense']} {c['defense_level']:g}"
+        defense = (
+            "no defense" if c["defense"] == "none" else f"{c['defense']} {c['defense_level']:g}"
+        )
+        title = f"{short[_label(df, c.to_dict())]}\n{defense}"
         images: list[np.ndarray | None] = []
         captions: list[str] = []
         for b in batches:
