@@ -303,7 +303,8 @@ def demo(
 
     typer.echo(run_grid(GRIDS / "smoke.yaml", executor=executor, out=out, verbose=False))
     picture = (out / "reports" / "reconstructions.png").resolve()
-    typer.echo(f"picture: {picture}  (ground truth next to each method; open it in any viewer)")
+    if picture.is_file():  # absent only when no cell committed
+        typer.echo(f"picture: {picture}  (ground truth next to each method; open it in any viewer)")
 
 
 if __name__ == "__main__":  # pragma: no cover
