@@ -357,10 +357,14 @@ def demo(
     executor: str = typer.Option("local", help="inline | local | slurm"),
     out: Path = typer.Option(Path("runs/smoke"), help="run directory"),
 ) -> None:
-    """The main job on embedded defaults: the smoke grid on the local executor, then its table."""
+    """The first run: the smoke grid on the local executor, its table, and where the picture is
+    (reconstructions.png: the ground truth next to each method, PSNR under every image)."""
     from pipelines.commands import run_grid
 
     typer.echo(run_grid(GRIDS / "smoke.yaml", executor=executor, out=out, verbose=False))
+    picture = (out / "reports" / "reconstructions.png").resolve()
+    if picture.is_file():  # absent only when no cell committed
+        typer.echo(f"picture: {picture}  (ground truth next to each method; open it in any viewer)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,11 +9,19 @@
 
 Each function returns the path it wrote, or None when the run has nothing to show for it
 (e.g. no sparsity axis, no snapshots).
+
+Readability at any number of configurations (decision 152): a configuration label longer than
+ALIAS_MAX characters is shown as a short alias (`gi-x #1`) and spelled out in a legend under the
+figure; row labels are horizontal, image grids put the ground truth next to every method and
+wrap into blocks of at most GRID_COLUMNS configurations, and every figure uses matplotlib's
+constrained layout, which makes room for titles, labels and legends instead of squeezing them.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +39,47 @@ from storage.zarr_store import read_gradient, read_reconstruction  # noqa: E402
 
 FIG3_METHODS = ("gi-x", "gi-z", "gi-z/x", "gi-z/w")
 DPI = 110
+ALIAS_MAX = 16  # longer configuration labels get an alias (fits a 1.15-inch column at 7 pt)
+GRID_COLUMNS = 6  # configurations per block of an image grid (each block repeats the truth)
+LEGEND_PT = 6.5  # legend font size; monospace glyphs are 0.6 em wide
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    # constrained layout (set at creation) has placed every label; "tight" keeps the legend
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", pad_inches=0.05)
     plt.close(fig)
     return path
+
+
+def _figure(width: float, height: float) -> Figure:
+    return plt.figure(figsize=(width, height), layout="constrained")
+
+
+def aliases(labels: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Display alias of each distinct label (the label itself when it is short) and the legend
+    lines that spell out the aliased ones, e.g. 'gi-x #1 = gi-x [tuned 2x iterations]'."""
+    out: dict[str, str] = {}
+    legend: list[str] = []
+    counts: dict[str, int] = {}
+    for label in dict.fromkeys(labels):
+        if len(label) <= ALIAS_MAX:
+            out[label] = label
+            continue
+        method = label.split(" ")[0][: ALIAS_MAX - 4]
+        counts[method] = counts.get(method, 0) + 1
+        out[label] = f"{method} #{counts[method]}"
+        legend.append(f"{out[label]} = {label}")
+    return out, legend
+
+
+def _add_legend(fig: Figure, lines: Sequence[str]) -> None:
+    """The alias legend under the figure, wrapped to the figure's width (constrained layout
+    reserves its height: it is the figure's supxlabel)."""
+    if not lines:
+        return
+    chars = max(30, int(fig.get_figwidth() * 72 / (0.6 * LEGEND_PT)) - 4)
+    wrapped = [textwrap.fill(line, chars, subsequent_indent="    ") for line in lines]
+    fig.supxlabel("\n".join(wrapped), x=0.0, ha="left", fontsize=LEGEND_PT, family="monospace")
 
 
 def _configs(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -49,6 +91,11 @@ def _label(df: pd.DataFrame, row: dict[str, Any]) -> str:
     """The configuration label of a full metrics row (only its configuration columns count:
     e.g. the prior's checkpoint hash only where it tells configurations apart)."""
     return ag.label_of({k: row[k] for k in ag.config_columns(df)})
+
+
+def _df_aliases(df: pd.DataFrame) -> tuple[dict[str, str], list[str]]:
+    """Aliases of every configuration in the run, so that all figures use the same ones."""
+    return aliases(sorted(_label(df, r) for r in _configs(df)))
 
 
 def fig3_gradient(df: pd.DataFrame) -> str | None:
@@ -86,12 +133,15 @@ def fig3_curves(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
     curves = run.curves(cells["cell_id"])
     if curves.empty:
         return None
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    short, legend = _df_aliases(df)
+    fig = _figure(6.5, 4.2)
+    ax = fig.add_subplot()
     for c in cells.to_dict("records"):
         curve = _chosen_restart(curves[curves["cell_id"] == c["cell_id"]])
         if curve.empty:
             continue
-        (line,) = ax.plot(curve["iteration"], curve["cost"], label=_label(df, c), lw=1.4)
+        label = short[_label(df, c)]
+        (line,) = ax.plot(curve["iteration"], curve["cost"], label=label, lw=1.4)
         # dotted line where a later stage starts (e.g. GI-z/w switching from z to w)
         starts = curve.groupby("stage", sort=False)["iteration"].min().sort_values()
         for it in starts.iloc[1:]:
@@ -104,8 +154,10 @@ def fig3_curves(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
     ax.set_title(
         f"Figure 3: one gradient ({first['defense']}, B={first['batch_size']})", fontsize=9
     )
-    ax.legend(fontsize=7)
+    # beside the axes, never over the curves, however many configurations there are
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
+    _add_legend(fig, legend)
     return _save(fig, path)
 
 
@@ -126,6 +178,7 @@ def fig3_strip(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
     if gradient_id is None:
         return None
     truth = read_gradient(run.gradient_path(gradient_id)).images[0]
+    short, legend = _df_aliases(df)
     rows = []
     for c in fig3_cells(df, gradient_id).to_dict("records"):
         rec = read_reconstruction(run.reconstruction_path(c["cell_id"]))
@@ -138,32 +191,43 @@ def fig3_strip(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
             if int(i) < rec.iterations
         ]
         frames.append((f"final ({rec.iterations})", rec.images[0]))
-        rows.append((_label(df, c).replace(" [", "\n["), frames))
+        rows.append((short[_label(df, c)], frames))
     if not rows:
         return None
+    return _save(strip_figure(rows, truth, legend), path)
+
+
+Frames = list[tuple[str, np.ndarray]]
+
+
+def strip_figure(
+    rows: Sequence[tuple[str, Frames]], truth: np.ndarray, legend: Sequence[str]
+) -> Figure:
+    """rows: (row label, [(frame title, image (C, H, W))]); the truth ends every row. Row
+    labels are horizontal (rotated ones overlapped each other at 10 configurations)."""
     width = max(len(f) for _, f in rows) + 1
-    fig, axes = plt.subplots(
-        len(rows), width, figsize=(1.2 * width + 0.8, 1.3 * len(rows)), squeeze=False
-    )
+    fig = _figure(1.15 * width + 1.4, 1.15 * len(rows) + 0.5)
+    axes = fig.subplots(len(rows), width, squeeze=False)
     for r, (label, frames) in enumerate(rows):
         for k in range(width):
             ax = axes[r][k]
-            ax.set_xticks([])
-            ax.set_yticks([])
             if k < len(frames):
                 _show(ax, frames[k][1], frames[k][0] if r == 0 or k == len(frames) - 1 else "")
             elif k == width - 1:
                 _show(ax, truth, "ground truth" if r == 0 else "")
             else:
                 ax.axis("off")
-        axes[r][0].set_ylabel(label, fontsize=7)
-    return _save(fig, path)
+        axes[r][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    _add_legend(fig, legend)
+    return fig
 
 
 def _show(ax: Any, image: np.ndarray, title: str) -> None:
     """image: (C, H, W) in [0, 1]; grey images have C = 1."""
     img = np.clip(np.asarray(image).transpose(1, 2, 0), 0, 1)
     ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=6)
 
@@ -179,22 +243,39 @@ def fig4a(df: pd.DataFrame, path: Path) -> Path | None:
     sizes = sorted(b for b in avg["batch_size"].unique() if b > 1)
     if avg.empty or not sizes:
         return None
-    fig, axes = plt.subplots(1, len(sizes), figsize=(3.2 * len(sizes) + 1, 3.4), squeeze=False)
-    for ax, b in zip(axes[0], sizes, strict=True):
-        a, s = avg[avg["batch_size"] == b], best[best["batch_size"] == b]
-        labels = [_label(df, r) for r in a.to_dict("records")]
+    short, legend = _df_aliases(df)
+    panels = [(b, avg[avg["batch_size"] == b], best[best["batch_size"] == b]) for b in sizes]
+    bars = [([short[_label(df, r)] for r in a.to_dict("records")], a, s) for _, a, s in panels]
+    fig = bars_figure([f"B = {b}" for b in sizes], bars, legend)
+    return _save(fig, path)
+
+
+Bars = tuple[list[str], pd.DataFrame, pd.DataFrame]
+
+
+def bars_figure(titles: Sequence[str], panels: Sequence[Bars], legend: Sequence[str]) -> Figure:
+    """One panel per title: (labels, average rows, best rows) with mean/ci_low/ci_high. Panels
+    widen with the number of bars and labels stand upright, so the axes keep their height."""
+    n = max(len(labels) for labels, _, _ in panels)
+    chars = max(len(t) for labels, _, _ in panels for t in labels)
+    # the height grows by what the upright labels and the legend take, not out of the axes
+    fig = _figure((0.32 * n + 1.4) * len(panels) + 0.6, 3.6 + 0.07 * chars + 0.12 * len(legend))
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, title, (labels, a, s) in zip(axes[0], titles, panels, strict=True):
         x = np.arange(len(labels))
         for offset, rows, name in ((-0.2, a, "average"), (0.2, s, "best in batch")):
             ax.bar(
                 x + offset, rows["mean"], width=0.4, label=name, yerr=_error_bars(rows), capsize=3
             )
-        ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"B = {b}", fontsize=9)
+        upright = len(labels) > 3 or max(len(t) for t in labels) > 8
+        ax.set_xticks(x, labels, rotation=90 if upright else 0, fontsize=7)
+        ax.set_title(title, fontsize=9)
         ax.set_ylabel("PSNR (dB)")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Figure 4a: average vs best-in-batch PSNR", fontsize=9)
-    return _save(fig, path)
+    _add_legend(fig, legend)
+    return fig
 
 
 def _error_bars(rows: pd.DataFrame) -> np.ndarray:
@@ -224,15 +305,17 @@ def fig5(df: pd.DataFrame, axis: str, path: Path) -> Path | None:
     by = [*ag.config_columns(df), x] + (["batch_size"] if x != "batch_size" else [])
     table = ag.summary(part, by, ["psnr"])
     panels = sorted(table["batch_size"].unique()) if x != "batch_size" else [None]
-    fig, axes = plt.subplots(
-        1, len(panels), figsize=(3.6 * len(panels) + 1, 3.4), squeeze=False, sharey=True
-    )
+    fig = _figure(3.6 * len(panels) + 2.2, 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)
     styles = _line_styles(table, ag.config_columns(df))
+    short, legend = _df_aliases(df)
     for ax, b in zip(axes[0], panels, strict=True):
         rows = table if b is None else table[table["batch_size"] == b]
         for config, line in rows.groupby(ag.config_columns(df), sort=True, dropna=False):
             line = line.sort_values(x)
-            label = ag.label_of(dict(zip(ag.config_columns(df), _tuple(config), strict=True)))
+            label = short[
+                ag.label_of(dict(zip(ag.config_columns(df), _tuple(config), strict=True)))
+            ]
             color, dash = styles[_tuple(config)]
             ax.plot(line[x], line["mean"], marker="o", ms=3, label=label, color=color, ls=dash)
             ax.fill_between(line[x], line["ci_low"], line["ci_high"], alpha=0.15, color=color)
@@ -243,8 +326,10 @@ def fig5(df: pd.DataFrame, axis: str, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         if b is not None:
             ax.set_title(f"B = {b}", fontsize=9)
-    axes[0][0].legend(fontsize=7)
+    # beside the last panel, never over the lines
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.suptitle(f"Figure 5: PSNR vs {xlabel} (95 % CI bands)", fontsize=9)
+    _add_legend(fig, legend)
     return _save(fig, path)
 
 
@@ -265,6 +350,26 @@ def _tuple(key: Any) -> tuple[Any, ...]:
     return key if isinstance(key, tuple) else (key,)
 
 
+GRID_ROWS = 8  # images shown per configuration
+
+
+@dataclass(frozen=True)
+class Column:
+    """One configuration in an image grid: its title and one image (C, H, W) per row (None:
+    not committed) with a caption each (the image's PSNR)."""
+
+    title: str
+    images: list[np.ndarray | None]
+    captions: list[str]
+
+
+def _column(run: RunDir, ok: pd.DataFrame, cell_id: str, title: str, n: int) -> Column:
+    images = read_reconstruction(run.reconstruction_path(cell_id)).images[:n]
+    psnr = ok[ok["cell_id"] == cell_id].drop_duplicates("image_index").sort_values("image_index")
+    captions = [f"{v:.1f} dB" for v in psnr["psnr"].to_numpy()[:n]]
+    return Column(title, list(images), captions + [""] * (len(images) - len(captions)))
+
+
 def image_grid(run: RunDir, df: pd.DataFrame, path: Path, *, worst: bool) -> Path | None:
     """Ground truth vs every configuration on the batch (gradient x seed) whose mean PSNR over
     the configurations that attacked it is the highest (or lowest)."""
@@ -276,56 +381,90 @@ def image_grid(run: RunDir, df: pd.DataFrame, path: Path, *, worst: bool) -> Pat
     gradient_id = str(per.index[0])
     cells = ok[ok["gradient_id"] == gradient_id].sort_values("seed")
     cells = cells.drop_duplicates(ag.config_columns(df)).sort_values(ag.config_columns(df))
-    truth = read_gradient(run.gradient_path(gradient_id)).images
-    rows: list[tuple[str, np.ndarray]] = [("ground truth", truth)]
-    for c in cells.to_dict("records"):
-        psnr = ok.loc[ok["cell_id"] == c["cell_id"], "psnr"].mean()
-        images = read_reconstruction(run.reconstruction_path(c["cell_id"])).images
-        rows.append((f"{_label(df, c)}\n{psnr:.1f} dB", images))
+    truth = read_gradient(run.gradient_path(gradient_id)).images[:GRID_ROWS]
+    short, legend = _df_aliases(df)
+    columns = [
+        _column(run, ok, c["cell_id"], short[_label(df, c)], len(truth))
+        for c in cells.to_dict("records")
+    ]
     first = cells.iloc[0]
     title = (
         f"{'worst' if worst else 'best'} batch: {first['defense']} "
         f"{first['defense_level']:g}, B={first['batch_size']}, batch {first['batch_index']}"
     )
-    return _grid(rows, path, title=title)
+    return _save(grid_figure(list(truth), columns, title=title, legend=legend), path)
 
 
 def first_batch_grid(run: RunDir, df: pd.DataFrame, path: Path) -> Path | None:
-    """Ground truth vs every committed cell of the grid's first batch (smallest B, batch 0,
-    first seed): one row per configuration x defense level (the report's reconstructions.png)."""
+    """Ground truth next to every configuration x defense level on the grid's first images:
+    smallest B, first seed, batches 0, 1, ... up to GRID_ROWS images (so that B = 1 still shows
+    several faces). The report's reconstructions.png, the picture `gi-eval demo` points at."""
     ok = df[df["status"] == "ok"]
     if ok.empty:
         return None
-    first = ok[(ok["batch_size"] == ok["batch_size"].min()) & (ok["batch_index"] == 0)]
+    first = ok[ok["batch_size"] == ok["batch_size"].min()]
     first = first[first["seed"] == first["seed"].min()]
-    if first.empty:
-        return None
-    cells = first.drop_duplicates("cell_id").sort_values(
-        [*ag.config_columns(df), "defense", "defense_level"]
-    )
-    truth = read_gradient(run.gradient_path(cells["gradient_id"].iloc[0])).images
-    rows: list[tuple[str, np.ndarray]] = [("ground truth", truth)] + [
-        (
-            f"{_label(df, c)}\n{c['defense']} {c['defense_level']:g}",
-            read_reconstruction(run.reconstruction_path(c["cell_id"])).images,
+    size = int(first["batch_size"].iloc[0])
+    batches = sorted(first["batch_index"].unique())[: max(1, GRID_ROWS // size)]
+    first = first[first["batch_index"].isin(batches)].drop_duplicates("cell_id")
+    gradients = first.drop_duplicates("batch_index").set_index("batch_index")["gradient_id"]
+    truth = [
+        image
+        for b in batches
+        for image in read_gradient(run.gradient_path(gradients[b])).images[:GRID_ROWS]
+    ][:GRID_ROWS]
+    short, legend = _df_aliases(df)
+    keys = [*ag.config_columns(df), "defense", "defense_level"]
+    columns = []
+    for _, group in first.groupby(keys, sort=True, dropna=False):
+        c = group.iloc[0]
+        defense = (
+            "no defense" if c["defense"] == "none" else f"{c['defense']} {c['defense_level']:g}"
         )
-        for c in cells.to_dict("records")
-    ]
-    return _grid(rows, path, title="first batch")
+        title = f"{short[_label(df, c.to_dict())]}\n{defense}"
+        images: list[np.ndarray | None] = []
+        captions: list[str] = []
+        for b in batches:
+            cell = group[group["batch_index"] == b]
+            part = (
+                _column(run, ok, cell["cell_id"].iloc[0], title, size)
+                if not cell.empty
+                else Column(title, [None] * size, [""] * size)
+            )
+            images += part.images
+            captions += part.captions
+        columns.append(Column(title, images[: len(truth)], captions[: len(truth)]))
+    batch_text = ", ".join(str(b) for b in batches)
+    title = f"ground truth vs every method: B = {size}, batch {batch_text}, PSNR under each image"
+    return _save(grid_figure(truth, columns, title=title, legend=legend), path)
 
 
-def _grid(rows: Sequence[tuple[str, np.ndarray]], path: Path, *, title: str) -> Path:
-    """rows: (label, images (B, C, H, W) in [0, 1]); at most 8 images per row."""
-    n_cols = min(8, rows[0][1].shape[0])
-    fig, axes = plt.subplots(
-        len(rows), n_cols, figsize=(1.3 * n_cols + 1.2, 1.3 * len(rows)), squeeze=False
-    )
-    for r, (label, images) in enumerate(rows):
-        for c in range(n_cols):
-            ax = axes[r][c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            _show(ax, images[c], "")
-        axes[r][0].set_ylabel(label, fontsize=6)
+def grid_figure(
+    truth: Sequence[np.ndarray], columns: Sequence[Column], *, title: str, legend: Sequence[str]
+) -> Figure:
+    """A row per image, the ground truth first and then a column per configuration, wrapped
+    into blocks of GRID_COLUMNS configurations (each block repeats the ground truth), so that
+    the figure's width, and the room of every column title, is bounded at any count."""
+    rows = len(truth)
+    per = max(1, min(GRID_COLUMNS, len(columns)))
+    blocks = -(-len(columns) // per) or 1
+    fig = _figure(1.15 * (per + 1) + 0.3, blocks * (1.2 * rows + 0.6) + 0.5)
+    axes = fig.subplots(blocks * rows, per + 1, squeeze=False)
+    for blk in range(blocks):
+        for r in range(rows):
+            line = axes[blk * rows + r]
+            _show(line[0], truth[r], "ground truth" if r == 0 else "")
+            for k in range(per):
+                idx = blk * per + k
+                image = columns[idx].images[r] if idx < len(columns) else None
+                if image is None:
+                    line[k + 1].axis("off")
+                    continue
+                head = "\n".join(
+                    textwrap.fill(t, ALIAS_MAX) for t in columns[idx].title.split("\n")
+                )
+                _show(line[k + 1], image, head if r == 0 else "")
+                line[k + 1].set_xlabel(columns[idx].captions[r], fontsize=6, labelpad=1)
     fig.suptitle(title, fontsize=8)
-    return _save(fig, path)
+    _add_legend(fig, legend)
+    return fig
