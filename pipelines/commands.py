@@ -35,6 +35,7 @@ from storage.run import RunDir, open_run
 from storage.verify import scan, verify_and_repair
 from tasks.cells import expand
 from tasks.jobs import (
+    active_records,
     job_cell_counts,
     pending_records,
     queued_cells,
@@ -407,6 +408,9 @@ def prefect_logs(notify: Callable[[str], None], *, verbose: bool) -> Iterator[No
 
 def status_report(run_dir: Path) -> str:
     run = _require_run(run_dir)
+    other = _multigrad_status(run)
+    if other is not None:
+        return other
     spec = spec_from_yaml(run.spec_text())
     active = pending_records(run)
     queued = queued_cells(run)
@@ -435,6 +439,30 @@ def status_report(run_dir: Path) -> str:
                 if old
                 else []
             ),
+        ]
+    )
+
+
+def _multigrad_status(run: RunDir) -> str | None:
+    """`gi-eval status` of an Appendix D run (`gi-eval multigrad`): its cells and jobs, which the
+    shared array runner records like a grid's. None when the run is not one."""
+    import yaml
+
+    from tasks.multigrad import MultiGradSpec, cells, result_path
+
+    data = yaml.safe_load(run.spec_text())
+    if not (isinstance(data, dict) and {"gradients", "settings"} & set(data)):
+        return None
+    spec = MultiGradSpec.model_validate(data)
+    todo = cells(spec)
+    done = sum(result_path(run, c["id"]).is_file() for c in todo)
+    active = active_records(run)
+    running = {c for r in active for c in r.cells}
+    return "\n".join(
+        [
+            f"run {run.root} (multigrad {spec.name!r})",
+            f"cells: {len(todo)} total, {done} done, {len(running)} in {len(active)} "
+            f"queued/running job(s), {len(todo) - done} to do",
         ]
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -14,9 +15,10 @@ from pipelines.flows import executor_config
 from storage.atomic import publishing, write_bytes_atomic
 from storage.run import RunDir, create_run
 from tasks.arrays import retry_on_missing, submit_and_wait
-from tasks.errors import ExecutionError
+from tasks.errors import ExecutionError, RunCancelled
 from tasks.executors import ExecutorConfig, threads_per_job
 from tasks.giml_spec import load_yaml_spec
+from tasks.jobs import cancel_requested
 from tasks.multigrad import MultiGradJob, MultiGradSpec, cells, result_path, run_cells
 
 DEFAULT_RUNS = Path("runs")
@@ -29,9 +31,13 @@ DEFAULT_RUNS = Path("runs")
     cache_policy=NO_CACHE,
     retry_condition_fn=retry_on_missing,
 )
-def run_all(run_dir: str, spec: MultiGradSpec, executor: ExecutorConfig) -> int:
+def run_all(run_dir: str, spec: MultiGradSpec, executor: ExecutorConfig, run_started: float) -> int:
+    """One array of the cells without a result; a `gi-eval cancel` after `run_started` stops
+    it for good (RunCancelled is not retried), missing cells otherwise are."""
     run = RunDir(Path(run_dir))
     todo = [c for c in cells(spec) if not result_path(run, c["id"]).is_file()]
+    if todo and cancel_requested(run, since=run_started):
+        raise RunCancelled(f"{run.root} was cancelled (gi-eval cancel): {len(todo)} cells not run")
     k = spec.execution.cells_per_job
     jobs = [
         MultiGradJob(run_dir, tuple(todo[i : i + k]), threads_per_job(executor))
@@ -47,6 +53,10 @@ def run_all(run_dir: str, spec: MultiGradSpec, executor: ExecutorConfig) -> int:
         what=f"{len(todo)} multigrad cells",
     )
     missing = [c["id"] for c in todo if not result_path(run, c["id"]).is_file()]
+    if missing and cancel_requested(run, since=run_started):
+        raise RunCancelled(
+            f"{run.root} was cancelled (gi-eval cancel): {len(missing)} cells not run"
+        )
     if missing:
         raise ExecutionError(f"{len(missing)} multigrad cells missing (see {run.logs_dir})")
     return len(todo)
@@ -124,7 +134,7 @@ def multigrad(spec_path: str, executor: str | None = None, out: str | None = Non
     """cells (T x setting x batch x seed) -> one job array -> reports/multigrad.md."""
     spec, text = load_yaml_spec(spec_path, MultiGradSpec)
     run = create_run(Path(out) if out else DEFAULT_RUNS / spec.name, text)
-    run_all(str(run.root), spec, executor_config(spec, executor))
+    run_all(str(run.root), spec, executor_config(spec, executor), time.time())
     return str(write_report(run, spec))
 
 
