@@ -96,6 +96,7 @@ SPEC_VALUES: dict[str, Any] = {
     "data.dataset": "lfw-faces",
     "data.image_size": 64,
     "data.shuffle_seed": 3,
+    "data.colour": "gray",
     "victim.arch": "convnet",
     "victim.width": 8,
     "victim.seed": 1,
@@ -168,6 +169,7 @@ PARAM_VALUES: dict[str, Any] = {
     "prune_at": [0.5],
     "parametrisation": "sigmoid",
     "start": "given",
+    "colour": "gray",
 }
 
 
@@ -214,12 +216,13 @@ def _param_alternative(value: Any, name: str) -> Any:
 
 def _param_pairs() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(label, spec a, spec b) for every config field of every method (not `preset`: walked as
-    methods.preset)."""
+    methods.preset; not `tuned_on`: provenance the pipeline writes with tuned values, which a
+    spec may not set — a hand-written one exits 2)."""
     for method in METHOD_NAMES:
         cls = config_class(method)
         default = cls()
         for f in dataclasses.fields(cls):
-            if f.name == "preset":
+            if f.name in ("preset", "tuned_on"):
                 continue
             alt = _param_alternative(getattr(default, f.name), f.name)
             base = {**BASE, "methods": [method]}
