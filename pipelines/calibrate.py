@@ -83,7 +83,7 @@ def time_cell(cell: InversionCell) -> float:
     generator = generator_for(cell)
 
     def run(steps: int) -> float:
-        config = dataclasses.replace(cell.config, **{n: steps for n in counts})  # type: ignore[type-var]
+        config = dataclasses.replace(cell.config, **{n: steps for n in counts})  # type: ignore[arg-type]
         start = time.perf_counter()
         reconstruct(cell.method, problem, config, seed=cell.seed, generator=generator)
         return time.perf_counter() - start

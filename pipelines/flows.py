@@ -9,7 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, cast
+from uuid import UUID
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -32,6 +33,7 @@ from pipelines.planner import (
     inversion_chunks,
     prepare_run,
     read_spec,
+    resolve_executor,
     run_dir_for,
 )
 from pipelines.report import write_report
@@ -40,11 +42,9 @@ from tasks.arrays import POLL_S, run_array
 from tasks.executors import ExecutorConfig, threads_per_job
 from tasks.jobs import pending_records, queued_cells, stop_jobs
 from tasks.resources import ArrayGroup, ArrayKind, inversion_groups, kind_config
-from tasks.spec import GridSpec, spec_from_yaml
+from tasks.spec import ExecutorKind, GridSpec, spec_from_yaml
 from tasks.work import Chunk
 
-EXECUTORS = ("inline", "local", "slurm")
-Executor = Literal["inline", "local", "slurm"]
 PROGRESS_EVERY_S = 5.0  # how often the progress artifact is refreshed while arrays run
 
 
@@ -129,7 +129,14 @@ def plan(
         run.logs_dir,
     )
     return Work(
-        str(run.root), grads, cells, config, timeout, len(queued), started, planned,
+        str(run.root),
+        grads,
+        cells,
+        config,
+        timeout,
+        len(queued),
+        started,
+        planned,
         gradient_executor=gradient_config,
         inversion_arrays=_named_arrays(arrays),
     )
@@ -244,7 +251,7 @@ def _cancel_jobs(flow: Any, flow_run: Any, state: Any) -> None:
 )
 def evaluation_grid(
     spec_path: str,
-    executor: Executor | None = None,
+    executor: ExecutorKind | None = None,
     out: str | None = None,
     partition: str | None = None,
     max_parallel: int | None = None,
@@ -279,8 +286,9 @@ def evaluation_grid(
         run_work(work, started=work.started, retries=retries)
         if work.queued:  # an earlier run's jobs still hold cells: let them finish, redo misses
             wait_for_earlier_jobs(work.run_dir)
-            run_work(plan(spec_path, executor, out, overrides), started=work.started,
-                     retries=retries)
+            run_work(
+                plan(spec_path, executor, out, overrides), started=work.started, retries=retries
+            )
     return report(work.run_dir)
 
 
@@ -295,8 +303,12 @@ def _progress_artifact(work: Work) -> Iterator[None]:
     def percent() -> float:
         return 100.0 * len(run.committed_cells() & work.planned) / total
 
-    artifact = create_progress_artifact(
-        percent(), key=f"{key}-progress", description=f"cells committed of {len(work.planned)}"
+    # a flow run is synchronous here: the sync form returns the artifact's id, not a coroutine
+    artifact = cast(
+        UUID,
+        create_progress_artifact(
+            percent(), key=f"{key}-progress", description=f"cells committed of {len(work.planned)}"
+        ),
     )
     stop = threading.Event()
 
@@ -339,11 +351,9 @@ def executor_config(
 
 
 def _base_executor_config(spec: GridSpec, override: str | None) -> ExecutorConfig:
-    if override is not None and override not in EXECUTORS:
-        raise ConfigError(f"executor: unknown {override!r}; choose one of {', '.join(EXECUTORS)}")
     ex, slurm = spec.execution, spec.execution.slurm
     return ExecutorConfig(
-        kind=override or ex.executor,
+        kind=resolve_executor(spec, override),
         timeout_min=slurm.timeout_min,
         partition=slurm.partition,
         cpus_per_task=slurm.cpus_per_task,

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipelines.flows import evaluation_grid, executor_config
 from pipelines.giml_report import write_giml_report
+from pipelines.planner import resolve_executor
 from storage.atomic import write_bytes_atomic
 from storage.generator_snapshots import snapshot_steps
 from storage.run import RunDir, create_run, open_run
@@ -37,7 +38,7 @@ from tasks.giml import (
 )
 from tasks.giml_spec import GIMLSpec, PretrainSpec, load_yaml_spec
 from tasks.jobs import active_records
-from tasks.spec import MethodSpec
+from tasks.spec import ExecutorKind, MethodSpec
 
 DEFAULT_RUNS = Path("runs")
 
@@ -95,7 +96,7 @@ def report(run_dir: str, labels: dict[str, str]) -> str:
 
 
 @flow(name="giml", log_prints=False)
-def giml(spec_path: str, executor: str | None = None, out: str | None = None) -> str:
+def giml(spec_path: str, executor: ExecutorKind | None = None, out: str | None = None) -> str:
     """task set -> (wrong prior +) meta-training -> evaluation grids -> report."""
     spec, text = load_yaml_spec(spec_path, GIMLSpec)
     config = executor_config(spec, executor, "giml")
@@ -117,7 +118,7 @@ def giml(spec_path: str, executor: str | None = None, out: str | None = None) ->
 
 
 @flow(name="pretrain-prior", log_prints=False)
-def pretrain(spec_path: str, executor: str | None = None, out: str | None = None) -> str:
+def pretrain(spec_path: str, executor: ExecutorKind | None = None, out: str | None = None) -> str:
     """GAN training of one prior: snapshots (gan:<run>@<step>), sample grids, loss plot."""
     spec, text = load_yaml_spec(spec_path, PretrainSpec)
     run = create_run(Path(out) if out else DEFAULT_RUNS / spec.name, text)
@@ -183,12 +184,13 @@ def run_command(
 
     model = GIMLSpec if kind == "giml" else PretrainSpec
     spec, _ = load_yaml_spec(spec_path, model)
-    executor_config(spec, executor)
+    kind_of_executor = resolve_executor(spec, executor)  # exit 2 on an unknown one, here
+    executor_config(spec, kind_of_executor)
     if isinstance(spec, GIMLSpec):
         client_indices(spec)  # data set sizes and the held-out split
-    target = out and str(out)
+    target = str(out) if out else None
     with prefect_logs(to_stderr, verbose=verbose):  # the flow's lines at INFO, one-liners here
         if kind == "giml":
-            return f"report: {giml(str(spec_path), executor, target)}"
-        root = pretrain(str(spec_path), executor, target)
+            return f"report: {giml(str(spec_path), kind_of_executor, target)}"
+        root = pretrain(str(spec_path), kind_of_executor, target)
     return f"snapshots: {root}/snapshots (use gan:{root}@<step> as a generator checkpoint)"

@@ -145,4 +145,4 @@ def run_command(spec_path: Path, *, executor: str | None, out: Path | None, verb
     spec, _ = load_yaml_spec(spec_path, MultiGradSpec)
     executor_config(spec, executor)
     with prefect_logs(to_stderr, verbose=verbose):  # the flow's lines at INFO, one-liners here
-        return Path(multigrad(str(spec_path), executor, out and str(out))).read_text()
+        return Path(multigrad(str(spec_path), executor, str(out) if out else None)).read_text()

@@ -7,12 +7,18 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, get_args
+from typing import Any, TypeVar, cast
 
 from gi_core.errors import ConfigError
 from storage.run import RunDir, create_run, open_run, replace_damaged_spec, update_spec
 from tasks.cells import GradientCell, InversionCell, Plan, expand
-from tasks.spec import ExecutionSpec, GridSpec, read_spec_text, spec_from_yaml
+from tasks.spec import (
+    EXECUTOR_KINDS,
+    ExecutorKind,
+    GridSpec,
+    read_spec_text,
+    spec_from_yaml,
+)
 from tasks.work import Chunk
 
 T = TypeVar("T")
@@ -50,20 +56,15 @@ class GridStatus:
         return sum(c.id in self.committed for c in self.plan.inversion_cells)
 
 
-# The executor kinds, as the spec's schema spells them (the one list of them).
-EXECUTOR_KINDS: tuple[str, ...] = get_args(ExecutionSpec.model_fields["executor"].annotation)
-
-
-def resolve_executor(spec: GridSpec, flag: str | None) -> str:
+def resolve_executor(spec: Any, flag: str | None) -> ExecutorKind:
     """The executor a command targets: the CLI's --executor over the spec's
-    execution.executor. Every command resolves it here once and passes the result down."""
+    execution.executor. Every command resolves it here once and passes the result down
+    (`spec`: any spec with an `execution` section: a grid, GIML, pretraining or multigrad spec.)"""
     if flag is None:
-        return spec.execution.executor
+        return cast(ExecutorKind, spec.execution.executor)
     if flag not in EXECUTOR_KINDS:
-        raise ConfigError(
-            f"executor: unknown {flag!r}; choose one of {', '.join(EXECUTOR_KINDS)}"
-        )
-    return flag
+        raise ConfigError(f"executor: unknown {flag!r}; choose one of {', '.join(EXECUTOR_KINDS)}")
+    return cast(ExecutorKind, flag)
 
 
 def read_spec(path: Path | str) -> tuple[GridSpec, str]:

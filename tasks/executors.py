@@ -24,15 +24,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import submitit
 from pydantic import BaseModel, ConfigDict, Field
 from submitit.core.utils import FailedJobError, FailedSubmissionError
 
 from tasks.errors import ExecutionError
-
-ExecutorKind = Literal["inline", "local", "slurm"]
+from tasks.spec import ExecutorKind
 
 # squeue states after which a job will not run again (anything else is still queued or running,
 # including REQUEUED and the PENDING state a requeued job returns to).

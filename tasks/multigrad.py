@@ -113,9 +113,9 @@ def _run_cell(run: RunDir, cell: dict[str, Any]) -> None:
 
     config = MultiGradConfig(**cell["config"])
     observations = observe(build, images, labels, config, seed=victim.seed)
-    result = reconstruct(
-        build(victim.seed), observations, labels, tuple(images.shape[1:]), config, seed=cell["seed"]
-    )  # type: ignore[arg-type]
+    _, c, h, w = images.shape
+    result = reconstruct(build(victim.seed), observations, labels, (c, h, w), config,
+                         seed=cell["seed"])  # fmt: skip
     best = result.best_restart
     body = {
         "cell": cell,

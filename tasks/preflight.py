@@ -29,12 +29,12 @@ import torch
 from gi_core.datasets import dataset_info
 from gi_core.errors import ConfigError
 from gi_core.generators import build_generator, load_generator_checkpoint
-from gi_core.victims import build_victim
 from storage import verify
 from storage.errors import EnvironmentProblem
 from storage.run import RunDir
 from tasks.cells import GradientCell, InversionCell, expand
 from tasks.jobs import active_records
+from tasks.models import victim_model
 from tasks.spec import spec_from_yaml
 
 # What torch.load / load_state_dict raise on a file that is not a matching state_dict (a text
@@ -135,16 +135,13 @@ def checkpoint_file_problem(path: Path | str) -> str | None:
 
 def _victim_problem(cell: GradientCell) -> str | None:
     v = cell.victim
-    bad_file = checkpoint_file_problem(v.checkpoint)
+    bad_file = checkpoint_file_problem(v.checkpoint) if v.checkpoint else None
     if bad_file:
         return f"{bad_file}; save one with torch.save(model.state_dict(), path)"
     classes = dataset_info(cell.dataset, image_size=cell.image_size).num_classes
     what = f"a {v.arch} state_dict for {classes} classes at {cell.image_size} px"
     try:
-        state = torch.load(v.checkpoint, map_location="cpu", weights_only=True)
-        extra = {"width": v.width} if v.width is not None else {}
-        build_victim(v.arch, num_classes=classes, image_size=cell.image_size, seed=v.seed,
-                     state_dict=state, **extra)
+        victim_model(v, num_classes=classes, image_size=cell.image_size)
     except (*_LOAD_ERRORS, ConfigError) as e:
         return f"is not {what} ({type(e).__name__}: {_short(e)}); save one with " \
                "torch.save(model.state_dict(), path)"
@@ -214,11 +211,10 @@ def _param_count(cell: GradientCell) -> int:
     classes = dataset_info(cell.dataset, image_size=cell.image_size).num_classes
     key = f"{v.arch}/{v.width}/{classes}/{cell.image_size}"
     if key not in _PARAMS:
-        extra = {"width": v.width} if v.width is not None else {}
+        shape_only = v.model_copy(update={"checkpoint": None})
         try:
             with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-                model = build_victim(v.arch, num_classes=classes, image_size=cell.image_size,
-                                     **extra)
+                model = victim_model(shape_only, num_classes=classes, image_size=cell.image_size)
         except (RuntimeError, NotImplementedError, TypeError, ValueError):
             # a user model that cannot be built on the meta device: its gradient is left out
             # of the estimate (the job builds it for real and reports any real problem)

@@ -16,7 +16,7 @@ import re
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -48,6 +48,10 @@ from gi_core.errors import ConfigError
 from gi_core.stylegan2 import StyleGAN2Config, StyleGAN2Options
 from gi_core.victims import check_victim_name
 from storage.generator_snapshots import parse_ref, resolve_ref
+
+# The executor kinds, spelled once (the spec, the CLI flag and the executor adapter read them).
+ExecutorKind = Literal["inline", "local", "slurm"]
+EXECUTOR_KINDS: tuple[str, ...] = get_args(ExecutorKind)
 
 DATASET_KINDS = (
     "lfw-faces",
@@ -400,7 +404,7 @@ class SlurmSpec(_Model):
 
 
 class ExecutionSpec(_Model):
-    executor: Literal["inline", "local", "slurm"] = "local"
+    executor: ExecutorKind = "local"
     cells_per_job: int = Field(default=4, ge=1)
     max_parallel: int = Field(default=2, ge=1)
     # Prefect task timeout of one job array (submission to last commit); on timeout the array's
@@ -952,8 +956,7 @@ def _follows_from_items(err: Any, errors: list[Any]) -> bool:
     also reports 'Tuple should have at least 1 item'; that line says nothing new, drop it."""
     loc = tuple(err["loc"])
     return err["type"] == "too_short" and any(
-        len(other["loc"]) > len(loc) and tuple(other["loc"][: len(loc)]) == loc
-        for other in errors
+        len(other["loc"]) > len(loc) and tuple(other["loc"][: len(loc)]) == loc for other in errors
     )
 
 

@@ -31,15 +31,12 @@ from gi_core.datasets import dataset_info, load_images
 from gi_core.defenses import apply_defense
 from gi_core.generators import (
     Generator,
-    build_generator,
-    load_generator_checkpoint,
     weights_source,
 )
 from gi_core.gradients import ParamIndex, bn_statistics
 from gi_core.labels import attack_labels
 from gi_core.metrics import evaluate_batch, lpips_model
-from gi_core.stylegan2 import StyleGAN2Generator, build_stylegan2
-from gi_core.victims import build_victim
+from gi_core.stylegan2 import StyleGAN2Generator
 from storage.checkpoints import delete_checkpoint, load_checkpoint, save_checkpoint
 from storage.run import RunDir, open_run
 from storage.tables import FAILURES_DIR, record_failure, write_curve
@@ -54,6 +51,8 @@ from tasks.batching import cell_bytes, device_budget, group_by_key, group_cells
 from tasks.cells import GeneratorSpec, GradientCell, InversionCell
 from tasks.errors import DegenerateInputError, ExecutionError
 from tasks.executors import job_environment
+from tasks.models import generator_model, victim_model
+from tasks.spec import VictimSpec
 
 log = logging.getLogger(__name__)
 # Periodic saves also cover SIGTERM preemption and node failures. GI_CHECKPOINT_EVERY_S (read in
@@ -188,50 +187,20 @@ def device() -> torch.device:
 
 
 @functools.lru_cache(maxsize=8)
-def _victim(
-    arch: str,
-    width: int | None,
-    seed: int,
-    checkpoint: str | None,
-    num_classes: int,
-    image_size: int,
-    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-) -> nn.Module:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True) if checkpoint else None
-    extra = {"width": width} if width is not None else {}
-    model = build_victim(
-        arch,
-        num_classes=num_classes,
-        image_size=image_size,
-        seed=seed,
-        state_dict=state,
-        normalize=normalize,
-        **extra,
-    )
-    return model.to(device())
+def _victim(spec: VictimSpec, num_classes: int, image_size: int) -> nn.Module:
+    """The victim of `spec` on this job's device, built once per job (tasks.models)."""
+    return victim_model(spec, num_classes=num_classes, image_size=image_size).to(device())
 
 
 def victim_for(cell: GradientCell) -> nn.Module:
-    v = cell.victim
     classes = dataset_info(cell.dataset, image_size=cell.image_size).num_classes
-    return _victim(
-        v.arch, v.width, v.seed, v.checkpoint, classes, cell.image_size, v.normalisation()
-    )
+    return _victim(cell.victim, classes, cell.image_size)
 
 
 @functools.lru_cache(maxsize=4)
 def _generator(spec: GeneratorSpec, output_size: int) -> Generator:
-    if spec.kind == "stylegan2" and spec.stylegan2 is not None:  # random-init architecture
-        arch = spec.stylegan2
-        options = spec.stylegan2_options()
-        gen: Generator = build_stylegan2(
-            arch.config(), output_size=output_size, options=options, seed=arch.seed
-        )
-        return gen.to(device())
-    state = load_generator_checkpoint(spec.checkpoint) if spec.checkpoint else None
-    options = spec.stylegan2_options() if spec.kind == "stylegan2" else None
-    gen = build_generator(spec.kind, output_size=output_size, state_dict=state, options=options)
-    return gen.to(device())
+    """The prior of `spec` on this job's device, built once per job (tasks.models)."""
+    return generator_model(spec, output_size=output_size).to(device())
 
 
 def generate_gradient(run: RunDir, cell: GradientCell) -> int:
