@@ -3,6 +3,7 @@ them and `gi-eval cancel` stops them, as for a grid."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,7 +63,12 @@ def test_multigrad_jobs_show_in_status_and_are_stopped_by_cancel(tmp_path: Path)
         cancel = _cli("cancel", str(run))
         assert cancel.returncode == 0, cancel.stderr
         assert "cancelled 1 job(s)" in cancel.stdout
+        job_pid = int(
+            json.loads(next((run / "jobs").glob("*-multigrad-*.json")).read_text())[0]["job_id"]
+        )
         driver.wait(timeout=120)  # the driver sees its job gone and ends
+        assert "cancelled" in (driver.stdout.read() if driver.stdout else "")
+        assert not Path(f"/proc/{job_pid}").exists()  # the job itself was killed, no orphan
         after = _cli("status", str(run))
         assert "0 in 0 queued/running job(s)" in after.stdout
         assert "0 done" in after.stdout
