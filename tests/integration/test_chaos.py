@@ -224,7 +224,12 @@ def _interrupt(
             time.sleep(0.3)
         if driver.poll() is not None:
             continue
-        time.sleep(rng.uniform(0.5, 4.0) if inversions else rng.uniform(0.2, 2.0))
+        # mid-cell kills come soon after the checkpoint appeared, before its cell can commit
+        # (a commit deletes the checkpoint); on a loaded machine a longer wait often missed it
+        if inversions and mid_cell:
+            time.sleep(rng.uniform(0.1, 1.0))
+        else:
+            time.sleep(rng.uniform(0.5, 4.0) if inversions else rng.uniform(0.2, 2.0))
         workers = _workers(out)
         if len(kills) % 2 == 1 and workers and _kill(rng.choice(workers)):
             kills.append("worker")
