@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gi_core.errors import ConfigError
 from pipelines.memory import check_memory
-from pipelines.planner import grid_status, prepare_run, read_spec, run_dir_for
+from pipelines.planner import grid_status, prepare_run, read_spec, resolve_executor, run_dir_for
 from storage.atomic import write_bytes_atomic
 from storage.errors import EnvironmentProblem
 from storage.run import RunDir
@@ -52,7 +52,7 @@ def submit_driver(spec_path: Path, *, executor: str | None, out: Path | None) ->
     """Validate like `gi-eval run`, create the run directory, sbatch the driver; returns what
     to tell the user. Nothing waits for the grid."""
     spec, text = read_spec(spec_path)
-    _require_slurm_executor(spec, executor)
+    _require_slurm_executor(spec, resolve_executor(spec, executor), flag=executor)
     _require_sbatch()
     run_path = run_dir_for(spec, out).resolve()
     previous = read_driver(run_path)
@@ -63,9 +63,10 @@ def submit_driver(spec_path: Path, *, executor: str | None, out: Path | None) ->
         )
     plan = expand(spec)  # checks data set sizes, generators, method parameters
     todo = plan.inversion_cells
-    check_before_submission(run_path, todo, [c.gradient for c in todo],
-                            keep_restarts=spec.storage.keep_restarts)
-    check_memory(spec, todo, executor=executor or spec.execution.executor)
+    check_before_submission(
+        run_path, todo, [c.gradient for c in todo], keep_restarts=spec.storage.keep_restarts
+    )
+    check_memory(spec, todo, executor="slurm")  # _require_slurm_executor: nothing else
     run = prepare_run(spec, text, run_path)  # `gi-eval status` works from now on
     script = driver_script(
         spec, spec_path=Path(spec_path).resolve(), run_path=run.root, executor=executor
@@ -81,14 +82,20 @@ def submit_driver(spec_path: Path, *, executor: str | None, out: Path | None) ->
     )
 
 
-def driver_script(
-    spec: GridSpec, *, spec_path: Path, run_path: Path, executor: str | None
-) -> str:
+def driver_script(spec: GridSpec, *, spec_path: Path, run_path: Path, executor: str | None) -> str:
     """The sbatch script of the driver job (also handed to `sbatch --test-only` in tests)."""
     slurm = spec.execution.slurm
     res = driver_resources(slurm)
-    command = [sys.executable, "-m", "pipelines.cli", "run", str(spec_path),
-               "--out", str(run_path), "--wait"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "run",
+        str(spec_path),
+        "--out",
+        str(run_path),
+        "--wait",
+    ]
     if executor is not None:
         command += ["--executor", executor]
     lines = [
@@ -109,8 +116,8 @@ def driver_script(
         "export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1",
         # SIGTERM (preemption, requeue, scancel) must not cancel the arrays (tasks.arrays)
         f"export {DETACHED_ENV}=1",
-        "echo \"[driver] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on "
-        "$(hostname) at $(date -u +%FT%TZ)\"",
+        'echo "[driver] job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on '
+        '$(hostname) at $(date -u +%FT%TZ)"',
         "exec " + shlex.join(command),
         "",
     ]
@@ -135,13 +142,13 @@ def _resource_lines(res: SlurmResources) -> list[str]:
     return lines
 
 
-def _require_slurm_executor(spec: GridSpec, executor: str | None) -> None:
+def _require_slurm_executor(spec: GridSpec, kind: str, *, flag: str | None) -> None:
     """A detached grid runs on the cluster: its arrays must be Slurm jobs too (a local or
     inline executor would squeeze the whole grid into the driver's one CPU). Checked without
-    importing Prefect, which would double the time `--detach` takes to return."""
-    kind = executor or spec.execution.executor
+    importing Prefect, which would double the time `--detach` takes to return. `kind`: the
+    resolved executor (planner.resolve_executor); `flag`: the CLI's, for the message."""
     if kind != "slurm":
-        where = "--executor" if executor else "execution.executor"
+        where = "--executor" if flag else "execution.executor"
         raise ConfigError(
             f"{where}: --detach hands the grid to Slurm, so the executor must be slurm "
             f"(got {kind!r}); pass --executor slurm, or drop --detach"
@@ -160,8 +167,9 @@ def _sbatch(script: str, run: RunDir) -> str:
     run.logs_dir.mkdir(parents=True, exist_ok=True)
     path = run.logs_dir / "driver.sbatch"
     path.write_text(script)
-    proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True,
-                          timeout=60, check=False)
+    proc = subprocess.run(
+        ["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60, check=False
+    )
     if proc.returncode != 0:
         raise EnvironmentProblem(
             f"sbatch refused the driver job ({proc.stderr.strip()}); the script is {path}; "
@@ -182,8 +190,13 @@ def read_driver(run_root: Path) -> DriverRecord | None:
 
 def driver_state(job_id: str) -> str | None:
     """squeue's state of the driver job (PENDING, RUNNING, ...), None once it left the queue."""
-    proc = subprocess.run(["squeue", "--noheader", "--format=%T", f"--jobs={job_id}"],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        ["squeue", "--noheader", "--format=%T", f"--jobs={job_id}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     states = proc.stdout.split() if proc.returncode == 0 else []
     return states[0] if states else None
 
@@ -206,6 +219,7 @@ def cancel_driver(run_root: Path) -> str | None:
         return None
     if not queued_job_ids({record.job_id}):
         return None
-    subprocess.run(["scancel", record.job_id], capture_output=True, text=True, timeout=60,
-                   check=False)
+    subprocess.run(
+        ["scancel", record.job_id], capture_output=True, text=True, timeout=60, check=False
+    )
     return record.job_id
