@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gi_core.errors import ConfigError
+from pipelines.background import while_running
 from pipelines.calibrate import calibrate_on_executor
 from pipelines.costmodel import Estimate, duration, estimate
 from pipelines.memory import check_memory, memory_lines
@@ -295,14 +296,13 @@ def _progress(
         return
     every, start = progress_interval(), time.monotonic()
     done_at_start = _snapshot(run_path, cell_ids)[0]
-    stop = threading.Event()
 
     def emit() -> None:
         done, running, failed = _snapshot(run_path, cell_ids)
         notify(Progress(done, len(cell_ids), running, failed, done_at_start,
                         time.monotonic() - start).line())
 
-    def ticks() -> None:
+    def ticks(stop: threading.Event) -> None:
         due = start
         while True:
             emit()
@@ -312,13 +312,10 @@ def _progress(
             if stop.wait(due - time.monotonic()):
                 return
 
-    thread = threading.Thread(target=ticks, name="progress-lines", daemon=True)
-    thread.start()
     try:
-        yield
+        with while_running(ticks, name="progress-lines"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         emit()  # the final count
 
 
@@ -333,7 +330,6 @@ def _progress_bar(cell_ids: set[str], run_path: Path) -> Iterator[None]:
     )
     from rich.progress import Progress as Bar
 
-    stop = threading.Event()
     columns = [
         TextColumn("{task.description}"),
         BarColumn(),
@@ -344,18 +340,13 @@ def _progress_bar(cell_ids: set[str], run_path: Path) -> Iterator[None]:
     with Bar(*columns, transient=True) as bar:
         task = bar.add_task("cells", total=len(cell_ids), extra="")
 
-        def poll() -> None:
+        def poll(stop: threading.Event) -> None:
             while not stop.wait(1.0):
                 done, running, failed = _snapshot(run_path, cell_ids)
                 bar.update(task, completed=done, extra=f"{running} running, {failed} failed")
 
-        thread = threading.Thread(target=poll, daemon=True)
-        thread.start()
-        try:
+        with while_running(poll, name="progress-bar"):
             yield
-        finally:
-            stop.set()
-            thread.join()
 
 
 def to_stderr(line: str) -> None:

@@ -23,6 +23,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from gi_core.errors import ConfigError
+from pipelines.background import while_running
 from pipelines.memory import sized_mem_gb
 from pipelines.notify import notify_state
 from pipelines.planner import (
@@ -310,19 +311,14 @@ def _progress_artifact(work: Work) -> Iterator[None]:
             percent(), key=f"{key}-progress", description=f"cells committed of {len(work.planned)}"
         ),
     )
-    stop = threading.Event()
-
-    def refresh() -> None:
+    def refresh(stop: threading.Event) -> None:
         while not stop.wait(PROGRESS_EVERY_S):
             update_progress_artifact(artifact, percent())
 
-    thread = threading.Thread(target=refresh, name="progress-artifact", daemon=True)
-    thread.start()
     try:
-        yield
+        with while_running(refresh, name="progress-artifact"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         update_progress_artifact(artifact, percent())
 
 

@@ -32,6 +32,7 @@ NOT_GRID_PAGES: dict[str, str] = {
     "giml_cpu.md": "pipelines/giml_report.py (a GI-ML run, not `report --publish`)",
     "multigrad_cpu.md": "pipelines/multigrad.py (not `report --publish`)",
     "gpu.md": "benchmarks/gpu_check.py (`make gpu-check`)",
+    "reproducibility.md": "benchmarks/chaos_acceptance.py (issue 20's acceptance run)",
 }
 # Published before pages were stamped; regenerating them means rerunning their grids (hours of
 # CPU on the shared machine), so they are listed here, visibly, until they are regenerated.
