@@ -246,6 +246,14 @@ def progress_interval() -> float:
     return value
 
 
+def next_tick(due: float, *, now: float, every: float) -> float:
+    """When the next progress line is due: one interval after the last due time, on a fixed
+    schedule; a tick that a loaded machine starved past its slot moves the schedule on to
+    `now + every` instead of firing the missed ticks in a burst."""
+    due += every
+    return due if due >= now else now + every
+
+
 @dataclass(frozen=True)
 class Progress:
     """One snapshot of a run's cells, and its line for a log file."""
@@ -306,9 +314,7 @@ def _progress(
         due = start
         while True:
             emit()
-            due += every
-            if due < time.monotonic():  # a tick starved by a loaded machine: no burst after
-                due = time.monotonic() + every
+            due = next_tick(due, now=time.monotonic(), every=every)
             if stop.wait(due - time.monotonic()):
                 return
 

@@ -3,7 +3,9 @@ output going to a file (no terminal, as under nohup, CI or an sbatch'ed driver) 
 progress line at a steady pace and a line for every array submission and end.
 
 The pace is set short by GI_PROGRESS_EVERY_S (the default is 30 s) so that a tiny grid lasts
-many intervals; the test asserts the lines' count and content, never the command's wall time.
+several intervals; this test asserts the lines' content and order, never a timing. The pace
+itself (a fixed schedule, no burst after a starved tick) is `commands.next_tick`, unit-tested
+with a fake clock in tests/unit/test_cli_plan.py.
 """
 
 from __future__ import annotations
@@ -48,12 +50,11 @@ def test_run_without_a_terminal_logs_progress_at_a_steady_pace(tmp_path: Path) -
     text = log.read_text()
     assert proc.returncode == 0, text
     progress = [m for m in map(LINE.match, text.splitlines()) if m]
-    elapsed = [int(m.group(3)) for m in progress]
-    assert len(progress) >= 4, text
-    # one line per interval: no stretch of the run went without one (a starved tick may slip
-    # a little on a loaded machine, hence the factor 2)
-    assert len(progress) >= elapsed[-1] / (2 * EVERY_S), text
-    assert elapsed == sorted(elapsed) and elapsed[0] == 0
+    # the first line at the start, the last at the end (periodic ones between them)
+    assert len(progress) >= 2, text
+    stamps = [int(m.group(3)) for m in progress]
+    assert stamps == sorted(stamps)  # lines come out in order
+    assert int(progress[0].group(1)) < 3  # the first line comes before the grid is done
     assert int(progress[-1].group(1)) == 3 and int(progress[-1].group(2)) == 0
     assert "nothing left" in progress[-1].group(0)
     lines = text.splitlines()

@@ -16,7 +16,13 @@ import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.commands import PLAN_FILE, Progress, estimate_vs_measured, progress_interval
+from pipelines.commands import (
+    PLAN_FILE,
+    Progress,
+    estimate_vs_measured,
+    next_tick,
+    progress_interval,
+)
 
 SPEC: dict[str, Any] = {
     "name": "plan-demo",
@@ -115,3 +121,17 @@ def test_prefect_loggers_stay_at_info_and_project_lines_reach_the_cli() -> None:
         flow_log.handle(engine)
     flow_log.handle(ours)  # after the run: no longer forwarded
     assert len(shown) == 1 and shown[0].endswith("array inversions-0: jobs ended")
+
+
+def test_progress_ticks_keep_a_fixed_schedule_and_never_burst() -> None:
+    """Fake clock: on time, ticks land every interval; a tick starved past several slots
+    (a loaded machine) moves the schedule on instead of firing the missed ones at once."""
+    due, ticks = 0.0, []
+    for now in (0.0, 30.1, 60.05, 90.2):  # each emit happens a little after its slot
+        due = next_tick(due, now=now, every=30.0)
+        ticks.append(due)
+    assert ticks == [30.0, 60.0, 90.0, 120.0]
+    late = next_tick(30.0, now=125.0, every=30.0)  # slots 60, 90 and 120 were missed
+    assert late == 155.0
+    assert next_tick(late, now=156.0, every=30.0) == 185.0  # and the pace resumes from there
+
