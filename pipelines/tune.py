@@ -33,7 +33,7 @@ from gi_core.attacks.registry import method_config
 from gi_core.errors import ConfigError
 from pipelines.planner import read_spec, run_dir_for
 from storage.run import open_run
-from tasks.cells import resolve_config
+from tasks.cells import expand, resolve_config
 from tasks.spec import (
     GridSpec,
     MethodSpec,
@@ -132,7 +132,6 @@ def tune(
     rounds_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optimisers = {key: _study(optuna, spec, s) for key, s in studies.items()}
-    colour = data_colour(spec)
     done: list[Trial] = []
     entries: list[dict[str, Any]] = []
     count = dict.fromkeys(studies, 0)
@@ -143,18 +142,17 @@ def tune(
                 count[key] += 1
                 t = optimisers[key].ask()
                 params = {k: _suggest(t, k, v) for k, v in _space(spec, s).items()}
-                asked.append((s, t, params))
-                entries.append(_entry(s, t.number, params, len(studies) > len(_names(studies))))
+                entry = _entry(s, t.number, params, len(studies) > len(_names(studies)))
+                asked.append((s, t, params, entry["label"]))
+                entries.append(entry)
         tuning_spec = _tuning_spec(spec, entries, held_out, batch_size, executor)
         path = rounds_dir / f"round-{len(done):04d}.yaml"
         path.write_text(yaml.safe_dump(tuning_spec, sort_keys=False))
         run_grid(path, run_dir)
         scores = _scores(run_dir)
-        scale = spec.budgets.iterations_scale
-        for s, t, params in asked:
-            m = MethodSpec(name=s.entry.name, params=entry_params(s.entry, params))
-            config = resolve_config(m, scale, colour=colour)
-            psnr, lpips = scores.get((s.entry.name, _config_json(config)), (math.nan, math.nan))
+        ran = _trial_configs(path)
+        for s, t, params, label in asked:
+            psnr, lpips = scores.get((s.entry.name, ran[s.entry.name, label]), (math.nan, math.nan))
             value = lpips if spec.tuning.objective == "lpips" else psnr
             if math.isfinite(value):
                 optimisers[s.key].tell(t, value)
@@ -215,12 +213,17 @@ def reuse_notes(spec: GridSpec) -> list[str]:
     return notes
 
 
+def _trial_configs(round_spec: Path) -> dict[tuple[str, str], str]:
+    """(method, trial label) -> the resolved config JSON its cells ran with: at a matched
+    budget (`budgets.match`) the cells' iterations are the matched ones, not the entry's."""
+    spec, _ = read_spec(round_spec)
+    return {
+        (c.method, c.variant): canonical_json(c.config_dict) for c in expand(spec).inversion_cells
+    }
+
+
 def _names(studies: Mapping[str, Study]) -> set[str]:
     return {s.entry.name for s in studies.values()}
-
-
-def _config_json(config: Any) -> str:
-    return canonical_json(dataclasses.asdict(config))
 
 
 def _best(spec: GridSpec, trials: Sequence[Trial]) -> Trial:

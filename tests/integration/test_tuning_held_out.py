@@ -149,3 +149,23 @@ def test_a_grid_can_tune_itself_as_a_cached_stage_of_its_run(tmp_path: Path) -> 
     assert again.returncode == 0, again.stdout + again.stderr
     assert len(open_run(tmp_path / "run-tune").metrics()) == 1
     assert open_run(out).metrics()["cell_id"].tolist() == rows["cell_id"].tolist()
+
+
+@pytest.mark.slow
+def test_a_matched_budget_grid_is_tuned_at_its_matched_budget(tmp_path: Path) -> None:
+    """At `budgets.match` the trial cells run the matched iterations, not the entry's: their
+    scores must still be found (found broken: every trial 'failed', tune exited 2)."""
+    spec = {
+        **SPEC,
+        "name": "matched",
+        "data": {**SPEC["data"], "num_batches": 1},
+        "batch_sizes": [1],
+        "budgets": {"match": "grad_evals", "value": 3},
+        "tuning": {"batches": 1, "trials": 1},
+    }
+    result = _tune(tmp_path, spec)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = open_run(tmp_path / "tune-run").metrics()
+    assert rows["budget_grad_evals"].tolist() == [3]  # 2 iterations in the entry, 3 matched
+    tuned = yaml.safe_load((tmp_path / "tuned.yaml").read_text())
+    assert "tv" in tuned["methods"][0]["params"]
