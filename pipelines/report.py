@@ -32,6 +32,7 @@ from pipelines import aggregate as ag
 from pipelines import report_budget as budgets
 from pipelines import report_figures as figs
 from pipelines import report_tables as tables
+from pipelines.report_claims import claims_markdown
 from pipelines.report_html import Figure, Page, render
 from storage.metrics import provenance
 from storage.run import RunDir
@@ -159,6 +160,8 @@ def write_report(run: RunDir, *, include_all: bool = False) -> Report:
             tested=tested,
         ).values()
         pairs = _paired_styler(tested) if tested is not None else None
+        (reports / CLAIMS_FILE).write_text(claims_markdown(tested, df, baseline))
+        files.append(reports / CLAIMS_FILE)
         t1.numbers.to_csv(reports / "summary.csv", index=False)  # avg and best, every metric
         files.append(reports / "summary.csv")
     else:
@@ -375,6 +378,8 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
     ]
     stamp = page_stamp(run)
     paired = (reports / "paired.md").read_text() if (reports / "paired.md").is_file() else ""
+    claims = reports / CLAIMS_FILE
+    tuning = _tuning_section(run, target)
     page = [
         f"{PAGE_STAMP}{json.dumps(stamp, sort_keys=True)} -->",
         f"# Results: {run.root.name}",
@@ -401,6 +406,8 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
         "## Paired comparisons",
         "",
         paired,
+        claims.read_text() if claims.is_file() else "",
+        *tuning,
         "## Figures",
         "",
         *[f"{f}\n" for f in figures],
@@ -420,6 +427,23 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
 
 
 PAGE_STAMP = "<!-- gi-eval page: "
+CLAIMS_FILE = "claims.md"
+
+
+def _tuning_section(run: RunDir, target: Path) -> list[str]:
+    """The grid's own tuning stage (`tuning.stage: true`, runs/<name>-tune): its study table
+    (recipe and best scores, convergence verdict, chosen values) and the best-so-far plot."""
+    tune = run.root.with_name(run.root.name + "-tune") / "reports"
+    if not (tune / "tuning.md").is_file():
+        return []
+    text = (tune / "tuning.md").read_text()
+    studies = text.split("![best so far", 1)[0].split("\n", 2)[-1].strip()
+    lines = ["## Tuning (this grid's own tuning stage)", "", studies, ""]
+    if (tune / "tuning.png").is_file():
+        copy = target.with_name(f"{target.stem}_tuning.png")
+        shutil.copyfile(tune / "tuning.png", copy)
+        lines += [f"![best so far against trials, per study]({copy.name})", ""]
+    return lines
 
 
 def page_stamp(run: RunDir) -> dict[str, Any]:

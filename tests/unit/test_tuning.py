@@ -44,6 +44,37 @@ def _spec(**over: Any) -> Any:
     return parse_spec({**BASE, **over})
 
 
+# The Table 1 grid as it was before issue 16 (paper/tuned pairs, GI-x at 1x, 2x, 4x its budget,
+# `preset: tuned` values reused from the registry): the shape these tests need.
+OLD_TABLE1 = """\
+name: table1-cpu
+data: {dataset: lfw-faces, image_size: 32, num_batches: 8}
+victim: {arch: convnet, width: 16, seed: 0}
+generator: {kind: digiface}
+methods:
+  - {name: gi-x, preset: paper, params: {iterations: 400, restarts: 1}}
+  - {name: gi-x, preset: tuned, params: {iterations: 400, restarts: 1}}
+  - {name: gi-x, preset: tuned, params: {iterations: 800, restarts: 1}, label: tuned 2x iterations}
+  - {name: gi-x, preset: tuned, params: {iterations: 1600, restarts: 1}, label: tuned 4x iterations}
+  - {name: gi-x+bn, preset: paper, params: {iterations: 400, restarts: 1}}
+  - {name: gi-x+bn, preset: tuned, params: {iterations: 400, restarts: 1}}
+  - {name: gi-z/w, preset: paper, params: {z_iterations: 100, w_iterations: 100, restarts: 1}}
+  - {name: gi-z/w, preset: tuned, params: {z_iterations: 100, w_iterations: 100, restarts: 1}}
+  - {name: gi-z/w+bn, preset: paper, params: {z_iterations: 100, w_iterations: 100, restarts: 1}}
+  - {name: gi-z/w+bn, preset: tuned, params: {z_iterations: 100, w_iterations: 100, restarts: 1}}
+defenses:
+  - {kind: none}
+batch_sizes: [4]
+seeds: [0]
+tuning: {batches: 2, trials: 8, methods: [gi-x, gi-z/w]}
+execution:
+  executor: local
+  cells_per_job: 4
+  max_parallel: 2
+  slurm: {cpus_per_task: 1, gpus_per_task: 0, mem_gb: 2, timeout_min: 60, array_parallelism: 2}
+"""
+
+
 def test_held_out_batches_share_no_sample_with_any_batch_size() -> None:
     with pytest.raises(ConfigError, match=r"^tuning\.batches: .*\(100 samples"):
         tuning_batches(_spec(), 1)  # 25 batches of 4 attack every face
@@ -104,7 +135,7 @@ def test_the_stage_split_moves_budget_and_never_adds_it() -> None:
 
 
 def test_each_budget_is_its_own_study_and_paper_entries_keep_paper_values() -> None:
-    table1 = parse_spec({**yaml.safe_load((ROOT / "grids" / "table1_cpu.yaml").read_text())})
+    table1 = parse_spec(yaml.safe_load(OLD_TABLE1))
     studies = {s.key: s for s in grid_studies(table1)}
     assert list(studies) == [
         "gi-x @ iterations=400, restarts=1",
@@ -139,7 +170,7 @@ def _differs(spec: Any) -> dict[str, list[str]]:
 
 
 def test_reused_tuned_values_are_marked_in_every_row_with_what_differs() -> None:
-    table1 = yaml.safe_load((ROOT / "grids" / "table1_cpu.yaml").read_text())
+    table1 = yaml.safe_load(OLD_TABLE1)
     differs = _differs(parse_spec(table1))
     # tuned on the same grid, but before the colour model: LFW is gray now
     assert differs["gi-x tuned iterations=400"] == ["colour"]
@@ -173,7 +204,7 @@ def test_a_grid_that_tunes_itself_is_refused_at_validation_without_held_out_samp
 
 
 def test_gi_eval_run_names_every_entry_whose_values_were_tuned_elsewhere() -> None:
-    table1 = parse_spec(yaml.safe_load((ROOT / "grids" / "table1_cpu.yaml").read_text()))
+    table1 = parse_spec(yaml.safe_load(OLD_TABLE1))
     notes = reuse_notes(table1)
     assert len(notes) == 6  # the six `preset: tuned` entries; paper entries are not notes
     assert notes[0] == (
