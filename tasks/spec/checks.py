@@ -1,0 +1,252 @@
+"""Cross-field checks of a grid spec (GridSpec validation): methods and their parameters,
+axes, labels, baseline, checkpoint files, and whether the data set supplies and decodes
+every batch the grid (and its tuning) attacks. Each returns 'path: message' lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gi_core.attacks.registry import METHOD_NAMES, config_class, method_config, uses_generator
+from gi_core.datasets import check_decodable, dataset_info, max_batches
+from gi_core.errors import ConfigError
+from tasks.spec.identity import canonical_json
+from tasks.spec.plan import (
+    _indices,
+    evaluation_batches,
+    find_tuning_batches,
+    tuning_batches,
+    tuning_samples,
+)
+
+if TYPE_CHECKING:
+    from tasks.spec.schema import GridSpec, MethodSpec
+
+
+def semantic_problems(spec: GridSpec) -> list[str]:
+    """Cross-field checks that need gi_core or the filesystem, as 'path: message' lines."""
+    return [
+        *_axis_problems(spec),
+        *_method_problems(spec),
+        *_variant_problems(spec),
+        *_baseline_problems(spec),
+        *_generator_problems(spec),
+        *_checkpoint_problems(spec),
+        *_data_problems(spec),
+        *_resource_problems(spec),
+    ]
+
+
+def _resource_problems(spec: GridSpec) -> list[str]:
+    """Every key of execution.slurm.methods must name a method entry (label or method)."""
+    names = {m.name for m in spec.methods} | {m.label for m in spec.methods if m.label}
+    return [
+        f"execution.slurm.methods.{key}: no method entry has this name or label; use one of "
+        f"{', '.join(sorted(names))}"
+        for key in spec.execution.slurm.methods
+        if key not in names
+    ]
+
+
+def _method_problems(spec: GridSpec) -> list[str]:
+    problems = []
+    for i, m in enumerate(spec.methods):
+        if m.name not in METHOD_NAMES:
+            problems.append(
+                f"methods[{i}].name: unknown method {m.name!r}; known: {', '.join(METHOD_NAMES)}"
+            )
+            continue
+        wrong_types = _param_type_problems(m.name, m.params)
+        if wrong_types:
+            problems += [f"methods[{i}].params.{p}" for p in wrong_types]
+            continue
+        try:
+            config = resolved_config(m)
+        except (ConfigError, TypeError) as e:
+            msg = str(e)
+            problems.append(
+                f"methods[{i}].{msg}"
+                if msg.startswith("params.")
+                else f"methods[{i}].params: {msg}"
+            )
+            continue
+        if config.labels == "idlg" and any(b != 1 for b in spec.batch_sizes):
+            problems.append(
+                f"methods[{i}].params.labels: idlg recovers the label of a single "
+                "image; use batch_sizes: [1] or labels: yin"
+            )
+    return problems
+
+
+def _param_type_problems(method: str, params: Mapping[str, Any]) -> list[str]:
+    """'iterations: must be an integer (got 'twenty')' for params of the wrong scalar type,
+    checked before the config is built (its range checks would fail on the type instead)."""
+    hints = typing.get_type_hints(config_class(method))
+    problems = []
+    for name, value in params.items():
+        expected = hints.get(name)
+        ok = _SCALAR_CHECKS.get(expected)  # type: ignore[call-overload]
+        if ok is not None and not ok[0](value):
+            problems.append(f"{name}: must be {ok[1]} (got {value!r})")
+    return problems
+
+
+_SCALAR_CHECKS: dict[Any, tuple[Any, str]] = {
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _axis_problems(spec: GridSpec) -> list[str]:
+    problems = []
+    for single, plural in (("victim", "victims"), ("generator", "generators")):
+        if getattr(spec, single) is not None and getattr(spec, plural) is not None:
+            problems.append(f"{plural}: write either {single}: or {plural}:, not both")
+    if not spec.victim_axis:
+        problems.append("victim: required (write e.g. victim: {arch: convnet})")
+    for name, axis in (("victims", spec.victim_axis), ("generators", spec.generator_axis)):
+        dumped = [canonical_json(x.model_dump(mode="json")) for x in axis]
+        if len(set(dumped)) < len(dumped):
+            problems.append(f"{name}: the same entry is listed twice")
+    return problems
+
+
+def _variant_problems(spec: GridSpec) -> list[str]:
+    """Two configurations must never share a table row: refuse a `label` reused for a
+    different configuration of the same method. (An entry repeated verbatim is one
+    configuration: its cells have the same ids and collapse.)"""
+    configs: dict[int, str] = {}
+    for i, m in enumerate(spec.methods):
+        try:
+            configs[i] = canonical_json(dataclasses.asdict(resolved_config(m)))
+        except (ConfigError, TypeError):
+            continue  # unknown method or bad params: reported by _method_problems
+    problems: list[str] = []
+    if len(configs) < len(spec.methods):
+        return problems
+    names = variant_labels(spec.methods, [resolved_config(m) for m in spec.methods])
+    seen: dict[tuple[str, str], str] = {}
+    for i, config in configs.items():
+        m = spec.methods[i]
+        if seen.setdefault((m.name, names[i]), config) != config:
+            problems.append(
+                f"methods[{i}].label: {names[i]!r} already names a different {m.name} "
+                "configuration; give each configuration its own label"
+            )
+    return problems
+
+
+def _baseline_problems(spec: GridSpec) -> list[str]:
+    names = {m.name for m in spec.methods} | {m.label for m in spec.methods if m.label}
+    if spec.baseline is None or spec.baseline in names:
+        return []
+    known = ", ".join(sorted(names))
+    return [f"baseline: {spec.baseline!r} is none of the grid's methods or labels ({known})"]
+
+
+def variant_labels(methods: Sequence[MethodSpec], configs: Sequence[Any]) -> list[str]:
+    """One table name per method entry: its `label`, else its preset followed by the
+    parameters it sets away from the preset and those whose values differ between entries of
+    the same method and preset ('paper', 'tuned', 'paper lr=0.01, tv=0.2'). Budget fields
+    (iterations, restarts) are left out unless they differ. Distinct configurations get
+    distinct names."""
+    dicts = [dataclasses.asdict(c) for c in configs]
+    out = []
+    for m, d in zip(methods, dicts, strict=True):
+        if m.label is not None:
+            out.append(m.label)
+            continue
+        # compared within the same method AND preset: the preset name already tells a tuned
+        # entry from a paper one, so their differing values need not be spelled out
+        same = [
+            o
+            for n, o in zip(methods, dicts, strict=True)
+            if n.name == m.name and o["preset"] == d["preset"]
+        ]
+        differ = {k for k in d if len({canonical_json(o[k]) for o in same}) > 1}
+        explicit = {k for k in m.params if not _is_budget(k)}
+        keys = sorted((differ | explicit) - {"preset", "tuned_on"})
+        out.append(" ".join([d["preset"], ", ".join(f"{k}={d[k]}" for k in keys)]).strip())
+    return out
+
+
+def _is_budget(name: str) -> bool:
+    return (
+        name == "iterations" or name.endswith("_iterations") or name in ("restarts", "curve_every")
+    )
+
+
+def resolved_config(m: MethodSpec) -> Any:
+    """The method's full frozen config: preset values overridden by the entry's params."""
+    return method_config(m.name, m.params, preset=m.preset)
+
+
+def _generator_problems(spec: GridSpec) -> list[str]:
+    needing = [m.name for m in spec.methods if m.name in METHOD_NAMES and uses_generator(m.name)]
+    if needing and not spec.generator_axis:
+        return [
+            f"generator: required by {', '.join(dict.fromkeys(needing))} "
+            "(write e.g. generator: {kind: dcgan32})"
+        ]
+    return []
+
+
+def _checkpoint_problems(spec: GridSpec) -> list[str]:
+    paths = {
+        **{_axis_field(spec, "victim", i): v.checkpoint for i, v in enumerate(spec.victim_axis)},
+        **{
+            _axis_field(spec, "generator", i): g.checkpoint
+            for i, g in enumerate(spec.generator_axis)
+        },
+    }
+    return [
+        f"{field}.checkpoint: no such file {path!r}"
+        for field, path in paths.items()
+        if path is not None and not Path(path).is_file()
+    ]
+
+
+def _axis_field(spec: GridSpec, single: str, i: int) -> str:
+    """'victim' for the single form, 'victims[1]' for the list form (error paths)."""
+    return f"{single}s[{i}]" if getattr(spec, f"{single}s") is not None else single
+
+
+def _data_problems(spec: GridSpec) -> list[str]:
+    d = spec.data
+    try:
+        info = dataset_info(d.dataset, image_size=d.image_size)
+    except ConfigError as e:
+        return [f"data.dataset: {e}"]
+    problems, used = [], []
+    for j, b in enumerate(spec.batch_sizes):
+        available = max_batches(
+            d.dataset, batch_size=b, image_size=d.image_size, shuffle_seed=d.shuffle_seed
+        )
+        if available < d.first_batch + d.num_batches:
+            problems.append(
+                f"batch_sizes[{j}]: {d.dataset!r} ({info.num_samples} samples) supplies only "
+                f"{available} non-overlapping batches of {b}; data.num_batches is "
+                f"{d.num_batches} from data.first_batch {d.first_batch}"
+            )
+            continue
+        used += [i for k in evaluation_batches(spec) for i in _indices(spec, b, k)]
+    if not problems:  # the tuning's held-out images (when some exist) are decoded too
+        held_out = find_tuning_batches(spec, spec.batch_sizes[0])
+        if held_out is not None:
+            used += tuning_samples(spec, spec.batch_sizes[0], held_out)
+        elif spec.tuning.stage:  # a grid that tunes itself needs held-out samples now
+            try:
+                tuning_batches(spec, spec.batch_sizes[0])
+            except ConfigError as e:
+                problems.append(str(e))
+    # every image a grid (or its tuning) will attack is decoded once, before any submission
+    problems += [
+        f"data.dataset: {m}" for m in check_decodable(d.dataset, used, image_size=d.image_size)
+    ]
+    return problems

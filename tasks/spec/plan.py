@@ -1,0 +1,88 @@
+"""What a grid takes from its data set: its colour model and its batch plan (evaluation
+batches, and the held-out tuning batches that share no sample with them).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from gi_core.datasets import batch_indices, detect_colour, max_batches
+from gi_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tasks.spec.schema import GridSpec
+
+
+def data_colour(spec: GridSpec) -> str:
+    """The grid's colour model, 'gray' or 'rgb': `data.colour`, or detected from the data."""
+    d = spec.data
+    return d.colour if d.colour != "auto" else detect_colour(d.dataset)
+
+
+def evaluation_batches(spec: GridSpec) -> range:
+    """Batch numbers of the evaluation: `data.num_batches` from `data.first_batch` on."""
+    return range(spec.data.first_batch, spec.data.first_batch + spec.data.num_batches)
+
+
+def evaluation_samples(spec: GridSpec) -> frozenset[int]:
+    """Every data set sample index the evaluation attacks, over ALL batch sizes (a batch
+    number names different samples at each batch size: B = 1 batch 98 is a sample of B = 4
+    batch 24). Batch sizes whose plan is too short are skipped (reported by validation)."""
+    d = spec.data
+    samples: set[int] = set()
+    for b in spec.batch_sizes:
+        available = max_batches(
+            d.dataset, batch_size=b, image_size=d.image_size, shuffle_seed=d.shuffle_seed
+        )
+        for k in evaluation_batches(spec):
+            if k < available:
+                samples.update(_indices(spec, b, k))
+    return frozenset(samples)
+
+
+def find_tuning_batches(spec: GridSpec, batch_size: int) -> range | None:
+    """The last `tuning.batches` consecutive batches of the plan for `batch_size` none of whose
+    samples the evaluation attacks at any batch size; None if there are none."""
+    d = spec.data
+    available = max_batches(
+        d.dataset, batch_size=batch_size, image_size=d.image_size, shuffle_seed=d.shuffle_seed
+    )
+    evaluated = evaluation_samples(spec)
+    clean = [evaluated.isdisjoint(_indices(spec, batch_size, k)) for k in range(available)]
+    n = spec.tuning.batches
+    for first in range(available - n, -1, -1):
+        if all(clean[first : first + n]):
+            return range(first, first + n)
+    return None
+
+
+def tuning_batches(spec: GridSpec, batch_size: int) -> range:
+    """Batch numbers `gi-eval tune` uses: the last `tuning.batches` consecutive batches of the
+    plan that share no SAMPLE with the evaluation at any batch size (ConfigError if none)."""
+    held_out = find_tuning_batches(spec, batch_size)
+    if held_out is None:
+        d = spec.data
+        raise ConfigError(
+            f"tuning.batches: no {spec.tuning.batches} consecutive batches of "
+            f"{batch_size} of {d.dataset!r} avoid every sample the evaluation attacks "
+            f"({len(evaluation_samples(spec))} samples: batches {d.first_batch}-"
+            f"{d.first_batch + d.num_batches - 1} at batch sizes "
+            f"{list(spec.batch_sizes)}). Lower data.num_batches or tuning.batches"
+        )
+    return held_out
+
+
+def tuning_samples(spec: GridSpec, batch_size: int, held_out: range) -> frozenset[int]:
+    """The sample indices of the held-out batches `held_out` of `batch_size`."""
+    return frozenset(i for k in held_out for i in _indices(spec, batch_size, k))
+
+
+def _indices(spec: GridSpec, batch_size: int, batch_index: int) -> list[int]:
+    d = spec.data
+    return batch_indices(
+        d.dataset,
+        batch_size=batch_size,
+        batch_index=batch_index,
+        image_size=d.image_size,
+        shuffle_seed=d.shuffle_seed,
+    )

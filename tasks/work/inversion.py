@@ -1,0 +1,196 @@
+"""The inversion job: attack one stored gradient (resuming from its checkpoint), then commit
+reconstruction, curve and metrics rows, metrics last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from gi_core.attacks import InversionProblem, reconstruct
+from gi_core.generators import Generator
+from gi_core.gradients import ParamIndex
+from gi_core.labels import attack_labels
+from gi_core.metrics import evaluate_batch, lpips_model
+from storage.checkpoints import delete_checkpoint, load_checkpoint
+from storage.run import RunDir
+from storage.tables import FAILURES_DIR, write_curve
+from storage.zarr_store import (
+    StoredGradient,
+    StoredReconstruction,
+    read_gradient,
+    write_reconstruction,
+)
+from tasks.cells import InversionCell
+from tasks.work.cache import device, generator_for, victim_for
+from tasks.work.resume import Preemption, Trace, _checkpointer
+from tasks.work.rows import _rows, _schedule_columns
+
+
+def invert(
+    run: RunDir,
+    cell: InversionCell,
+    *,
+    preemption: Preemption,
+    keep_restarts: bool,
+    snapshots: Sequence[int] = (),
+    group_size: int = 1,
+) -> int:
+    """Attack one stored gradient, resuming from a checkpoint; commit curve, then metrics last.
+    `group_size` (cells of its unit) is provenance only: it never changes the numbers."""
+    if run.is_committed(cell.id, cell.method):
+        return 0
+    start = time.perf_counter()
+    p = _prepare(run, cell, snapshots, group_size)
+    result = reconstruct(
+        cell.method,
+        p.problem,
+        cell.config,
+        seed=cell.seed,
+        generator=p.generator,
+        state=p.state,
+        progress=p.trace.around(_checkpointer(p.checkpoint_path, preemption, p.trace)),
+    )
+    return _commit_inversion(run, p, result, time.perf_counter() - start, keep_restarts)
+
+
+@dataclass
+class _Prepared:
+    """One inversion cell loaded and ready to attack (shared by `invert` and `invert_group`)."""
+
+    cell: InversionCell
+    stored: StoredGradient
+    problem: InversionProblem
+    label_acc: float
+    generator: Generator | None
+    checkpoint_path: Any
+    state: dict[str, Any] | None
+    trace: Trace
+    group_size: int = 1
+
+
+def _prepare(
+    run: RunDir, cell: InversionCell, snapshots: Sequence[int], group_size: int = 1
+) -> _Prepared:
+    dev = device()
+    stored = read_gradient(run.gradient_path(cell.gradient_id))
+    problem = _problem(stored, victim_for(cell.gradient), dev)
+    labels, label_acc = attack_labels(problem.target, problem.labels, mode=cell.config.labels)
+    problem = dataclasses.replace(problem, labels=labels)
+    checkpoint_path = run.checkpoint_path(cell.id)
+    state = load_checkpoint(checkpoint_path)
+    failed_before = (run.root / FAILURES_DIR / f"{cell.id}.json").is_file()
+    trace = Trace.resume(state, snapshots, failed_before=failed_before)
+    return _Prepared(
+        cell,
+        stored,
+        problem,
+        label_acc,
+        generator_for(cell),
+        checkpoint_path,
+        state,
+        trace,
+        group_size,
+    )
+
+
+def invert_group(
+    run: RunDir,
+    cells: Sequence[InversionCell],
+    *,
+    preemption: Preemption,
+    keep_restarts: bool,
+    snapshots: Sequence[int] = (),
+) -> int:
+    """Cells of one batch key (tasks.batching), one after another in this job: they share the
+    cached victim, generator and LPIPS network. Not one batched solve (gi_core.attacks.batched):
+    measured on CPU, a batched cell's bits depend on its group (decision 101), and a resume
+    regroups the cells that are left, so results would depend on grouping and interruptions."""
+    return sum(
+        invert(
+            run,
+            cell,
+            preemption=preemption,
+            keep_restarts=keep_restarts,
+            snapshots=snapshots,
+            group_size=len(cells),
+        )
+        for cell in cells
+    )
+
+
+def _commit_inversion(
+    run: RunDir, p: _Prepared, result: Any, wall: float, keep_restarts: bool
+) -> int:
+    cell, stored, problem, trace, dev = p.cell, p.stored, p.problem, p.trace, device()
+    label_acc, checkpoint_path = p.label_acc, p.checkpoint_path
+    truth = torch.as_tensor(stored.images, device=dev)
+    # given labels keep positions; recovered ones are a sorted set: match by Hungarian assignment
+    known = problem.labels if cell.config.labels == "given" else None
+    scores = evaluate_batch(result.images, truth, labels=known, lpips=lpips_model())
+    write_reconstruction(
+        run.reconstruction_path(cell.id),
+        dataclasses.replace(_stored_result(cell, result, wall, dev), **trace.snapshot_arrays()),
+        keep_restarts=keep_restarts,
+    )
+    iterations = result.curve_iterations.numpy()
+    write_curve(
+        run,
+        cell.id,
+        method=cell.method,
+        costs=result.loss_curve.double().numpy(),
+        iterations=iterations,
+        stages=[trace.stage_of(int(i)) for i in iterations],
+    )
+    run.commit_metrics(
+        _rows(cell, stored, result, scores, wall, dev, label_acc, _schedule_columns(p))
+    )
+    delete_checkpoint(checkpoint_path)
+    return 1
+
+
+def _problem(stored: StoredGradient, victim: nn.Module, dev: torch.device) -> InversionProblem:
+    index = ParamIndex(stored.param_names, stored.param_shapes)
+    grads = index.unflatten(torch.as_tensor(stored.gradient, device=dev))
+    masks = None
+    if stored.mask is not None:
+        masks = [
+            m.to(torch.float32) for m in index.unflatten(torch.as_tensor(stored.mask, device=dev))
+        ]
+    labels = torch.as_tensor(stored.labels, device=dev)
+    stats = [
+        (torch.as_tensor(m, device=dev), torch.as_tensor(v, device=dev)) for m, v in stored.bn_stats
+    ]
+    shape = tuple(stored.images.shape[1:])
+    return InversionProblem(
+        victim,
+        grads,
+        labels,
+        shape,
+        masks=masks,  # type: ignore[arg-type]
+        bn_target=stats or None,
+    )
+
+
+def _stored_result(
+    cell: InversionCell, result: Any, wall: float, dev: torch.device
+) -> StoredReconstruction:
+    return StoredReconstruction(
+        images=result.images.cpu().numpy(),
+        restart_costs=result.restart_costs.double().numpy(),
+        loss_curve=result.loss_curve.float().numpy(),
+        curve_iterations=result.curve_iterations.numpy(),
+        status=result.status,
+        iterations=result.iterations,
+        wall_seconds=wall,
+        device=str(dev),
+        best_restart=result.best_restart,
+        restart_images=result.restart_images.cpu().numpy(),
+        attrs={"cell": cell.describe()},
+    )
