@@ -131,7 +131,7 @@ _PER_IMAGE = [
     ("host", pa.string()),
     ("device_name", pa.string()),  # GPU model (e.g. "NVIDIA H200") or "cpu"
     # schedule provenance (#20): how the cell was run, which must never change its numbers
-    # (tasks.work._schedule_columns); null in rows written before these columns existed.
+    # (tasks.work.rows._schedule_columns); null in rows written before these columns existed.
     ("attempts", pa.int64()),  # this attempt's number (earlier ones that left a trace + 1)
     ("resumed_from_iteration", pa.int64()),  # global iteration of the checkpoint; null: fresh
     ("batch_group_size", pa.int64()),  # cells of its batch-key group run in the same unit
