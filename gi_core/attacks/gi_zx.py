@@ -17,9 +17,10 @@ from gi_core.attacks.engine import (
     InversionProblem,
     Progress,
     Stage,
+    StagesCall,
     Variables,
     _check,
-    run_stages,
+    solve,
 )
 from gi_core.attacks.prior import (
     LatentConfig,
@@ -42,7 +43,7 @@ class GIZXConfig(LatentConfig):
         _check(self.x_lr > 0, "x_lr", "must be > 0", self.x_lr)
 
 
-def reconstruct(
+def describe(
     problem: InversionProblem,
     config: GIZXConfig | None = None,
     *,
@@ -52,7 +53,9 @@ def reconstruct(
     state: dict[str, Any] | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> AttackResult:
+) -> StagesCall:
+    """The latent stage, then a pixel stage started from G(z); `init` (R, B, d) overrides the
+    random latents."""
     config = config or GIZXConfig()
     gen = require_generator(generator, "gi-z/x")
     z = latents_for(gen, problem, config, seed=seed, init=init)
@@ -74,12 +77,12 @@ def reconstruct(
         start=from_latents,
         project=box,
     )
-    return run_stages(
-        [latent_stage(gen, config), pixels],
-        problem,
-        config,
-        {"z": z},
-        state=state,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    stages = [latent_stage(gen, config), pixels]
+    return StagesCall(stages, problem, config, {"z": z}, state, progress, should_stop)
+
+
+def reconstruct(
+    problem: InversionProblem, config: GIZXConfig | None = None, **kwargs: Any
+) -> AttackResult:
+    """GI-z/x solved alone (arguments as `describe`)."""
+    return solve(describe(problem, config, **kwargs))
