@@ -43,6 +43,28 @@ class GIZXConfig(LatentConfig):
         _check(self.x_lr > 0, "x_lr", "must be > 0", self.x_lr)
 
 
+def pixels_from_latents(gen: Generator, config: GIZXConfig) -> Stage:
+    """The pixel stage, started from G(z) (its luminance under gray), boxed to [0, 1]."""
+
+    def from_latents(v: Variables) -> Variables:
+        with torch.no_grad():
+            images = render_latents(gen, v["z"])
+            return {"x": luma(images) if config.colour == "gray" else images}
+
+    def box(v: Variables) -> None:
+        v["x"].clamp_(0.0, 1.0)
+
+    return Stage(
+        "x",
+        config.x_iterations,
+        config.x_lr,
+        ("x",),
+        render=lambda v: render_pixels(v["x"], config.colour),
+        start=from_latents,
+        project=box,
+    )
+
+
 def describe(
     problem: InversionProblem,
     config: GIZXConfig | None = None,
@@ -59,25 +81,7 @@ def describe(
     config = config or GIZXConfig()
     gen = require_generator(generator, "gi-z/x")
     z = latents_for(gen, problem, config, seed=seed, init=init)
-
-    def from_latents(v: Variables) -> Variables:
-        with torch.no_grad():
-            images = render_latents(gen, v["z"])
-            return {"x": luma(images) if config.colour == "gray" else images}
-
-    def box(v: Variables) -> None:
-        v["x"].clamp_(0.0, 1.0)
-
-    pixels = Stage(
-        "x",
-        config.x_iterations,
-        config.x_lr,
-        ("x",),
-        render=lambda v: render_pixels(v["x"], config.colour),
-        start=from_latents,
-        project=box,
-    )
-    stages = [latent_stage(gen, config), pixels]
+    stages = [latent_stage(gen, config), pixels_from_latents(gen, config)]
     return StagesCall(stages, problem, config, {"z": z}, state, progress, should_stop)
 
 

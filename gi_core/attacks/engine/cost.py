@@ -153,10 +153,36 @@ class _RowByRow(torch.autograd.Function):
         return grad_costs.view(-1, *([1] * (grads.dim() - 1))) * grads, None
 
 
+RowCost = Callable[[Tensor, dict[str, Tensor], dict[str, Any]], Tensor]
+
+
 def _vmap_cost(problems: Sequence[InversionProblem], config: BaseConfig) -> CostFn:
     """torch.func: vmap over the rows of each problem (and over problems, with per-problem
     victim parameters, targets, labels, masks and BN targets) of grad of the victim's loss."""
     template, first = exact_batchnorm_(prepare_victim(problems[0].victim)), problems[0]
+    one = _functional_row_cost(template, first.image_shape, config)
+    if len(problems) == 1:
+        params, data = victim_params(template), _problem_data(first)
+        rows = vmap(one, in_dims=(0, None, None))
+        return lambda xs: rows(xs, params, data)
+    shared = all(p.victim is first.victim for p in problems)
+    # Parameter values are those of each problem's own victim (no copy per problem needed).
+    params = (
+        victim_params(template) if shared else _stack([victim_params(p.victim) for p in problems])
+    )
+    data = _stack(
+        [_problem_data(p, masks=any(q.masks is not None for q in problems)) for p in problems]
+    )
+    both = vmap(vmap(one, in_dims=(0, None, None)), in_dims=(0, None if shared else 0, 0))
+    n = len(problems)
+    return lambda xs: both(xs.unflatten(0, (n, -1)), params, data).flatten()
+
+
+def _functional_row_cost(
+    template: nn.Module, image_shape: tuple[int, int, int], config: BaseConfig
+) -> RowCost:
+    """The cost of one row x (B, C, H, W) as a pure function of the victim's parameters and
+    the problem's data (target, labels, masks, BN target), for vmap over rows and problems."""
 
     def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, BNStats]:
         if config.bn > 0:
@@ -173,27 +199,13 @@ def _vmap_cost(problems: Sequence[InversionProblem], config: BaseConfig) -> Cost
             template,
             data["target"],
             data["labels"],
-            first.image_shape,
+            image_shape,
             masks=data.get("masks"),
             bn_target=data.get("bn"),
         )
         return _row_cost(list(grads.values()), x, stats, problem, config)
 
-    if len(problems) == 1:
-        params, data = victim_params(template), _problem_data(first)
-        rows = vmap(one, in_dims=(0, None, None))
-        return lambda xs: rows(xs, params, data)
-    shared = all(p.victim is first.victim for p in problems)
-    # Parameter values are those of each problem's own victim (no copy per problem needed).
-    params = (
-        victim_params(template) if shared else _stack([victim_params(p.victim) for p in problems])
-    )
-    data = _stack(
-        [_problem_data(p, masks=any(q.masks is not None for q in problems)) for p in problems]
-    )
-    both = vmap(vmap(one, in_dims=(0, None, None)), in_dims=(0, None if shared else 0, 0))
-    n = len(problems)
-    return lambda xs: both(xs.unflatten(0, (n, -1)), params, data).flatten()
+    return one
 
 
 class _ExactBatchNorm(nn.modules.batchnorm._BatchNorm):
