@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gi_core.attacks import InversionProblem, method_config  # noqa: E402
-from gi_core.attacks.batched import solve_thunks  # noqa: E402
-from gi_core.attacks.registry import entry_point  # noqa: E402
+from gi_core.attacks.batched import solve_together  # noqa: E402
+from gi_core.attacks.registry import describer, entry_point  # noqa: E402
 from gi_core.datasets import batch_indices, dataset_info, load_images  # noqa: E402
 from gi_core.gradients import bn_statistics, client_gradient  # noqa: E402
 from gi_core.metrics import psnr, ssim  # noqa: E402
@@ -188,7 +188,7 @@ def restarts_rows(quick: bool) -> list[dict[str, Any]]:
     rows = []
     for arch in ("convnet", "resnet18"):
         prob, _ = problem(arch, 32, batch=4, index=0, dev=dev)
-        fn = entry_point("gi-x")
+        fn = describer("gi-x")
         for path in ("loop", "vmap"):
             times = {}
             for r in (1, 8):
@@ -211,7 +211,7 @@ def restarts_rows(quick: bool) -> list[dict[str, Any]]:
 def _solve_one(
     *, fn: Callable[..., Any], problem: Any, config: Any, path: str, progress: Any
 ) -> Any:
-    return solve_thunks([lambda: fn(problem, config, seed=0, progress=progress)], path=path)
+    return solve_together([fn(problem, config, seed=0, progress=progress)], path=path)
 
 
 def cells_rows(quick: bool) -> list[dict[str, Any]]:
@@ -219,14 +219,14 @@ def cells_rows(quick: bool) -> list[dict[str, Any]]:
     dev, its, count = DEV, (4 if quick else 60), 8
     probs = [problem("convnet", 32, batch=1, index=i, dev=dev)[0] for i in range(count)]
     config = method_config("gi-x", {"iterations": its, "restarts": 1})
-    fn = entry_point("gi-x")
+    fn, describe = entry_point("gi-x"), describer("gi-x")
 
     def sequential() -> None:
         for i, p in enumerate(probs):
             fn(p, config, seed=i)
 
     def batched() -> None:
-        solve_thunks([lambda p=p, i=i: fn(p, config, seed=i) for i, p in enumerate(probs)])
+        solve_together([describe(p, config, seed=i) for i, p in enumerate(probs)])
 
     out = {}
     for name, run in (("sequential", sequential), ("batched", batched)):

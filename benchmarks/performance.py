@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gi_core.attacks import InversionProblem, method_config  # noqa: E402
-from gi_core.attacks.batched import solve_thunks  # noqa: E402
+from gi_core.attacks.batched import solve_together  # noqa: E402
 from gi_core.attacks.engine import BaseConfig  # noqa: E402
-from gi_core.attacks.registry import entry_point  # noqa: E402
+from gi_core.attacks.registry import describer  # noqa: E402
 from gi_core.datasets import batch_indices, dataset_info, load_images  # noqa: E402
 from gi_core.generators import Generator, build_generator  # noqa: E402
 from gi_core.gradients import bn_statistics, client_gradient  # noqa: E402
@@ -105,20 +105,20 @@ def run_cells(
     seeds: Sequence[int] | None = None,
     on_step: Callable[[Any], None] | None = None,
 ) -> list[Any]:
-    fn = entry_point(method)
+    describe = describer(method)
     seeds = seeds or list(range(len(problems)))
     last = len(problems) - 1
-
-    def thunk(i: int) -> Callable[[], Any]:
-        return lambda: fn(
+    calls = [
+        describe(
             problems[i],
             config,
             seed=seeds[i],
             generator=generator,
             progress=on_step if i == last else None,
         )
-
-    return solve_thunks([thunk(i) for i in range(len(problems))], path=path)
+        for i in range(len(problems))
+    ]
+    return solve_together(calls, path=path)
 
 
 def seconds_per_iteration(

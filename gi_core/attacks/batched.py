@@ -11,10 +11,9 @@ steps (tests/unit/test_batching.py); on the `loop` path they are bit-identical w
 alone also takes the loop path. So the pipeline does not use this module to solve cells
 (docs/decisions/101): it is a library function for throughput experiments.
 
-How: each attack runs once with `run_stages` intercepted (its stages, problem, config and initial
-variables are captured, nothing is optimised), the captured calls are solved together by
-`engine.solve_batch`, and each attack runs again with `run_stages` returning its own result,
-so anything an attack does around `run_stages` still happens.
+How: each attack's `describe` returns its stages, problem, config and initial variables (a
+`StagesCall`, nothing optimised); `solve_together` checks that the descriptions share one layout
+and hands them to `engine.solve_batch`. No global state: single cells never pass through here.
 
     from gi_core.attacks.batched import reconstruct_batch
     results = reconstruct_batch("gi-x", problems, config, seeds=[0, 1, 2])
@@ -25,19 +24,17 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gi_core.attacks import engine
-from gi_core.attacks.engine import AttackResult, BaseConfig, InversionProblem, Progress, StagesCall
-from gi_core.attacks.registry import entry_point
+from gi_core.attacks.engine import (
+    AttackResult,
+    BaseConfig,
+    InversionProblem,
+    Progress,
+    StagesCall,
+    solve_batch,
+)
+from gi_core.attacks.registry import describer
 from gi_core.errors import ConfigError
 from gi_core.generators import Generator
-
-Thunk = Callable[[], AttackResult]
-
-
-class _Captured(Exception):  # noqa: N818 - control flow inside this module only, never escapes
-    def __init__(self, call: StagesCall) -> None:
-        super().__init__("run_stages captured")
-        self.call = call
 
 
 def batchable(method: str, config: BaseConfig) -> bool:
@@ -63,13 +60,12 @@ def reconstruct_batch(
     """`method` on every problem (seed per problem), solved together; one result per problem."""
     if not batchable(method, config):
         raise ConfigError(f"method: {method} with these params cannot be batched")
-    fn = entry_point(method)
+    describe = describer(method)
     n = len(problems)
     progress = progress or [None] * n
     should_stop = should_stop or [None] * n
-
-    def thunk(i: int) -> Thunk:
-        return lambda: fn(
+    calls = [
+        describe(
             problems[i],
             config,
             seed=seeds[i],
@@ -77,38 +73,16 @@ def reconstruct_batch(
             progress=progress[i],
             should_stop=should_stop[i],
         )
+        for i in range(n)
+    ]
+    return solve_together(calls, path=path)
 
-    return solve_thunks([thunk(i) for i in range(n)], path=path)
 
-
-def solve_thunks(thunks: Sequence[Thunk], *, path: str = "auto") -> list[AttackResult]:
-    """Run attack calls (each calls `run_stages` once) as one batch."""
-    calls = [_capture(t) for t in thunks]
+def solve_together(calls: Sequence[StagesCall], *, path: str = "auto") -> list[AttackResult]:
+    """Attack descriptions of one layout (e.g. several `describe` results of one method and
+    config) solved as one batch; one result per description, in order."""
     _check_compatible(calls)
-    results = engine.solve_batch(calls, path=path)
-    return [_replay(t, r) for t, r in zip(thunks, results, strict=True)]
-
-
-def _capture(thunk: Thunk) -> StagesCall:
-    def intercept(call: StagesCall) -> AttackResult:
-        raise _Captured(call)
-
-    engine._INTERCEPT.append(intercept)
-    try:
-        thunk()
-    except _Captured as captured:
-        return captured.call
-    finally:
-        engine._INTERCEPT.pop()
-    raise ConfigError("method: this attack does not optimise through run_stages; not batchable")
-
-
-def _replay(thunk: Thunk, result: AttackResult) -> AttackResult:
-    engine._INTERCEPT.append(lambda call: result)
-    try:
-        return thunk()
-    finally:
-        engine._INTERCEPT.pop()
+    return solve_batch(calls, path=path)
 
 
 def _check_compatible(calls: Sequence[StagesCall]) -> None:

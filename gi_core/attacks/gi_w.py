@@ -14,8 +14,9 @@ from gi_core.attacks.engine import (
     BaseConfig,
     InversionProblem,
     Progress,
+    StagesCall,
     _check,
-    run_stages,
+    solve,
 )
 from gi_core.attacks.prior import (
     latents_for,
@@ -41,7 +42,7 @@ class GIWConfig(BaseConfig):
         _check(self.start in STARTS, "start", f"must be one of {STARTS}", self.start)
 
 
-def reconstruct(
+def describe(
     problem: InversionProblem,
     config: GIWConfig | None = None,
     *,
@@ -51,8 +52,9 @@ def reconstruct(
     state: dict[str, Any] | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> AttackResult:
-    """`init` (R, B, d) overrides the fixed random latents."""
+) -> StagesCall:
+    """The generator-parameter search as one stage; `init` (R, B, d) overrides the fixed
+    random latents."""
     config = config or GIWConfig()
     gen = require_generator(generator, "gi-w")
     if config.start == "untrained":
@@ -61,6 +63,11 @@ def reconstruct(
     stage = per_image_stage(
         gen, name="w", iterations=config.w_iterations, lr=config.w_lr, colour=config.colour
     )
-    return run_stages(
-        [stage], problem, config, {"z": z}, state=state, progress=progress, should_stop=should_stop
-    )
+    return StagesCall([stage], problem, config, {"z": z}, state, progress, should_stop)
+
+
+def reconstruct(
+    problem: InversionProblem, config: GIWConfig | None = None, **kwargs: Any
+) -> AttackResult:
+    """GI-w solved alone (arguments as `describe`)."""
+    return solve(describe(problem, config, **kwargs))

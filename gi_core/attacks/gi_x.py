@@ -22,9 +22,10 @@ from gi_core.attacks.engine import (
     InversionProblem,
     Progress,
     Stage,
+    StagesCall,
     Variables,
     _check,
-    run_stages,
+    solve,
 )
 
 PARAMETRISATIONS = ("box", "sigmoid")
@@ -89,7 +90,7 @@ def pixel_stage(config: GIXConfig, *, name: str = "x", iterations: int | None = 
     )
 
 
-def reconstruct(
+def describe(
     problem: InversionProblem,
     config: GIXConfig | None = None,
     *,
@@ -99,18 +100,18 @@ def reconstruct(
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     **_: Any,
-) -> AttackResult:
-    """Reconstruct the batch by pixel search; `init` (R, B, C, H, W) overrides the random start
-    (an RGB init of a gray attack starts from its luminance)."""
+) -> StagesCall:
+    """The pixel search of the batch as one stage; `init` (R, B, C, H, W) overrides the random
+    start (an RGB init of a gray attack starts from its luminance)."""
     config = config or GIXConfig()
     if init is None:
         init = initial_images(problem, restarts=config.restarts, seed=seed, colour=config.colour)
-    return run_stages(
-        [pixel_stage(config)],
-        problem,
-        config,
-        {"x": pixels(init, config.colour)},
-        state=state,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    initial = {"x": pixels(init, config.colour)}
+    return StagesCall([pixel_stage(config)], problem, config, initial, state, progress, should_stop)
+
+
+def reconstruct(
+    problem: InversionProblem, config: GIXConfig | None = None, **kwargs: Any
+) -> AttackResult:
+    """Reconstruct the batch by pixel search (arguments as `describe`)."""
+    return solve(describe(problem, config, **kwargs))

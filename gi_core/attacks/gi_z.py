@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import Tensor
 
-from gi_core.attacks.engine import AttackResult, InversionProblem, Progress, run_stages
+from gi_core.attacks.engine import AttackResult, InversionProblem, Progress, StagesCall, solve
 from gi_core.attacks.prior import LatentConfig, latent_stage, latents_for, require_generator
 from gi_core.generators import Generator
 
@@ -19,7 +19,7 @@ class GIZConfig(LatentConfig):
     pass
 
 
-def reconstruct(
+def describe(
     problem: InversionProblem,
     config: GIZConfig | None = None,
     *,
@@ -29,17 +29,17 @@ def reconstruct(
     state: dict[str, Any] | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> AttackResult:
-    """`init` (R, B, d) overrides the random latents."""
+) -> StagesCall:
+    """The latent search as one stage; `init` (R, B, d) overrides the random latents."""
     config = config or GIZConfig()
     gen = require_generator(generator, "gi-z")
     z = latents_for(gen, problem, config, seed=seed, init=init)
-    return run_stages(
-        [latent_stage(gen, config)],
-        problem,
-        config,
-        {"z": z},
-        state=state,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    stages = [latent_stage(gen, config)]
+    return StagesCall(stages, problem, config, {"z": z}, state, progress, should_stop)
+
+
+def reconstruct(
+    problem: InversionProblem, config: GIZConfig | None = None, **kwargs: Any
+) -> AttackResult:
+    """GI-z solved alone (arguments as `describe`)."""
+    return solve(describe(problem, config, **kwargs))

@@ -17,9 +17,10 @@ from gi_core.attacks.engine import (
     InversionProblem,
     Progress,
     Stage,
+    StagesCall,
     Variables,
     _check,
-    run_stages,
+    solve,
 )
 from gi_core.attacks.prior import (
     LatentConfig,
@@ -42,20 +43,8 @@ class GIZXConfig(LatentConfig):
         _check(self.x_lr > 0, "x_lr", "must be > 0", self.x_lr)
 
 
-def reconstruct(
-    problem: InversionProblem,
-    config: GIZXConfig | None = None,
-    *,
-    seed: int = 0,
-    generator: Generator | None = None,
-    init: Tensor | None = None,
-    state: dict[str, Any] | None = None,
-    progress: Callable[[Progress], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> AttackResult:
-    config = config or GIZXConfig()
-    gen = require_generator(generator, "gi-z/x")
-    z = latents_for(gen, problem, config, seed=seed, init=init)
+def pixels_from_latents(gen: Generator, config: GIZXConfig) -> Stage:
+    """The pixel stage, started from G(z) (its luminance under gray), boxed to [0, 1]."""
 
     def from_latents(v: Variables) -> Variables:
         with torch.no_grad():
@@ -65,7 +54,7 @@ def reconstruct(
     def box(v: Variables) -> None:
         v["x"].clamp_(0.0, 1.0)
 
-    pixels = Stage(
+    return Stage(
         "x",
         config.x_iterations,
         config.x_lr,
@@ -74,12 +63,30 @@ def reconstruct(
         start=from_latents,
         project=box,
     )
-    return run_stages(
-        [latent_stage(gen, config), pixels],
-        problem,
-        config,
-        {"z": z},
-        state=state,
-        progress=progress,
-        should_stop=should_stop,
-    )
+
+
+def describe(
+    problem: InversionProblem,
+    config: GIZXConfig | None = None,
+    *,
+    seed: int = 0,
+    generator: Generator | None = None,
+    init: Tensor | None = None,
+    state: dict[str, Any] | None = None,
+    progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> StagesCall:
+    """The latent stage, then a pixel stage started from G(z); `init` (R, B, d) overrides the
+    random latents."""
+    config = config or GIZXConfig()
+    gen = require_generator(generator, "gi-z/x")
+    z = latents_for(gen, problem, config, seed=seed, init=init)
+    stages = [latent_stage(gen, config), pixels_from_latents(gen, config)]
+    return StagesCall(stages, problem, config, {"z": z}, state, progress, should_stop)
+
+
+def reconstruct(
+    problem: InversionProblem, config: GIZXConfig | None = None, **kwargs: Any
+) -> AttackResult:
+    """GI-z/x solved alone (arguments as `describe`)."""
+    return solve(describe(problem, config, **kwargs))

@@ -14,8 +14,9 @@ from gi_core.attacks.engine import (
     AttackResult,
     InversionProblem,
     Progress,
+    StagesCall,
     _check,
-    run_stages,
+    solve,
 )
 from gi_core.attacks.prior import (
     LatentConfig,
@@ -38,7 +39,7 @@ class GIASConfig(LatentConfig):
         _check(self.w_lr > 0, "w_lr", "must be > 0", self.w_lr)
 
 
-def reconstruct(
+def describe(
     problem: InversionProblem,
     config: GIASConfig | None = None,
     *,
@@ -48,8 +49,9 @@ def reconstruct(
     state: dict[str, Any] | None = None,
     progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> AttackResult:
-    """`init` (R, B, d) overrides the random latents of the first stage."""
+) -> StagesCall:
+    """Alg. 1's two stages (z, then the per-image w_j); `init` (R, B, d) overrides the random
+    latents of the first stage."""
     config = config or GIASConfig()
     gen = require_generator(generator, "gi-z/w")
     z = latents_for(gen, problem, config, seed=seed, init=init)
@@ -59,6 +61,11 @@ def reconstruct(
             gen, name="w", iterations=config.w_iterations, lr=config.w_lr, colour=config.colour
         ),
     ]
-    return run_stages(
-        stages, problem, config, {"z": z}, state=state, progress=progress, should_stop=should_stop
-    )
+    return StagesCall(stages, problem, config, {"z": z}, state, progress, should_stop)
+
+
+def reconstruct(
+    problem: InversionProblem, config: GIASConfig | None = None, **kwargs: Any
+) -> AttackResult:
+    """GIAS solved alone (arguments as `describe`)."""
+    return solve(describe(problem, config, **kwargs))

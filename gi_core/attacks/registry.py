@@ -1,7 +1,9 @@
 """Spec names -> attack entry points. One entry per name; unknown names raise ConfigError.
 
 Every entry point has the signature `reconstruct(problem, config, *, seed, generator=None,
-init=None, state=None, progress=None, should_stop=None) -> AttackResult`.
+init=None, state=None, progress=None, should_stop=None) -> AttackResult`; a method whose module
+also has `describe` (same arguments, returning its `StagesCall`) can be batched
+(gi_core.attacks.batched).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from gi_core.attacks.engine import AttackResult, BaseConfig, InversionProblem
+from gi_core.attacks.engine import AttackResult, BaseConfig, InversionProblem, StagesCall
 from gi_core.errors import ConfigError
 
 BN_WEIGHT = 1e-2  # default BN-prior weight of the "+bn" variants
@@ -189,6 +191,14 @@ def method_config(
 
 def entry_point(name: str) -> Callable[..., AttackResult]:
     fn: Callable[..., AttackResult] = _module(get_method(name)).reconstruct
+    return fn
+
+
+def describer(name: str) -> Callable[..., StagesCall]:
+    """The `describe` of method `name`: its stages as a description, solved by the caller."""
+    fn: Callable[..., StagesCall] | None = getattr(_module(get_method(name)), "describe", None)
+    if fn is None:
+        raise ConfigError(f"method: {name} does not describe its stages; it cannot be batched")
     return fn
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from gi_core.attacks import InversionProblem, method_config, reconstruct
-from gi_core.attacks.batched import solve_thunks
-from gi_core.attacks.registry import entry_point
+from gi_core.attacks.batched import solve_together
+from gi_core.attacks.engine import solve
+from gi_core.attacks.registry import describer, entry_point
 from gi_core.datasets import batch_indices, dataset_info, load_images
 from gi_core.gradients import bn_statistics, client_gradient
 from gi_core.metrics import psnr, ssim
@@ -97,11 +98,8 @@ def test_vmap_and_loop_paths_agree_on_cuda(iterations):
     """Vectorised restarts (vmap) and the plain loop solve the same problem (R = 4)."""
     problem, _ = _problem(torch.device("cuda"))
     config = method_config("gi-x", {"iterations": iterations, "restarts": 4})
-    fn = entry_point("gi-x")
-    vmap, loop = (
-        solve_thunks([lambda: fn(problem, config, seed=3)], path=path)[0]
-        for path in ("vmap", "loop")
-    )
+    describe = describer("gi-x")
+    vmap, loop = (solve(describe(problem, config, seed=3), path=path) for path in ("vmap", "loop"))
     _close_after(vmap, loop, iterations=iterations)
 
 
@@ -110,9 +108,9 @@ def test_batched_cells_on_cuda_match_each_cell_alone(iterations):
     dev = torch.device("cuda")
     problems = [_problem(dev, index=i)[0] for i in range(3)]
     config = method_config("gi-x", {"iterations": iterations, "restarts": 2})
-    fn = entry_point("gi-x")
-    together = solve_thunks(
-        [lambda p=p, s=s: fn(p, config, seed=s) for s, p in enumerate(problems)], path="vmap"
+    fn, describe = entry_point("gi-x"), describer("gi-x")
+    together = solve_together(
+        [describe(p, config, seed=s) for s, p in enumerate(problems)], path="vmap"
     )
     for seed, (problem, batched) in enumerate(zip(problems, together, strict=True)):
         alone = fn(problem, config, seed=seed)
