@@ -266,9 +266,17 @@ def grid_studies(spec: GridSpec) -> list[Study]:
         if wanted is not None and m.name not in wanted:
             continue
         budget = budget_of(m)
-        key = f"{m.name} @ " + ", ".join(f"{k}={v}" for k, v in budget.items())
+        key = f"{m.name} @ " + _budget_text(spec, budget)
         studies.setdefault(key, Study(key, m, budget))
     return list(studies.values())
+
+
+def _budget_text(spec: GridSpec, budget: Mapping[str, int]) -> str:
+    """A study's budget as its key shows it: the matched budget when the grid matches one
+    (every entry of a method then runs at it, whatever iterations the entry names)."""
+    if spec.budgets.match is not None:
+        return f"{spec.budgets.match}={spec.budgets.value:g} (matched)"
+    return ", ".join(f"{k}={v}" for k, v in budget.items())
 
 
 def entry_params(entry: MethodSpec, params: Mapping[str, Any]) -> dict[str, Any]:

@@ -169,3 +169,5 @@ def test_a_matched_budget_grid_is_tuned_at_its_matched_budget(tmp_path: Path) ->
     assert rows["budget_grad_evals"].tolist() == [3]  # 2 iterations in the entry, 3 matched
     tuned = yaml.safe_load((tmp_path / "tuned.yaml").read_text())
     assert "tv" in tuned["methods"][0]["params"]
+    report = (tmp_path / "tune-run" / "reports" / "tuning.md").read_text()
+    assert "| gi-x @ grad_evals=3 (matched) |" in report  # the budget it was tuned at
