@@ -528,19 +528,95 @@ def _take_batch(
     return batch
 
 
+# How a batch's labels are drawn (issue 19 Deliver 2; decision 195): "distinct" (every label
+# at most once: the fixed greedy plan above, the paper's setting), "random" (each image's label
+# drawn uniformly, with replacement, among the classes with samples left), or an int k
+# (exactly k distinct labels per batch, spread as evenly as B allows: App. F's disguise).
+LabelDraw = str | int
+LABEL_DRAWS = ("distinct", "random")
+
+
+def _plan_k_labels(
+    labels: Sequence[int], batch_size: int, k: int, seed: int | None
+) -> tuple[tuple[int, ...], ...]:
+    """Disjoint batches with exactly k distinct labels each: every batch takes the k classes
+    with most samples left (ties: lower label, or a seeded rank), B // k images of each and one
+    more of the first B % k, and the plan ends when those classes cannot fill a batch."""
+    if not 1 <= k <= batch_size:
+        raise ConfigError(f"distinct labels per batch must be in 1..{batch_size} (got {k})")
+    rng = np.random.default_rng(seed) if seed is not None else None
+    order = rng.permutation(len(labels)) if rng is not None else range(len(labels))
+    queues: dict[int, deque[int]] = {}
+    for index in order:
+        queues.setdefault(int(labels[index]), deque()).append(int(index))
+    shuffled = rng.permutation(len(queues)) if rng is not None else range(len(queues))
+    ranks = dict(zip(sorted(queues), shuffled, strict=True))
+    counts = [batch_size // k + (1 if i < batch_size % k else 0) for i in range(k)]
+    batches: list[tuple[int, ...]] = []
+    while True:
+        chosen = sorted(queues, key=lambda c: (-len(queues[c]), ranks[c]))[:k]
+        if len(chosen) < k:
+            return tuple(batches)
+        wanted = list(zip(chosen, counts, strict=True))
+        if any(len(queues[c]) < n for c, n in wanted):
+            return tuple(batches)
+        batch = [queues[c].popleft() for c, n in wanted for _ in range(n)]
+        batches.append(tuple(sorted(batch)))
+
+
+def _plan_random_labels(
+    labels: Sequence[int], batch_size: int, seed: int | None
+) -> tuple[tuple[int, ...], ...]:
+    """Disjoint batches whose labels are drawn with replacement: each image's class uniformly
+    among the classes with samples left (numpy PCG64 from `seed`, 0 when None), its sample the
+    next of that class (in data set order, or a seeded order)."""
+    rng = np.random.default_rng(0 if seed is None else seed)
+    order = rng.permutation(len(labels)) if seed is not None else range(len(labels))
+    queues: dict[int, deque[int]] = {}
+    for index in order:
+        queues.setdefault(int(labels[index]), deque()).append(int(index))
+    remaining, batches = len(labels), []
+    while remaining >= batch_size:
+        batch = []
+        for _ in range(batch_size):
+            left = sorted(c for c, q in queues.items() if q)
+            batch.append(queues[left[int(rng.integers(len(left)))]].popleft())
+        remaining -= batch_size
+        batches.append(tuple(sorted(batch)))
+    return tuple(batches)
+
+
+def _check_draw(draw: LabelDraw) -> None:
+    if isinstance(draw, bool) or not (draw in LABEL_DRAWS or isinstance(draw, int)):
+        raise ConfigError(f"label draw must be one of {LABEL_DRAWS} or an int k (got {draw!r})")
+
+
 @functools.lru_cache(maxsize=64)
-def _batch_plan(name: str, batch_size: int, seed: int | None) -> tuple[tuple[int, ...], ...]:
+def _batch_plan(
+    name: str, batch_size: int, seed: int | None, draw: LabelDraw = "distinct"
+) -> tuple[tuple[int, ...], ...]:
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-    return _plan_batches(_source(name).labels.tolist(), batch_size, seed)
+    _check_draw(draw)
+    labels = _source(name).labels.tolist()
+    if draw == "random":
+        return _plan_random_labels(labels, batch_size, seed)
+    if isinstance(draw, int):
+        return _plan_k_labels(labels, batch_size, draw, seed)
+    return _plan_batches(labels, batch_size, seed)
 
 
 def max_batches(
-    name: str, *, batch_size: int, image_size: int, shuffle_seed: int | None = None
+    name: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    shuffle_seed: int | None = None,
+    draw: LabelDraw = "distinct",
 ) -> int:
     """How many disjoint batches of batch_size `batch_indices` can hand out for `name`."""
     _check_image_size(image_size)
-    return len(_batch_plan(name, batch_size, shuffle_seed))
+    return len(_batch_plan(name, batch_size, shuffle_seed, draw))
 
 
 def batch_indices(
@@ -550,12 +626,13 @@ def batch_indices(
     batch_index: int,
     image_size: int,
     shuffle_seed: int | None = None,
+    draw: LabelDraw = "distinct",
 ) -> list[int]:
     """Sample indices of batch number batch_index (ascending). Deterministic for a given
-    shuffle_seed; batches with different batch_index never share a sample; labels are unique
-    within a batch whenever batch_size <= num_classes."""
+    shuffle_seed and `draw`; batches with different batch_index never share a sample; with
+    draw "distinct" labels are unique within a batch whenever batch_size <= num_classes."""
     _check_image_size(image_size)
-    plan = _batch_plan(name, batch_size, shuffle_seed)
+    plan = _batch_plan(name, batch_size, shuffle_seed, draw)
     if not 0 <= batch_index < len(plan):
         valid = f"0..{len(plan) - 1}" if plan else "none"
         raise ConfigError(

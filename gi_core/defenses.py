@@ -15,22 +15,31 @@ import torch
 from torch import Tensor, nn
 
 from gi_core.errors import ConfigError
+from gi_core.fedavg import Protocol, client_sends
 from gi_core.gradients import client_gradient, per_example_gradients, prepare_victim
 
-DEFENSE_KINDS = ("none", "sparsity", "noise", "dp", "quantize", "soteria")
+# `disguise` (Jeon et al. 2021, App. F) acts on how the client draws its batch (k distinct
+# labels, k < B), not on the gradient: the orchestration samples the batch, and the gradient
+# passes through unchanged here.
+DEFENSE_KINDS = ("none", "sparsity", "noise", "dp", "quantize", "soteria", "disguise")
+# Defenses defined on one plain gradient (per-example clipping, a gradient-based score):
+# other protocols refuse them (decision 194).
+FEDSGD_ONLY = ("dp",)
 DP_DELTA = 1e-5
 
 
 @dataclass(frozen=True)
 class Defense:
     """`kind` plus its parameters: sparsity(p), noise(sigma), dp(clip, sigma), quantize(bits),
-    soteria(p: the share of representation features whose gradient is pruned)."""
+    soteria(p: the share of representation features whose gradient is pruned), disguise(k:
+    distinct labels per batch)."""
 
     kind: str = "none"
     p: float | None = None
     sigma: float | None = None
     clip: float | None = None
     bits: int | None = None
+    k: int | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -44,6 +53,7 @@ class Defense:
             "soteria": self.p,
             "noise": self.sigma,
             "dp": self.sigma,
+            "disguise": self.k,
         }
         return float(value.get(self.kind, self.bits) or 0.0)
 
@@ -58,8 +68,9 @@ def _validate(d: Defense) -> None:
         "dp": ("clip", "sigma"),
         "quantize": ("bits",),
         "soteria": ("p",),
+        "disguise": ("k",),
     }[d.kind]
-    for name in ("p", "sigma", "clip", "bits"):
+    for name in ("p", "sigma", "clip", "bits", "k"):
         value = getattr(d, name)
         if (value is None) == (name in needed):
             verb = "needs" if value is None else "does not take"
@@ -72,6 +83,8 @@ def _validate(d: Defense) -> None:
             raise ConfigError(f"defense.{name}: must be a finite number >= 0 (got {value})")
     if d.bits is not None and not 1 <= d.bits <= 32:
         raise ConfigError(f"defense.bits: must be in 1..32 (got {d.bits})")
+    if d.k is not None and d.k < 1:
+        raise ConfigError(f"defense.k: must be >= 1 (got {d.k})")
 
 
 @dataclass(frozen=True)
@@ -90,12 +103,27 @@ def apply_defense(
     labels: Tensor,
     *,
     generator: torch.Generator,
+    protocol: Protocol | None = None,
 ) -> DefendedGradient:
-    """Client gradient of (images, labels) under `defense`; noise is drawn from `generator`."""
+    """What the server observes of (images, labels) under `defense`: the client gradient, or
+    under another `protocol` the mean over clients of what each sends, each defended on its
+    own (defenses act on what a client sends, decision 194); noise is drawn from `generator`."""
+    if protocol is not None and not protocol.is_fedsgd:
+        return _defend_protocol(defense, victim, images, labels, generator, protocol)
     if defense.kind == "dp":
         return _dp(defense, victim, images, labels, generator)
-    grads = client_gradient(victim, images, labels)
-    if defense.kind == "none":
+    return _defend(defense, victim, images, client_gradient(victim, images, labels), generator)
+
+
+def _defend(
+    defense: Defense,
+    victim: nn.Module,
+    images: Tensor,
+    grads: list[Tensor],
+    generator: torch.Generator,
+) -> DefendedGradient:
+    """`defense` applied to one client's sent tensors `grads` (a gradient or an update)."""
+    if defense.kind in ("none", "disguise"):
         return DefendedGradient(grads)
     if defense.kind == "sparsity":
         masks = [topk_mask(g, p=float(defense.p or 0.0)) for g in grads]
@@ -107,6 +135,35 @@ def apply_defense(
             add_noise(grads, std=float(defense.sigma or 0.0), generator=generator)
         )
     return DefendedGradient([quantize(g, bits=int(defense.bits or 32)) for g in grads])
+
+
+def _defend_protocol(
+    defense: Defense,
+    victim: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    generator: torch.Generator,
+    protocol: Protocol,
+) -> DefendedGradient:
+    """Each client's update defended, then averaged by the server. A sparsity mask is the
+    union of the clients' kept entries: what is non-zero in the mean."""
+    if defense.kind in FEDSGD_ONLY:
+        raise ConfigError(f"defense.kind: {defense.kind} is defined on one FedSGD gradient")
+    parts = protocol.clients(images)
+    sent = client_sends(victim, images, labels, protocol)
+    defended = [
+        _defend(defense, victim, images[part], update, generator)
+        for part, update in zip(parts, sent, strict=True)
+    ]
+    mean = [torch.stack(ts).mean(0) for ts in zip(*(d.grads for d in defended), strict=True)]
+    masks = None
+    if defended[0].masks is not None:
+        masks = [
+            torch.stack([m.bool() for m in ms]).any(0)
+            for ms in zip(*(d.masks or [] for d in defended), strict=True)
+        ]
+    info = defended[0].info if len(defended) == 1 else {}
+    return DefendedGradient(mean, masks, info)
 
 
 def soteria(

@@ -16,6 +16,7 @@ shuffle-free schedule of the published multi-step attacks; BatchNorm uses batch 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gi_core.errors import ConfigError
-from gi_core.gradients import prepare_victim, victim_params
+from gi_core.gradients import client_gradient, prepare_victim, victim_params
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,18 @@ def simulated_update(
     model = prepare_victim(victim)
     # θ_0 as leaves that require grad: each step differentiates the loss w.r.t. the current θ.
     start = {n: p.clone().requires_grad_(True) for n, p in victim_params(model).items()}
+    return local_update(model, start, images, labels, local)
+
+
+def local_update(
+    model: nn.Module,
+    start: dict[str, Tensor],
+    images: Tensor,
+    labels: Tensor,
+    local: LocalTraining,
+) -> list[Tensor]:
+    """θ_0 − θ_K of a prepared victim (`gradients.prepare_victim`) from parameters `start` that
+    require grad; every step stays in the graph, so the result is differentiable in `images`."""
     params = dict(start)
     order = _batches(images.shape[0], local.local_batch_size)
     for step in range(local.local_steps):
@@ -96,3 +109,91 @@ def aggregate(updates: list[list[Tensor]]) -> list[Tensor]:
     if not updates:
         raise ConfigError("aggregate: needs at least one client's update")
     return [torch.stack(parts).mean(0) for parts in zip(*updates, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol axis (decision 194): what one round of federated training shows the server.
+
+PROTOCOL_KINDS = ("fedsgd", "fedavg", "aggregate")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What the server observes in one round, and so what the attacker matches.
+
+    fedsgd     one client's gradient g (eq. 2; the paper's setting; `local` is None).
+    fedavg     one client's weight update θ_0 − θ_K after `local` training.
+    aggregate  the mean over `n_clients` clients of what each sends: gradients when `local` is
+               None (FedSGD aggregation), weight updates otherwise (FedAvg aggregation).
+    The images of an aggregate are the clients' batches concatenated, client 0 first
+    ((n_clients · B, C, H, W)); the attacked, scored client is client 0."""
+
+    kind: str = "fedsgd"
+    local: LocalTraining | None = None
+    n_clients: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in PROTOCOL_KINDS:
+            raise ConfigError(f"protocol.kind: unknown {self.kind!r}; known: {PROTOCOL_KINDS}")
+        if self.kind != "aggregate" and (self.kind == "fedavg") != (self.local is not None):
+            need = "needs" if self.kind == "fedavg" else "does not take"
+            raise ConfigError(f"protocol.local: {self.kind} {need} local training")
+        if self.n_clients < 1 or (self.kind != "aggregate" and self.n_clients != 1):
+            raise ConfigError(
+                f"protocol.n_clients: {self.kind} needs 1 client, aggregate >= 1 "
+                f"(got {self.n_clients})"
+            )
+
+    @property
+    def is_fedsgd(self) -> bool:
+        """One client's plain gradient: the engine's native (vectorisable) cost path."""
+        return self.kind == "fedsgd"
+
+    def clients(self, images: Tensor) -> list[slice]:
+        """Each client's rows of the concatenated batch (equal shares, client 0 first)."""
+        n = images.shape[0]
+        if n % self.n_clients:
+            raise ConfigError(f"protocol: {n} images do not split into {self.n_clients} clients")
+        size = n // self.n_clients
+        return [slice(j * size, (j + 1) * size) for j in range(self.n_clients)]
+
+    def label_scale(self) -> float:
+        """What the last layer's part of a sent update is divided by to read it as a mean
+        gradient (label recovery): local_lr · local_steps for weight updates, 1 for gradients."""
+        return 1.0 if self.local is None else self.local.local_lr * self.local.local_steps
+
+
+def client_sends(
+    victim: nn.Module, images: Tensor, labels: Tensor, protocol: Protocol
+) -> list[list[Tensor]]:
+    """What each client really sends (detached, parameter order): its gradient (eq. 2) or its
+    torch.optim.SGD weight update. The defenses act on these (decision 194)."""
+    out = []
+    for part in protocol.clients(images):
+        if protocol.local is None:
+            out.append(client_gradient(victim, images[part], labels[part]))
+        else:
+            out.append(client_update(victim, images[part], labels[part], protocol.local))
+    return out
+
+
+def simulate(
+    model: nn.Module,
+    params: dict[str, Tensor],
+    images: Tensor,
+    labels: Tensor,
+    protocol: Protocol,
+) -> list[Tensor]:
+    """The attacker's differentiable view of what the server observes for candidate `images`:
+    the mean over clients of each client's gradient or simulated update, from the prepared
+    victim `model` at parameters `params` (leaves that require grad)."""
+    sent: list[Sequence[Tensor]] = []
+    for part in protocol.clients(images):
+        if protocol.local is None:
+            loss = F.cross_entropy(functional_call(model, params, (images[part],)), labels[part])
+            sent.append(torch.autograd.grad(loss, list(params.values()), create_graph=True))
+        else:
+            sent.append(local_update(model, params, images[part], labels[part], protocol.local))
+    if len(sent) == 1:
+        return list(sent[0])
+    return [torch.stack(parts).mean(0) for parts in zip(*sent, strict=True)]

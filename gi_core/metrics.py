@@ -242,6 +242,23 @@ def match_reconstructions(recon: Tensor, truth: Tensor, *, labels: Tensor | None
     return torch.from_numpy(perm)
 
 
+def closest_rows(recon: Tensor, truth: Tensor) -> Tensor:
+    """Indices (T,) int64 of the T of the R >= T reconstructions that, one to one, match the
+    truth images (T, C, H, W) best (Hungarian on log MSE, as match_reconstructions): the
+    attacked client's images among the reconstructions of an aggregate of clients."""
+    if recon.shape[0] < truth.shape[0] or recon.shape[1:] != truth.shape[1:]:
+        raise ConfigError(
+            f"closest_rows: {tuple(recon.shape)} reconstructions cannot cover "
+            f"{tuple(truth.shape)} truth images"
+        )
+    from scipy.optimize import linear_sum_assignment  # local: gi_core imports with torch alone
+
+    rows, cols = linear_sum_assignment(_pairwise_log_mse(recon, truth))
+    chosen = np.empty(truth.shape[0], dtype=np.int64)
+    chosen[cols] = rows
+    return torch.from_numpy(chosen).to(recon.device)
+
+
 @dataclass(frozen=True)
 class BatchMetrics:
     """Per-image metrics of one batch, all (B,) in ground-truth order (index i = truth[i]).

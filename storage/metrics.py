@@ -82,6 +82,21 @@ _IDENTITY_AND_BUDGET = [
     ("budget_priced_seconds", pa.float64()),
 ]
 IDENTITY_AND_BUDGET_COLUMNS = frozenset(name for name, _ in _IDENTITY_AND_BUDGET)
+# Issue 19, the threat-model manifest (tasks.cells.InversionCell.threat_model, decision 197):
+# what the attacker was given. Null in rows written before these columns existed.
+_THREAT_MODEL = [
+    ("tm_labels", pa.string()),  # given | recovered:<idlg | yin | count>
+    ("tm_bn_stats", pa.string()),  # batch (a "+bn" attack is handed them) | none
+    ("protocol", pa.string()),  # fedsgd | fedavg | aggregate
+    ("local_steps", pa.int64()),  # local training of fedavg (null: the client sends gradients)
+    ("local_batch_size", pa.int64()),  # null: the whole batch at each local step
+    ("local_lr", pa.float64()),
+    ("n_clients", pa.int64()),  # clients whose mean the server sees (1: one client)
+    ("batch_labels", pa.string()),  # how the batch drew its labels: distinct | random | <k>
+    ("tm_colour", pa.string()),  # the data's colour model the attack used: gray | rgb
+    ("tm_prior", pa.string()),  # generator kind[@checkpoint] | none
+]
+THREAT_MODEL_COLUMNS = frozenset(name for name, _ in _THREAT_MODEL)
 
 
 def _param_columns() -> list[tuple[str, pa.DataType]]:
@@ -146,9 +161,11 @@ _PROVENANCE = [
     ("python_version", pa.string()),
     ("git_commit", pa.string()),
 ]
-SCHEMA = pa.schema(_AXES + _IDENTITY_AND_BUDGET + _PARAMS + _PER_IMAGE + _PROVENANCE)
+SCHEMA = pa.schema(
+    _AXES + _IDENTITY_AND_BUDGET + _THREAT_MODEL + _PARAMS + _PER_IMAGE + _PROVENANCE
+)
 ROW_COLUMNS: tuple[str, ...] = tuple(
-    name for name, _ in _AXES + _IDENTITY_AND_BUDGET + _PARAMS + _PER_IMAGE
+    name for name, _ in _AXES + _IDENTITY_AND_BUDGET + _THREAT_MODEL + _PARAMS + _PER_IMAGE
 )
 # The schema a reader sees: the file schema plus the partition column.
 DATASET_SCHEMA = SCHEMA.append(pa.field(PARTITION_KEY, pa.string()))
@@ -216,6 +233,7 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
             | JOB_COLUMNS
             | CONFIG_OPTIONAL
             | IDENTITY_AND_BUDGET_COLUMNS
+            | THREAT_MODEL_COLUMNS
             | SCHEDULE_COLUMNS
         )
         missing = sorted(set(ROW_COLUMNS) - set(row) - optional)

@@ -21,9 +21,10 @@ from typing import Any
 
 from gi_core.attacks.engine import BaseConfig
 from gi_core.attacks.registry import method_config, uses_generator
-from gi_core.datasets import batch_indices
+from gi_core.datasets import LabelDraw
 from gi_core.defenses import Defense
 from gi_core.errors import ConfigError
+from gi_core.fedavg import LocalTraining, Protocol
 from tasks import budget
 from tasks.budget import BudgetRecord, total_iterations
 from tasks.spec import (
@@ -32,8 +33,10 @@ from tasks.spec import (
     MethodSpec,
     VictimSpec,
     canonical_json,
+    cell_indices,
     data_colour,
     evaluation_batches,
+    label_draw,
     mark_provenance,
     variant_labels,
 )
@@ -65,10 +68,17 @@ class GradientCell:
     victim: VictimSpec
     defense: Defense
     shuffle_seed: int | None = None  # the batch plan's shuffle (None: the fixed plan)
+    # What the server observes (decision 194); under `aggregate` `indices` are the clients'
+    # batches concatenated (n_clients x batch_size, client 0 = the attacked one first).
+    protocol: Protocol = Protocol()
+    # How the batch plan drew its labels (decision 195): distinct | random | k distinct.
+    batch_labels: LabelDraw = "distinct"
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything that determines the gradient; hashed into `id`."""
-        return {
+        """Everything that determines the gradient; hashed into `id`. The protocol and the
+        label draw enter only when they differ from the paper's (FedSGD, distinct labels), so
+        the ids of existing grids stay as they were (decision 040)."""
+        d: dict[str, Any] = {
             "kind": "gradient",
             "schema": SCHEMA_VERSION,
             "dataset": self.dataset,
@@ -80,6 +90,11 @@ class GradientCell:
             "victim": self.victim.model_dump(mode="json"),
             "defense": _defense_dict(self.defense),
         }
+        if not self.protocol.is_fedsgd:
+            d["protocol"] = protocol_dict(self.protocol)
+        if self.batch_labels != "distinct":
+            d["batch_labels"] = self.batch_labels
+        return d
 
     @cached_property
     def id(self) -> str:
@@ -101,6 +116,8 @@ class GradientCell:
             victim=VictimSpec.model_validate(d["victim"]),
             defense=Defense(**d["defense"]),
             shuffle_seed=d.get("shuffle_seed"),
+            protocol=protocol_from_dict(d.get("protocol")),
+            batch_labels=d.get("batch_labels", "distinct"),
         )
         _check_id(cell.id, d)
         return cell
@@ -218,6 +235,32 @@ class InversionCell:
             "batch_size": g.batch_size,
             "batch_index": g.batch_index,
             "seed": self.seed,
+            **self.threat_model(),
+        }
+
+    def threat_model(self) -> dict[str, Any]:
+        """The threat-model manifest (issue 19 Deliver 8; decision 197): what the attacker was
+        given, from the resolved cell: labels, BN statistics, protocol and its local
+        hyperparameters, the batch's label draw, the data's colour model and the prior."""
+        g, config = self.gradient, self.config
+        local = g.protocol.local
+        prior = "none"
+        if self.generator is not None:  # the kind, and the weights file where one is named
+            checkpoint = self.generator.checkpoint
+            prior = self.generator.kind + (f"@{checkpoint}" if checkpoint else "")
+        return {
+            "tm_labels": "given" if config.labels == "given" else f"recovered:{config.labels}",
+            # the victim's BN always runs on batch statistics (decision 002); an attack is
+            # handed them only when its BN prior is on ("+bn")
+            "tm_bn_stats": "batch" if config.bn > 0 else "none",
+            "protocol": g.protocol.kind,
+            "local_steps": None if local is None else local.local_steps,
+            "local_batch_size": None if local is None else local.local_batch_size,
+            "local_lr": None if local is None else local.local_lr,
+            "n_clients": g.protocol.n_clients,
+            "batch_labels": str(g.batch_labels),
+            "tm_colour": config.colour,
+            "tm_prior": prior,
         }
 
     def __eq__(self, other: object) -> bool:
@@ -315,28 +358,30 @@ def gradient_cells(
     for victim in spec.victim_axis:
         for batch_size in spec.batch_sizes:
             for batch_index in batches(batch_size):
-                indices = tuple(
-                    batch_indices(
-                        d.dataset,
-                        batch_size=batch_size,
-                        batch_index=batch_index,
-                        image_size=d.image_size,
-                        shuffle_seed=d.shuffle_seed,
-                    )
-                )
-                cells += [
-                    GradientCell(
-                        d.dataset,
-                        d.image_size,
-                        batch_size,
-                        batch_index,
-                        indices,
-                        victim,
-                        defense,
-                        d.shuffle_seed,
-                    )
-                    for defense in defenses
-                ]
+                for protocol in spec.protocol_axis:
+                    for defense in defenses:
+                        draw = label_draw(spec, defense)
+                        indices = cell_indices(
+                            spec,
+                            batch_size,
+                            batch_index,
+                            n_clients=protocol.n_clients,
+                            draw=draw,
+                        )
+                        cells.append(
+                            GradientCell(
+                                d.dataset,
+                                d.image_size,
+                                batch_size,
+                                batch_index,
+                                tuple(indices),
+                                victim,
+                                defense,
+                                d.shuffle_seed,
+                                protocol,
+                                draw,
+                            )
+                        )
     return cells
 
 
@@ -395,8 +440,29 @@ def _is_iteration_count(name: str) -> bool:
     return name == "iterations" or name.endswith("_iterations")
 
 
+def protocol_dict(protocol: Protocol) -> dict[str, Any]:
+    """A protocol as JSON: kind, n_clients and the local hyperparameters (None: gradients)."""
+    local = protocol.local
+    return {
+        "kind": protocol.kind,
+        "n_clients": protocol.n_clients,
+        "local": None
+        if local is None
+        else {**dataclasses.asdict(local), "local_lr": float(local.local_lr)},
+    }
+
+
+def protocol_from_dict(d: Mapping[str, Any] | None) -> Protocol:
+    if d is None:
+        return Protocol()
+    local = LocalTraining(**d["local"]) if d.get("local") else None
+    return Protocol(d["kind"], local, d["n_clients"])
+
+
 def _defense_dict(defense: Defense) -> dict[str, Any]:
     d = dataclasses.asdict(defense)
+    if d.get("k") is None:
+        d.pop("k", None)  # a field added later (label disguise): old ids stay (decision 040)
     # Levels are floats in the spec; normalise anyway so a hand-made Defense(p=1) hashes alike.
     return {
         k: float(v) if k in ("p", "sigma", "clip") and v is not None else v for k, v in d.items()

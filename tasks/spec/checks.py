@@ -13,12 +13,15 @@ from typing import TYPE_CHECKING, Any
 
 from gi_core.attacks.registry import METHOD_NAMES, config_class, method_config, uses_generator
 from gi_core.datasets import check_decodable, dataset_info, max_batches
+from gi_core.defenses import FEDSGD_ONLY
 from gi_core.errors import ConfigError
 from tasks.spec.identity import canonical_json
 from tasks.spec.plan import (
-    _indices,
+    batches_needed,
+    cell_indices,
     evaluation_batches,
     find_tuning_batches,
+    label_draws,
     tuning_batches,
     tuning_samples,
 )
@@ -36,9 +39,40 @@ def semantic_problems(spec: GridSpec) -> list[str]:
         *_baseline_problems(spec),
         *_generator_problems(spec),
         *_checkpoint_problems(spec),
+        *_protocol_problems(spec),
         *_data_problems(spec),
         *_resource_problems(spec),
     ]
+
+
+def _protocol_problems(spec: GridSpec) -> list[str]:
+    """Protocols against defenses, labels, batch sizes and tuning (decisions 194, 195)."""
+    protocols = spec.protocol_axis
+    problems = []
+    if len({repr(p) for p in protocols}) < len(protocols):
+        problems.append("protocols: the same protocol is listed twice")
+    others = [p for p in protocols if not p.is_fedsgd]
+    kinds = sorted({d.kind for family in spec.defenses for d in family.expand()})
+    problems += [
+        f"defenses: {k} is defined on one FedSGD gradient; remove it or use protocols: "
+        "[{kind: fedsgd}]"
+        for k in kinds
+        if others and k in FEDSGD_ONLY
+    ]
+    many = [p.n_clients for p in protocols if p.n_clients > 1]
+    if many and spec.tuning.stage:
+        problems.append(
+            "tuning.stage: tuning on aggregated clients is not supported; tune a fedsgd grid "
+            "and use its values (preset: tuned), or drop the aggregate protocol"
+        )
+    for i, m in enumerate(spec.methods):
+        labels = m.params.get("labels", "given")
+        if labels == "idlg" and many:
+            problems.append(
+                f"methods[{i}].params.labels: idlg recovers one image's label; an aggregate "
+                "has n_clients x B images: use labels: count or yin"
+            )
+    return problems
 
 
 def _resource_problems(spec: GridSpec) -> list[str]:
@@ -217,25 +251,45 @@ def _axis_field(spec: GridSpec, single: str, i: int) -> str:
     return f"{single}s[{i}]" if getattr(spec, f"{single}s") is not None else single
 
 
+def _too_few(spec: GridSpec, j: int, draw: Any, available: int, samples: int) -> str:
+    d, b = spec.data, spec.batch_sizes[j]
+    how = "" if draw == "distinct" else f" with label draw {draw!r}"
+    clients = max(p.n_clients for p in spec.protocol_axis)
+    extra = f" (x{clients} aggregated clients)" if clients > 1 else ""
+    return (
+        f"batch_sizes[{j}]: {d.dataset!r} ({samples} samples) supplies only "
+        f"{available} non-overlapping batches of {b}{how}; data.num_batches is "
+        f"{d.num_batches}{extra} from data.first_batch {d.first_batch}"
+    )
+
+
 def _data_problems(spec: GridSpec) -> list[str]:
     d = spec.data
     try:
         info = dataset_info(d.dataset, image_size=d.image_size)
     except ConfigError as e:
         return [f"data.dataset: {e}"]
-    problems, used = [], []
+    problems: list[str] = []
+    used: list[int] = []
+    needed, clients = batches_needed(spec), sorted({p.n_clients for p in spec.protocol_axis})
     for j, b in enumerate(spec.batch_sizes):
-        available = max_batches(
-            d.dataset, batch_size=b, image_size=d.image_size, shuffle_seed=d.shuffle_seed
-        )
-        if available < d.first_batch + d.num_batches:
-            problems.append(
-                f"batch_sizes[{j}]: {d.dataset!r} ({info.num_samples} samples) supplies only "
-                f"{available} non-overlapping batches of {b}; data.num_batches is "
-                f"{d.num_batches} from data.first_batch {d.first_batch}"
+        for draw in label_draws(spec):
+            available = max_batches(
+                d.dataset,
+                batch_size=b,
+                image_size=d.image_size,
+                shuffle_seed=d.shuffle_seed,
+                draw=draw,
             )
-            continue
-        used += [i for k in evaluation_batches(spec) for i in _indices(spec, b, k)]
+            if available < needed:
+                problems.append(_too_few(spec, j, draw, available, info.num_samples))
+                continue
+            used += [
+                i
+                for k in evaluation_batches(spec)
+                for n in clients
+                for i in cell_indices(spec, b, k, n_clients=n, draw=draw)
+            ]
     if not problems:  # the tuning's held-out images (when some exist) are decoded too
         held_out = find_tuning_batches(spec, spec.batch_sizes[0])
         if held_out is not None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from gi_core.datasets import batch_indices, detect_colour, max_batches
+from gi_core.datasets import LabelDraw, batch_indices, detect_colour, max_batches
+from gi_core.defenses import Defense
 from gi_core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -24,19 +25,70 @@ def evaluation_batches(spec: GridSpec) -> range:
     return range(spec.data.first_batch, spec.data.first_batch + spec.data.num_batches)
 
 
+def label_draw(spec: GridSpec, defense: Defense) -> LabelDraw:
+    """How a gradient cell's batch draws its labels: the label-disguise defense's k (App. F),
+    else `data.batch_labels` (decision 195)."""
+    if defense.kind == "disguise" and defense.k is not None:
+        return defense.k
+    return spec.data.batch_labels
+
+
+def label_draws(spec: GridSpec) -> list[LabelDraw]:
+    """Every label draw the grid's gradient cells use (one batch plan each)."""
+    draws = [label_draw(spec, d) for family in spec.defenses for d in family.expand()]
+    return list(dict.fromkeys(draws))
+
+
+def client_batches(spec: GridSpec, batch_index: int, n_clients: int) -> list[int]:
+    """Plan batches of the `n_clients` clients of an aggregate at `batch_index` (decision 194):
+    the attacked client 0 is batch `batch_index` itself (the same images as under FedSGD, so
+    protocols compare on paired batches); the others are batches after the evaluation range,
+    n_clients - 1 per evaluation batch, so no two cells' clients overlap."""
+    d = spec.data
+    after = d.first_batch + d.num_batches + (batch_index - d.first_batch) * (n_clients - 1)
+    return [batch_index, *range(after, after + n_clients - 1)]
+
+
+def batches_needed(spec: GridSpec) -> int:
+    """Batches the plan must supply: the evaluation range and every aggregate's other clients."""
+    d = spec.data
+    most = max(p.n_clients for p in spec.protocol_axis)
+    return d.first_batch + d.num_batches * most
+
+
+def cell_indices(
+    spec: GridSpec, batch_size: int, batch_index: int, *, n_clients: int, draw: LabelDraw
+) -> list[int]:
+    """Sample indices of a gradient cell: its clients' batches concatenated, client 0 first."""
+    return [
+        i
+        for k in client_batches(spec, batch_index, n_clients)
+        for i in _indices(spec, batch_size, k, draw)
+    ]
+
+
 def evaluation_samples(spec: GridSpec) -> frozenset[int]:
     """Every data set sample index the evaluation attacks, over ALL batch sizes (a batch
     number names different samples at each batch size: B = 1 batch 98 is a sample of B = 4
-    batch 24). Batch sizes whose plan is too short are skipped (reported by validation)."""
+    batch 24), label draws and aggregated clients. Batch sizes whose plan is too short are
+    skipped (reported by validation)."""
     d = spec.data
     samples: set[int] = set()
+    clients = sorted({p.n_clients for p in spec.protocol_axis})
     for b in spec.batch_sizes:
-        available = max_batches(
-            d.dataset, batch_size=b, image_size=d.image_size, shuffle_seed=d.shuffle_seed
-        )
-        for k in evaluation_batches(spec):
-            if k < available:
-                samples.update(_indices(spec, b, k))
+        for draw in label_draws(spec):
+            available = max_batches(
+                d.dataset,
+                batch_size=b,
+                image_size=d.image_size,
+                shuffle_seed=d.shuffle_seed,
+                draw=draw,
+            )
+            for k in evaluation_batches(spec):
+                for n in clients:
+                    batches = client_batches(spec, k, n)
+                    if max(batches) < available:
+                        samples.update(i for j in batches for i in _indices(spec, b, j, draw))
     return frozenset(samples)
 
 
@@ -45,7 +97,11 @@ def find_tuning_batches(spec: GridSpec, batch_size: int) -> range | None:
     samples the evaluation attacks at any batch size; None if there are none."""
     d = spec.data
     available = max_batches(
-        d.dataset, batch_size=batch_size, image_size=d.image_size, shuffle_seed=d.shuffle_seed
+        d.dataset,
+        batch_size=batch_size,
+        image_size=d.image_size,
+        shuffle_seed=d.shuffle_seed,
+        draw=d.batch_labels,
     )
     evaluated = evaluation_samples(spec)
     clean = [evaluated.isdisjoint(_indices(spec, batch_size, k)) for k in range(available)]
@@ -77,7 +133,9 @@ def tuning_samples(spec: GridSpec, batch_size: int, held_out: range) -> frozense
     return frozenset(i for k in held_out for i in _indices(spec, batch_size, k))
 
 
-def _indices(spec: GridSpec, batch_size: int, batch_index: int) -> list[int]:
+def _indices(
+    spec: GridSpec, batch_size: int, batch_index: int, draw: LabelDraw | None = None
+) -> list[int]:
     d = spec.data
     return batch_indices(
         d.dataset,
@@ -85,4 +143,5 @@ def _indices(spec: GridSpec, batch_size: int, batch_index: int) -> list[int]:
         batch_index=batch_index,
         image_size=d.image_size,
         shuffle_seed=d.shuffle_seed,
+        draw=d.batch_labels if draw is None else draw,
     )

@@ -12,6 +12,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_serializer, 
 
 from gi_core.defenses import DEFENSE_KINDS, Defense
 from gi_core.errors import ConfigError
+from gi_core.fedavg import LocalTraining, Protocol
 from gi_core.stylegan2 import StyleGAN2Config, StyleGAN2Options
 from gi_core.victims import check_victim_name
 from storage.generator_snapshots import parse_ref, resolve_ref
@@ -45,12 +46,17 @@ class DataSpec(_Model):
     # The data's colour model, known to every attack (gi_core.attacks.colour): `auto` detects
     # it from the data (gi_core.datasets.detect_colour); `gray` / `rgb` override the detection.
     colour: Literal["auto", "gray", "rgb"] = "auto"
+    # How each batch's labels are drawn (decision 195): `distinct` (every label at most once,
+    # the paper's setting), `random` (each image's label drawn with replacement), or an int k
+    # (exactly k distinct labels per batch). Batches stay disjoint (gi_core.datasets).
+    batch_labels: Literal["distinct", "random"] | Annotated[int, Field(ge=1)] = "distinct"
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        # `auto` is left out of the dump, so the specs of existing grids hash as before
+        # defaults are left out of the dump, so the specs of existing grids hash as before
         data: dict[str, Any] = handler(self)
-        return {k: v for k, v in data.items() if not (k == "colour" and v == "auto")}
+        defaults = {"colour": "auto", "batch_labels": "distinct"}
+        return {k: v for k, v in data.items() if not (k in defaults and v == defaults[k])}
 
     @field_validator("dataset")
     @classmethod
@@ -186,11 +192,21 @@ class MethodSpec(_Model):
 class DefenseSpec(_Model):
     """One defense family; list-valued levels expand into one defense per level."""
 
-    kind: Literal["none", "sparsity", "noise", "dp", "quantize", "soteria"]
+    kind: Literal["none", "sparsity", "noise", "dp", "quantize", "soteria", "disguise"]
     p: Floats | None = None
     sigma: Floats | None = None
     clip: float | None = None
     bits: Ints | None = None
+    k: Ints | None = None  # disguise: distinct labels per batch (App. F)
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        return _drop_unset(handler(self), ("k",))
+
+    @field_validator("k")
+    @classmethod
+    def _k_range(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return _each(v, lambda x: x >= 1, "must be >= 1")
 
     @field_validator("p")
     @classmethod
@@ -220,7 +236,7 @@ class DefenseSpec(_Model):
         wrong = [f"{self.kind} needs {n!r}" for n in needed if getattr(self, n) is None]
         wrong += [
             f"{self.kind} does not take {n!r}"
-            for n in ("p", "sigma", "clip", "bits")
+            for n in ("p", "sigma", "clip", "bits", "k")
             if n not in needed and getattr(self, n) is not None
         ]
         if wrong:
@@ -237,6 +253,8 @@ class DefenseSpec(_Model):
             return [Defense("noise", sigma=s) for s in self.sigma or ()]
         if self.kind == "dp":
             return [Defense("dp", clip=self.clip, sigma=s) for s in self.sigma or ()]
+        if self.kind == "disguise":
+            return [Defense("disguise", k=k) for k in self.k or ()]
         return [Defense("quantize", bits=b) for b in self.bits or ()]
 
 
@@ -247,7 +265,64 @@ _DEFENSE_FIELDS: dict[str, tuple[str, ...]] = {
     "dp": ("clip", "sigma"),
     "quantize": ("bits",),
     "soteria": ("p",),
+    "disguise": ("k",),
 }
+
+
+class ProtocolSpec(_Model):
+    """What the server observes in a round (decision 194); list-valued fields expand into one
+    protocol per combination. `fedsgd`: one client's gradient (the paper's). `fedavg`: one
+    client's weight update after `local_steps` SGD steps of `local_batch_size` images at
+    `local_lr`. `aggregate`: the mean over `n_clients` clients of their gradients (no local
+    fields) or of their FedAvg updates (with `local_steps`); client 0 is attacked and scored."""
+
+    kind: Literal["fedsgd", "fedavg", "aggregate"]
+    local_steps: Ints | None = None
+    local_batch_size: int | None = Field(default=None, ge=1)  # None: the whole batch
+    local_lr: float | None = Field(default=None, gt=0)  # default 0.1 where local training runs
+    n_clients: Ints | None = None
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        fields = ("local_steps", "local_batch_size", "local_lr", "n_clients")
+        return _drop_unset(handler(self), fields)
+
+    @field_validator("local_steps", "n_clients")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return _each(v, lambda x: x >= 1, "must be >= 1")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> ProtocolSpec:
+        local = ("local_steps", "local_batch_size", "local_lr")
+        given = [n for n in (*local, "n_clients") if getattr(self, n) is not None]
+        allowed = {"fedsgd": (), "fedavg": local, "aggregate": (*local, "n_clients")}[self.kind]
+        wrong = [f"{self.kind} does not take {n!r}" for n in given if n not in allowed]
+        if self.kind == "aggregate" and self.n_clients is None:
+            wrong.append("aggregate needs 'n_clients'")
+        if self.kind == "aggregate" and self.local_steps is None and len(given) > 1:
+            wrong.append("aggregate takes local_batch_size / local_lr only with local_steps")
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return self
+
+    def expand(self) -> list[Protocol]:
+        """One gi_core Protocol per (local_steps, n_clients), in the order written."""
+        if self.kind == "fedsgd":
+            return [Protocol()]
+        steps: tuple[int | None, ...] = self.local_steps or (
+            (1,) if self.kind == "fedavg" else (None,)
+        )
+        lr = 0.1 if self.local_lr is None else float(self.local_lr)
+        return [
+            Protocol(
+                self.kind,
+                None if k is None else LocalTraining(k, self.local_batch_size, lr),
+                n,
+            )
+            for k in steps
+            for n in (self.n_clients or (1,))
+        ]
 
 
 assert set(_DEFENSE_FIELDS) == set(DEFENSE_KINDS), "spec and gi_core disagree on defenses"
@@ -355,6 +430,10 @@ class GridSpec(_Model):
     generators: tuple[GeneratorSpec, ...] | None = Field(default=None, min_length=1)
     methods: tuple[Annotated[MethodSpec, BeforeValidator(_method_item)], ...] = Field(min_length=1)
     defenses: tuple[DefenseSpec, ...] = Field(default=(DefenseSpec(kind="none"),), min_length=1)
+    # What the server observes (decision 194): fedsgd (the paper's), fedavg, aggregate.
+    protocols: tuple[ProtocolSpec, ...] = Field(
+        default=(ProtocolSpec(kind="fedsgd"),), min_length=1
+    )
     batch_sizes: Ints = Field(default=(1,), min_length=1)
     seeds: Ints = Field(default=(0,), min_length=1)
     budgets: BudgetSpec = BudgetSpec()
@@ -370,6 +449,19 @@ class GridSpec(_Model):
     @property
     def victim_axis(self) -> tuple[VictimSpec, ...]:
         return self.victims or ((self.victim,) if self.victim is not None else ())
+
+    @property
+    def protocol_axis(self) -> list[Protocol]:
+        """Every protocol of the grid, expanded, in the order written."""
+        return [p for family in self.protocols for p in family.expand()]
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: Any) -> dict[str, Any]:
+        # the default (fedsgd only) is left out, so the dumps of existing grids do not change
+        data: dict[str, Any] = handler(self)
+        if data.get("protocols") == [{"kind": "fedsgd"}]:
+            del data["protocols"]
+        return data
 
     @property
     def generator_axis(self) -> tuple[GeneratorSpec, ...]:

@@ -1,4 +1,5 @@
-"""The gradient job: a cell's batch through the victim under its defense, stored once."""
+"""The gradient job: a cell's batch through the victim under its protocol and defense (what the
+server observes: a gradient, a FedAvg update or an aggregate of clients), stored once."""
 
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ def generate_gradient(run: RunDir, cell: GradientCell) -> int:
     images, labels = images.to(device()), labels.to(device())
     victim = victim_for(cell)
     noise = torch.Generator().manual_seed(int(cell.id[:12], 16))  # deterministic per cell
-    defended = apply_defense(cell.defense, victim, images, labels, generator=noise)
+    # what the server observes under the cell's protocol, each client's share defended (194)
+    defended = apply_defense(
+        cell.defense, victim, images, labels, generator=noise, protocol=cell.protocol
+    )
     index = ParamIndex.of(victim)
     _refuse_degenerate(cell, index.flatten(defended.grads))
     mask = index.flatten(defended.masks).bool() if defended.masks is not None else None

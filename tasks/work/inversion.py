@@ -17,7 +17,7 @@ from gi_core.attacks import InversionProblem, reconstruct
 from gi_core.generators import Generator
 from gi_core.gradients import ParamIndex
 from gi_core.labels import attack_labels
-from gi_core.metrics import evaluate_batch, lpips_model
+from gi_core.metrics import closest_rows, evaluate_batch, lpips_model
 from storage.checkpoints import delete_checkpoint, load_checkpoint
 from storage.run import RunDir
 from storage.tables import FAILURES_DIR, write_curve
@@ -80,9 +80,15 @@ def _prepare(
 ) -> _Prepared:
     dev = device()
     stored = read_gradient(run.gradient_path(cell.gradient_id))
+    protocol = cell.gradient.protocol
     problem = _problem(stored, victim_for(cell.gradient), dev)
-    labels, label_acc = attack_labels(problem.target, problem.labels, mode=cell.config.labels)
-    problem = dataclasses.replace(problem, labels=labels)
+    # label recovery reads the last layer of what was sent, as a mean gradient (decision 194)
+    scale = protocol.label_scale()
+    readable = problem.target if scale == 1.0 else [t / scale for t in problem.target]
+    labels, label_acc = attack_labels(readable, problem.labels, mode=cell.config.labels)
+    problem = dataclasses.replace(
+        problem, labels=labels, protocol=None if protocol.is_fedsgd else protocol
+    )
     checkpoint_path = run.checkpoint_path(cell.id)
     state = load_checkpoint(checkpoint_path)
     failed_before = (run.root / FAILURES_DIR / f"{cell.id}.json").is_file()
@@ -133,7 +139,8 @@ def _commit_inversion(
     truth = torch.as_tensor(stored.images, device=dev)
     # given labels keep positions; recovered ones are a sorted set: match by Hungarian assignment
     known = problem.labels if cell.config.labels == "given" else None
-    scores = evaluate_batch(result.images, truth, labels=known, lpips=lpips_model())
+    recon, truth, known = scored_client(cell, result.images, truth, known)
+    scores = evaluate_batch(recon, truth, labels=known, lpips=lpips_model())
     write_reconstruction(
         run.reconstruction_path(cell.id),
         dataclasses.replace(_stored_result(cell, result, wall, dev), **trace.snapshot_arrays()),
@@ -153,6 +160,22 @@ def _commit_inversion(
     )
     delete_checkpoint(checkpoint_path)
     return 1
+
+
+def scored_client(
+    cell: InversionCell, recon: torch.Tensor, truth: torch.Tensor, known: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The attacked client's share of an aggregate (client 0, decision 194): its B truth
+    images, and the B reconstructions scored against them: with given labels the first B
+    (they were optimised for its labels), with recovered labels (a sorted set over all
+    clients) the B that match its images best (rectangular Hungarian assignment on PSNR)."""
+    b = cell.gradient.batch_size
+    if cell.gradient.protocol.n_clients == 1:
+        return recon, truth, known
+    truth = truth[:b]
+    if known is not None:
+        return recon[:b], truth, known[:b]
+    return recon[closest_rows(recon, truth)], truth, None
 
 
 def _problem(stored: StoredGradient, victim: nn.Module, dev: torch.device) -> InversionProblem:

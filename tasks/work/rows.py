@@ -64,7 +64,7 @@ def _rows(
         {
             **axes,
             "image_index": i,
-            "sample_index": int(cell.gradient.indices[i]),
+            "sample_index": int(cell.gradient.indices[i]),  # client 0's under aggregate
             "label": int(stored.labels[i]),
             "labels": cell.config.labels,
             "label_accuracy": label_acc,
@@ -82,7 +82,7 @@ def _rows(
             **_where(dev),
             **schedule,
         }
-        for i in range(len(stored.labels))
+        for i in range(cell.gradient.batch_size)  # the attacked client's images
     ]
 
 

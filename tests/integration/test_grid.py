@@ -434,7 +434,13 @@ def test_bad_specs_exit_2_naming_the_field_before_any_job(tmp_path: Path,
 
 # --- grids/ ----------------------------------------------------------------------------------
 
-CPU_GRIDS = ["smoke.yaml", "table1_cpu.yaml", "fig5_defenses_cpu.yaml", "gix_convergence_cpu.yaml"]
+CPU_GRIDS = [
+    "smoke.yaml",
+    "table1_cpu.yaml",
+    "fig5_defenses_cpu.yaml",
+    "gix_convergence_cpu.yaml",
+    "fedavg_cpu.yaml",
+]
 PAPER_GRIDS = ["table1.yaml", "fig5_defenses.yaml"]
 
 

@@ -150,6 +150,31 @@ SPEC_VALUES: dict[str, Any] = {
         {**base, "defenses": [{"kind": "quantize", "bits": 4}]},
         {**base, "defenses": [{"kind": "quantize", "bits": 8}]},
     ),
+    "defenses.k": lambda base, tmp: (
+        {**base, "defenses": [{"kind": "disguise", "k": 1}]},
+        {**base, "defenses": [{"kind": "disguise", "k": 2}]},
+    ),
+    "data.batch_labels": "random",
+    "protocols.kind": lambda base, tmp: (
+        base,
+        {**base, "protocols": [{"kind": "fedavg"}]},
+    ),
+    "protocols.local_steps": lambda base, tmp: (
+        {**base, "protocols": [{"kind": "fedavg", "local_steps": 1}]},
+        {**base, "protocols": [{"kind": "fedavg", "local_steps": 2}]},
+    ),
+    "protocols.local_batch_size": lambda base, tmp: (
+        {**base, "protocols": [{"kind": "fedavg", "local_steps": 2}]},
+        {**base, "protocols": [{"kind": "fedavg", "local_steps": 2, "local_batch_size": 1}]},
+    ),
+    "protocols.local_lr": lambda base, tmp: (
+        {**base, "protocols": [{"kind": "fedavg", "local_lr": 0.1}]},
+        {**base, "protocols": [{"kind": "fedavg", "local_lr": 0.2}]},
+    ),
+    "protocols.n_clients": lambda base, tmp: (
+        {**base, "protocols": [{"kind": "aggregate", "n_clients": 1}]},
+        {**base, "protocols": [{"kind": "aggregate", "n_clients": 2}]},
+    ),
     "batch_sizes": [1],
     "budgets.iterations_scale": 0.5,
     "budgets.match": lambda base, tmp: (

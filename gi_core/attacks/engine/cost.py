@@ -18,6 +18,7 @@ from torch.func import functional_call, grad, vmap
 
 from gi_core.attacks.engine.types import PATHS, BaseConfig, CostFn, InversionProblem, _check
 from gi_core.errors import ConfigError
+from gi_core.fedavg import simulate
 from gi_core.gradients import BNStats, forward_with_bn_stats, prepare_victim, victim_params
 from gi_core.objectives import bn_regulariser, gradient_distance, total_variation
 
@@ -50,6 +51,8 @@ DEFAULT_POLICY = PathPolicy()
 def choose_path(problems: Sequence[InversionProblem], restarts: int, path: str = "auto") -> str:
     """`path` itself unless "auto"; then DEFAULT_POLICY for the problems' shape and device."""
     _check(path in PATHS, "path", f"must be one of {PATHS}", path)
+    if any(p.simulated for p in problems):
+        return "loop"  # FedAvg / aggregate simulation is written for plain autograd (194)
     if path != "auto":
         return path
     first = problems[0]
@@ -67,7 +70,7 @@ def make_batch_cost(
     """The cost of P problems at once: rows are problem-major (P × rows per problem)."""
     if config.bn > 0 and any(p.bn_target is None for p in problems):
         raise ConfigError("params.bn: the BN prior needs the batch's BN statistics (bn_target)")
-    if path == "vmap":
+    if path == "vmap" and not any(p.simulated for p in problems):
         return _vmap_cost(problems, config)
     return _loop_cost(problems, config)
 
@@ -104,6 +107,14 @@ def _loop_cost(problems: Sequence[InversionProblem], config: BaseConfig) -> Cost
     def one(x: Tensor, problem: InversionProblem) -> Tensor:  # x: (B, C, H, W)
         victim, params = victims[id(problem.victim)]
         stats: BNStats = []
+        if problem.simulated:
+            # what the server sees under FedAvg / aggregation, simulated differentiably (194);
+            # the BN prior compares statistics of the whole candidate batch at θ_0
+            if config.bn > 0:
+                _, stats = forward_with_bn_stats(victim, params, x)
+            assert problem.protocol is not None
+            sent = simulate(victim, params, x, problem.labels, problem.protocol)
+            return _row_cost(sent, x, stats, problem, config)
         if config.bn > 0:  # BN statistics hooks only when the BN term is on
             logits, stats = forward_with_bn_stats(victim, params, x)
         else:

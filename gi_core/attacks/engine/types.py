@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from gi_core.attacks.colour import COLOURS
 from gi_core.errors import ConfigError
+from gi_core.fedavg import Protocol
 from gi_core.gradients import BNStats
 from gi_core.objectives import DISTANCES, TV_FORMS
 
@@ -27,7 +28,10 @@ OPTIONAL = {"omit_if_default": True}
 @dataclass(frozen=True)
 class InversionProblem:
     """Everything the attacker knows: θ (the victim), the observed gradient g, the labels, and
-    for "+BN" attacks the batch's BN statistics. `masks` come with the sparsity defense."""
+    for "+BN" attacks the batch's BN statistics. `masks` come with the sparsity defense.
+    `protocol` (None: FedSGD, the paper's) says what `target` is when the server sees a FedAvg
+    update or an aggregate of clients (gi_core.fedavg.Protocol); the cost then compares the
+    candidate's simulated observation with it."""
 
     victim: nn.Module
     target: list[Tensor]
@@ -35,6 +39,12 @@ class InversionProblem:
     image_shape: tuple[int, int, int]
     masks: list[Tensor] | None = None
     bn_target: BNStats | None = None
+    protocol: Protocol | None = None
+
+    @property
+    def simulated(self) -> bool:
+        """True when the cost must simulate the protocol (anything but one FedSGD gradient)."""
+        return self.protocol is not None and not self.protocol.is_fedsgd
 
     @property
     def batch_size(self) -> int:
