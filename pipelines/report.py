@@ -401,7 +401,7 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
 def _page_head(run: RunDir, command: str) -> list[str]:
     """The page's stamp (grid hash and the cells' commits), title and how it was made."""
     stamp = page_stamp(run)
-    header = "\n".join(line[1:].removeprefix(" ") for line in _leading_comment(run.spec_text()))
+    header = "\n".join(line[1:].removeprefix(" ") for line in _page_comment(run, stamp))
     commits = ", ".join(c[:12] for c in stamp["cells_commits"]) or "none"
     return [
         f"{PAGE_STAMP}{json.dumps(stamp, sort_keys=True)} -->",
@@ -424,6 +424,18 @@ def _page_head(run: RunDir, command: str) -> list[str]:
     ]
 
 
+def _page_comment(run: RunDir, stamp: dict[str, Any]) -> list[str]:
+    """The header comment the page shows: the grid file's own (how to run it, what it should
+    show) when the run was evaluated from a tuned spec and that file is still the one tuned
+    from; the run spec's otherwise."""
+    source = tuned_from(run.spec_text())
+    if source and Path(source[0]).is_file():
+        text = Path(source[0]).read_text()
+        if hashlib.sha256(text.encode()).hexdigest() == stamp["spec_sha256"]:
+            return _leading_comment(text) + ["#", *_leading_comment(run.spec_text())]
+    return _leading_comment(run.spec_text())
+
+
 def _copy_figures(report: Report, target: Path) -> list[str]:
     """Copy the report's figures beside the page (removing an earlier publish's) and return
     their markdown image links."""
@@ -439,6 +451,7 @@ def _copy_figures(report: Report, target: Path) -> list[str]:
 
 
 PAGE_STAMP = "<!-- gi-eval page: "
+SOURCE_LINE = "# Tuned from: "  # the tuned spec's header line written by pipelines.tune
 CLAIMS_FILE = "claims.md"
 
 
@@ -460,17 +473,29 @@ def _tuning_section(run: RunDir, target: Path) -> list[str]:
 
 def page_stamp(run: RunDir) -> dict[str, Any]:
     """What a results page records so that it cannot go stale silently (issue 16): the grid's
-    name, the sha256 of its spec text (grid.yaml = the spec file as run), and the code commits
-    of the cells of that spec."""
+    name, the sha256 of its spec text (grid.yaml = the spec file as run; for a grid evaluated
+    after its own tuning stage, the grid file it was tuned from, named in the tuned spec's
+    header), and the code commits of the cells of that spec."""
     text = run.spec_text()
     current = spec_cells(run)
     df = run.metrics(columns=["cell_id", "git_commit"])
     commits = df[in_scope(df, current)]["git_commit"].dropna().unique()
+    source = tuned_from(text)
     return {
         "grid": spec_from_yaml(text).name,
-        "spec_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "spec_sha256": source[1] if source else hashlib.sha256(text.encode()).hexdigest(),
         "cells_commits": sorted(map(str, commits)),
     }
+
+
+def tuned_from(spec_text: str) -> tuple[str, str] | None:
+    """(grid file, sha256) a tuned spec was written from (its `# Tuned from:` header line),
+    or None for a spec the user wrote."""
+    for line in _leading_comment(spec_text):
+        if line.startswith(SOURCE_LINE):
+            path, _, digest = line.removeprefix(SOURCE_LINE).rpartition(" sha256 ")
+            return path, digest
+    return None
 
 
 def page_problems(page: str, grids: Path) -> list[str]:

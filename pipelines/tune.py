@@ -19,6 +19,7 @@ reports say so.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ import yaml
 from gi_core.attacks.registry import method_config
 from gi_core.errors import ConfigError
 from pipelines.planner import read_spec, run_dir_for
+from pipelines.report import SOURCE_LINE  # the tuned spec names the grid it came from
 from storage.run import open_run
 from tasks.cells import expand, resolve_config
 from tasks.spec import (
@@ -437,6 +439,7 @@ def write_tuned_spec(
         f"# of B = {batch_size}, at each entry's own budget. "
         f"{held_out_statement(spec, batch_size, held_out)}\n"
         "# Evaluator-side tuning (uses the ground truth).\n"
+        f"{SOURCE_LINE}{spec_path} sha256 {hashlib.sha256(spec_path.read_bytes()).hexdigest()}\n"
     )
     path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=1000))
 

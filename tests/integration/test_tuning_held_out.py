@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pipelines.report import tuned_from
 from storage.run import open_run
 from tasks.spec import evaluation_samples, parse_spec
 
@@ -167,7 +168,9 @@ def test_a_matched_budget_grid_is_tuned_at_its_matched_budget(tmp_path: Path) ->
     assert result.returncode == 0, result.stdout + result.stderr
     rows = open_run(tmp_path / "tune-run").metrics()
     assert rows["budget_grad_evals"].tolist() == [3]  # 2 iterations in the entry, 3 matched
-    tuned = yaml.safe_load((tmp_path / "tuned.yaml").read_text())
+    tuned_text = (tmp_path / "tuned.yaml").read_text()
+    tuned = yaml.safe_load(tuned_text)
+    assert tuned_from(tuned_text) is not None  # the page of its evaluation is stamped with it
     assert "tv" in tuned["methods"][0]["params"]
     report = (tmp_path / "tune-run" / "reports" / "tuning.md").read_text()
     assert "| gi-x @ grad_evals=3 (matched) |" in report  # the budget it was tuned at

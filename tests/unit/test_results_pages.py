@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.report import PAGE_STAMP, page_problems
+from pipelines.report import PAGE_STAMP, page_problems, tuned_from
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "docs" / "results"
@@ -39,7 +39,6 @@ NOT_GRID_PAGES: dict[str, str] = {
 STALE_TO_REGENERATE: dict[str, str] = {
     "fig3_cpu.md": "stale: to regenerate (no stamp; grids/fig3_cpu.yaml)",
     "fig5_cpu.md": "stale: to regenerate (no stamp, cells' commit unknown)",
-    "table1_cpu.md": "stale: to regenerate (no stamp, cells' commit unknown; issue 16 Deliver 8)",
 }
 
 
@@ -87,3 +86,12 @@ def test_a_changed_grid_or_a_missing_commit_makes_a_page_stale(tmp_path: Path) -
     assert any("commit is unknown" in p
                for p in page_problems(_page("demo", grid.read_text(), ["unknown"]), tmp_path))
     assert page_problems("# Results: x\n", tmp_path)[0].startswith("no `gi-eval page` stamp")
+
+
+def test_a_tuned_spec_names_the_grid_file_it_was_tuned_from() -> None:
+    """A grid evaluated after its tuning stage runs a tuned spec; its page is stamped with the
+    hash of the grid file the user wrote, which the tuned spec's header names."""
+    text = "# Written by gi-eval tune\n# Tuned from: grids/a b.yaml sha256 abc123\nname: x\n"
+    assert tuned_from(text) == ("grids/a b.yaml", "abc123")
+    assert tuned_from("# a grid the user wrote\nname: x\n") is None
+    assert tuned_from("name: x\n# Tuned from: late.yaml sha256 1\n") is None  # header only
