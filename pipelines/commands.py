@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gi_core.errors import ConfigError
+from pipelines import report_estimate
 from pipelines.background import while_running
 from pipelines.calibrate import calibrate_on_executor
 from pipelines.costmodel import Estimate, duration, estimate
@@ -202,10 +203,12 @@ def run_grid(
     figure = Path(table_path).with_name("reconstructions.png")
     html = Path(table_path).with_name("report.html")
     versus = estimate_vs_measured(run_path, wall)
+    per_method = Path(table_path).with_name(report_estimate.FILE)  # written by the report
     return (
         Path(table_path).read_text()
         + f"\nfigure: {figure}\nreport: {html}\n{run_path}: done in {wall:.1f} s\n"
         + (f"{versus}\n" if versus else "")
+        + (f"\n{per_method.read_text()}" if versus and per_method.is_file() else "")
     )
 
 
