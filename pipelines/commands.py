@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gi_core.errors import ConfigError
+from pipelines import report_estimate
 from pipelines.background import while_running
 from pipelines.calibrate import calibrate_on_executor
 from pipelines.costmodel import Estimate, duration, estimate
+from pipelines.learned_costs import LearnedPrices
 from pipelines.memory import check_memory, memory_lines
 from pipelines.planner import (
     grid_status,
@@ -29,6 +31,7 @@ from pipelines.planner import (
     stored_timings,
     submission_shape,
 )
+from storage import records
 from storage.atomic import write_bytes_atomic
 from storage.errors import EnvironmentProblem
 from storage.lock import driver_lock
@@ -46,7 +49,7 @@ from tasks.jobs import (
 from tasks.preflight import check_before_submission, prepare_resume
 from tasks.spec import spec_from_yaml
 
-PLAN_FILE = "plan.json"  # under the run's reports/: `gi-eval plan`'s estimate
+PLAN_FILE = records.PLAN_FILE  # under the run's reports/: `gi-eval plan`'s estimate
 
 
 def _existing_run(path: Path) -> RunDir | None:
@@ -76,7 +79,12 @@ def plan_report(
             status.plan, executor_config(spec, kind), log_dir=log_dir
         )
     cost = estimate(
-        spec, todo, executor=kind, run_timings=stored_timings(run), calibrated=calibrated
+        spec,
+        todo,
+        executor=kind,
+        run_timings=stored_timings(run),
+        calibrated=calibrated,
+        learned=LearnedPrices.from_user_file(),
     )
     per_job = spec.execution.cells_per_job
     grad_shape = submission_shape(len(status.gradients_todo), per_job=per_job)
@@ -113,6 +121,8 @@ def store_plan(run_path: Path, *, kind: str, cells: int, cost: Estimate) -> Path
         "parallel_jobs": cost.parallel,
         "seconds_per_iteration": cost.sources,
         "cells_without_estimate": cost.unknown,
+        # per cell: what the report sets against each method's and array's measured seconds
+        "cell_seconds": cost.cell_seconds,
     }
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,10 +203,12 @@ def run_grid(
     figure = Path(table_path).with_name("reconstructions.png")
     html = Path(table_path).with_name("report.html")
     versus = estimate_vs_measured(run_path, wall)
+    per_method = Path(table_path).with_name(report_estimate.FILE)  # written by the report
     return (
         Path(table_path).read_text()
         + f"\nfigure: {figure}\nreport: {html}\n{run_path}: done in {wall:.1f} s\n"
         + (f"{versus}\n" if versus else "")
+        + (f"\n{per_method.read_text()}" if versus and per_method.is_file() else "")
     )
 
 

@@ -3,6 +3,8 @@
 Seconds per iteration of each cell come from, in order of preference:
 1. the run's own committed cells (wall seconds / iterations per method): *measured (this run)*;
 2. `--calibrate`: a one-element job on the target executor timing each method: *calibrated*;
+2b. a price learned from an earlier run's cells of exactly this kind on this device and thread
+   count (pipelines.learned_costs, the user-level learned-cost file): *learned from RUN*;
 3. the committed table `docs/results/performance.json` (written by benchmarks/performance.py):
    the row of the same method family, victim, image size and device, scaled linearly in
    B × R: *measured (table)*;
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from pipelines.learned_costs import LearnedPrices
 from pipelines.planner import resolve_executor
 from tasks.cells import InversionCell
 from tasks.pricing import (  # noqa: F401  (re-exported: the cost model's public names)
@@ -45,6 +48,7 @@ class Estimate:
     cores_per_job: int
     sources: dict[str, str] = field(default_factory=dict)  # method -> source
     unknown: int = 0  # cells without any number (no table row for their device)
+    cell_seconds: dict[str, float] = field(default_factory=dict)  # cell id -> attack seconds
 
     def lines(self) -> list[str]:
         if self.seconds <= 0 and self.unknown:
@@ -102,24 +106,37 @@ def estimate(
     run_timings: Mapping[str, float] | None = None,
     calibrated: Mapping[str, float] | None = None,
     table: Sequence[Mapping[str, Any]] | None = None,
+    learned: LearnedPrices | None = None,
 ) -> Estimate:
-    """Attack seconds of `cells` on the target device and the wall time at its parallelism."""
+    """Attack seconds of `cells` on the target device and the wall time at its parallelism;
+    `learned`: prices measured by earlier runs, preferred over the table where one matches."""
     device = target_device(spec, executor)
     rows = load_table() if table is None else table
     parallel, cores = parallelism(spec, executor)
     total, unknown = 0.0, 0
     sources: dict[str, str] = {}
+    per_cell: dict[str, float] = {}
+
+    def learned_price(cell: Any) -> CellCost | None:
+        return learned.price(cell, device=device, threads=cores) if learned else None
+
     for cell in cells:
         cost = cell_cost(
-            cell, device=device, table=rows, run=run_timings or {}, calibrated=calibrated or {}
+            cell,
+            device=device,
+            table=rows,
+            run=run_timings or {},
+            calibrated=calibrated or {},
+            learned=learned_price,
         )
         sources.setdefault(cell.method, _label(cost))
         if cost.source == "none":
             unknown += 1
             continue
-        total += cost.seconds_per_iteration * iterations(cell.config)
+        per_cell[cell.id] = cost.seconds_per_iteration * iterations(cell.config)
+        total += per_cell[cell.id]
     wall = total / max(1, min(parallel, max(1, len(cells))))
-    return Estimate(device, total, wall, parallel, cores, sources, unknown)
+    return Estimate(device, total, wall, parallel, cores, sources, unknown, per_cell)
 
 
 def _label(cost: CellCost) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from gi_core.errors import ConfigError
 from pipelines.memory import check_memory
 from pipelines.planner import grid_status, prepare_run, read_spec, resolve_executor, run_dir_for
+from storage import records
 from storage.atomic import write_bytes_atomic
 from storage.errors import EnvironmentProblem
 from storage.run import RunDir
@@ -35,7 +36,7 @@ from tasks.preflight import check_before_submission
 from tasks.resources import driver_resources
 from tasks.spec import GridSpec, SlurmResources
 
-DRIVER_FILE = "driver.json"
+DRIVER_FILE = records.DRIVER_FILE
 # Positive nice: below the grid's own arrays (and other users' work) when the scheduler
 # weighs priorities; any user may lower their own job's priority.
 DRIVER_NICE = 1000
@@ -181,11 +182,10 @@ def _sbatch(script: str, run: RunDir) -> str:
 def read_driver(run_root: Path) -> DriverRecord | None:
     """The last submitted driver of a run; None when there is none or its record is damaged
     (a damaged record only loses the driver's job id: the grid itself is untouched)."""
-    try:
-        data = json.loads((run_root / DRIVER_FILE).read_text())
-        return DriverRecord(str(data["job_id"]), float(data["submitted"]), str(data["log"]))
-    except (OSError, ValueError, KeyError, TypeError):
+    data = records.read_json(run_root / DRIVER_FILE, records.is_driver_record)  # damaged: logged
+    if data is None:
         return None
+    return DriverRecord(str(data["job_id"]), float(data["submitted"]), str(data["log"]))
 
 
 def driver_state(job_id: str) -> str | None:

@@ -30,8 +30,10 @@ import yaml
 from gi_core.errors import ConfigError
 from pipelines import aggregate as ag
 from pipelines import report_budget as budgets
+from pipelines import report_estimate
 from pipelines import report_figures as figs
 from pipelines import report_tables as tables
+from pipelines.learned_costs import learn_from_run
 from pipelines.report_claims import claims_markdown
 from pipelines.report_html import Figure, Page, render
 from storage.metrics import provenance
@@ -169,6 +171,12 @@ def write_report(run: RunDir, *, include_all: bool = False) -> Report:
     cells.to_csv(reports / "cells.csv", index=False)
     figures, grids = _figures(run, df) if not df.empty else ([], [])
     files += [f.path for f in [*figures, *grids]]
+    learn_from_run(run)  # the cost table learns from the finished cells (learned_costs)
+    provenance = _provenance(run, df, cells)
+    estimated = report_estimate.write(run)
+    if estimated is not None:
+        files.append(reports / report_estimate.FILE)
+        provenance["estimate against measured"] = report_estimate.summary(estimated)
     page = Page(
         title=f"gi-eval report: {run.root.name}",
         coverage=coverage.describe(),
@@ -177,7 +185,7 @@ def write_report(run: RunDir, *, include_all: bool = False) -> Report:
         paired=pairs,
         figures=figures,
         grids=grids,
-        provenance=_provenance(run, df, cells),
+        provenance=provenance,
         spec_text=run.spec_text(),
         caption=caption,
     )
@@ -368,6 +376,7 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
     claims = reports / CLAIMS_FILE
     provenance = _provenance(run, run.metrics(), run.cells())
     figures = _copy_figures(report, target)  # first: it removes an earlier publish's PNGs
+    estimate = reports / report_estimate.FILE
     page = [
         *_page_head(run, command),
         f"Coverage: {report.coverage.describe()}",
@@ -383,6 +392,7 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
         "## Figures",
         "",
         *[f"{f}\n" for f in figures],
+        estimate.read_text() if estimate.is_file() else "",
         "## Provenance",
         "",
         *[f"- {k}: {v}" for k, v in provenance.items()],

@@ -25,13 +25,14 @@ def _strings(value: Any) -> bool:
 
 
 def is_job_record(value: Any) -> bool:
-    """jobs/<stamp>-<name>-<pid>.json: [{kind, job_id, cells, process}, ...]."""
+    """jobs/<stamp>-<name>-<pid>.json: [{kind, job_id, cells, process, submitted?, ended?}]."""
     return isinstance(value, list) and all(
         isinstance(r, dict)
         and isinstance(r.get("kind"), str)
         and isinstance(r.get("job_id"), str)
         and _strings(r.get("cells"))
         and isinstance(r.get("process"), str | None)
+        and all(isinstance(r.get(t, 0.0), int | float) for t in ("submitted", "ended"))
         for r in value
     )
 
@@ -40,6 +41,56 @@ def is_failure_record(value: Any) -> bool:
     """failures/<cell id>.json: {cell_id, method, reason, host, time, slurm_job_id}."""
     return isinstance(value, dict) and all(
         isinstance(value.get(k), str) for k in ("cell_id", "method", "reason")
+    )
+
+
+# Records of a run's driver and its estimates (written by pipelines; named here so that
+# `gi-eval verify` can check them without importing the layer above).
+DRIVER_FILE = "driver.json"  # the detached driver job (pipelines.detach)
+PLAN_FILE = "plan.json"  # under reports/: `gi-eval plan`'s estimate (pipelines.commands)
+LEARNED_COSTS_FILE = "learned-costs.json"  # under reports/: prices learned from this run
+
+
+def is_driver_record(value: Any) -> bool:
+    """driver.json: {job_id, submitted, log}."""
+    return (
+        isinstance(value, dict)
+        and isinstance(value.get("job_id"), str | int)
+        and isinstance(value.get("submitted"), int | float)
+        and isinstance(value.get("log"), str)
+    )
+
+
+def is_plan_record(value: Any) -> bool:
+    """reports/plan.json: {executor, wall_seconds, cells_to_do, cell_seconds?, ...}."""
+    if not isinstance(value, dict):
+        return False
+    cells = value.get("cell_seconds", {})
+    return (
+        isinstance(value.get("executor"), str)
+        and isinstance(value.get("wall_seconds"), int | float)
+        and isinstance(value.get("cells_to_do"), int)
+        and isinstance(cells, dict)
+        and all(isinstance(v, int | float) for v in cells.values())
+    )
+
+
+def is_learned_costs(value: Any) -> bool:
+    """learned-costs.json: {format, entries: [{key: {...}, seconds_per_iteration, cells, run,
+    learned}]} (pipelines.learned_costs)."""
+    if not isinstance(value, dict) or not isinstance(value.get("entries"), list):
+        return False
+    keys = {"device", "method", "prior", "victim", "width", "image_size", "batch", "restarts",
+            "threads"}  # fmt: skip
+    return all(
+        isinstance(e, dict)
+        and isinstance(e.get("key"), dict)
+        and set(e["key"]) == keys
+        and isinstance(e.get("seconds_per_iteration"), int | float)
+        and isinstance(e.get("cells"), int)
+        and isinstance(e.get("run"), str)
+        and isinstance(e.get("learned"), str)
+        for e in value["entries"]
     )
 
 

@@ -394,7 +394,26 @@ def record_findings(run: RunDir) -> list[Finding]:
             for m in state.orphan_manifests
             if records.json_problem(m, records.is_manifest) is not None
         ]
-    found += _curve_findings(run) + _checkpoint_findings(run)
+    found += _curve_findings(run) + _checkpoint_findings(run) + _estimate_findings(run)
+    return found
+
+
+def _estimate_findings(run: RunDir) -> list[Finding]:
+    """The detached driver's record, `gi-eval plan`'s stored estimate and the prices learned
+    from the run: each only loses what it said (the driver's job id, the estimate to compare
+    with, prices the next report learns again)."""
+    checks = (
+        (run.root / records.DRIVER_FILE, records.is_driver_record,
+         "`gi-eval status` no longer names the driver job"),
+        (run.reports_dir / records.PLAN_FILE, records.is_plan_record,
+         "`gi-eval plan` stores a new estimate"),
+        (run.reports_dir / records.LEARNED_COSTS_FILE, records.is_learned_costs,
+         "the next report learns the prices again"),
+    )  # fmt: skip
+    found = []
+    for path, check, then in checks:
+        problem = records.json_problem(path, check)
+        found += [Finding(path, f"{problem}; {then}")] if problem else []
     return found
 
 

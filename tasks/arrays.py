@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -28,7 +29,7 @@ from tasks.executors import (
     submit_array,
     wait_for_jobs,
 )
-from tasks.jobs import cancel_requested, record_jobs
+from tasks.jobs import cancel_requested, record_array_end, record_jobs
 from tasks.work import Chunk, run_chunk
 
 POLL_S = 2.0
@@ -109,8 +110,9 @@ def submit_and_wait(
     Prefect run) it cancels them, except when a detached driver job was terminated: then its
     arrays outlive it and the next driver waits for them. Whether the jobs did their work is
     the caller's check, and so is the retry policy (`retry_on_missing`)."""
+    submitted = time.time()
     handles = submit_array(fn, list(jobs), config=executor, log_dir=run.logs_dir, name=name)
-    record_jobs(run, name, handles, cell_ids)
+    record = record_jobs(run, name, handles, cell_ids, submitted=submitted)
     log = _logger()
     log.info(
         "array %s: submitted %s in %d element(s) to %s; job ids %s; logs in %s",
@@ -137,6 +139,7 @@ def submit_and_wait(
         )
         cancel_jobs(handles)
         raise
+    record_array_end(record)
     return handles
 
 

@@ -1,7 +1,10 @@
 """Job records: which cells went to which job, so that a rerun does not resubmit cells whose
 jobs are still queued and `gi-eval cancel` can find every job of a run.
 
-One small JSON file per submitted array under <run>/jobs/, written atomically, never edited.
+One small JSON file per submitted array under <run>/jobs/, written atomically when the array is
+submitted (each element with its `submitted` time) and rewritten once, atomically, when its jobs
+have ended (`ended`): the report sets each array's measured time against `gi-eval plan`'s
+estimate (pipelines.report_estimate).
 
 A local job is a process id, and process ids are reused (they wrap every few hours on a busy
 machine). So a local record also holds the host and the process's start time (field 22 of
@@ -53,10 +56,17 @@ def cancel_requested(run: RunDir, *, since: float) -> bool:
 
 
 def record_jobs(
-    run: RunDir, name: str, handles: Sequence[JobHandle], cell_ids: Sequence[Sequence[str]]
-) -> None:
+    run: RunDir,
+    name: str,
+    handles: Sequence[JobHandle],
+    cell_ids: Sequence[Sequence[str]],
+    *,
+    submitted: float | None = None,
+) -> Path | None:
     """One record file for an array: each element's job id and the ids of its cells
-    (`cell_ids[h.index]`), so that `status` and `cancel` see the jobs of every flow."""
+    (`cell_ids[h.index]`), so that `status` and `cancel` see the jobs of every flow;
+    `submitted`: time.time() just before the submission. Returns the file (None: inline)."""
+    when = time.time() if submitted is None else submitted
     records = [
         {
             "kind": h.kind,
@@ -64,15 +74,30 @@ def record_jobs(
             "cells": list(cell_ids[h.index]),
             # A local job that already ended records None: it is never "running" again.
             "process": process_identity(int(h.job_id)) if h.kind == "local" else None,
+            "submitted": when,
         }
         for h in handles
         if h.kind != "inline"
     ]
-    if records:
-        stamp = time.strftime("%Y%m%dT%H%M%S")
-        path = jobs_dir(run) / f"{stamp}-{name}-{os.getpid()}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(path, json.dumps(records).encode())
+    if not records:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    path = jobs_dir(run) / f"{stamp}-{name}-{os.getpid()}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(path, json.dumps(records).encode())
+    return path
+
+
+def record_array_end(path: Path | None, *, ended: float | None = None) -> None:
+    """Add the time the array's jobs were all gone (the driver saw them end) to its record; a
+    record damaged or removed meanwhile is left as it is (readers ignore a damaged one)."""
+    if path is None:
+        return
+    records = run_records.read_json(path, run_records.is_job_record)
+    if records is None:
+        return
+    when = time.time() if ended is None else ended
+    write_bytes_atomic(path, json.dumps([{**r, "ended": when} for r in records]).encode())
 
 
 def read_records(run: RunDir) -> list[JobRecord]:
@@ -83,6 +108,42 @@ def read_records(run: RunDir) -> list[JobRecord]:
             cells = tuple(r["cells"])
             records.append(JobRecord(r["kind"], r["job_id"], cells, r.get("process")))
     return records
+
+
+@dataclass(frozen=True)
+class ArrayRecord:
+    """One submitted array as its record file tells it (times: time.time(); None: unknown,
+    a record written before the times were recorded, or an array still running)."""
+
+    name: str  # gradients-0, inversions-0, inversions-<method key>-0, ...
+    cells: tuple[str, ...]
+    elements: int
+    submitted: float | None
+    ended: float | None
+
+
+def array_records(run: RunDir) -> list[ArrayRecord]:
+    """Every array of the run's job records (damaged records ignored), oldest first."""
+    arrays = []
+    for path in sorted(jobs_dir(run).glob("*.json")):
+        found = run_records.read_json(path, run_records.is_job_record)
+        if not found:
+            continue
+        # <stamp>-<name>-<pid>.json: the name itself may hold dashes
+        name = path.stem.split("-", 1)[-1].rsplit("-", 1)[0]
+        cells = tuple(c for r in found for c in r["cells"])
+        submitted = [r["submitted"] for r in found if "submitted" in r]
+        ended = [r["ended"] for r in found if "ended" in r]
+        arrays.append(
+            ArrayRecord(
+                name,
+                cells,
+                len(found),
+                min(submitted) if submitted else None,
+                max(ended) if len(ended) == len(found) else None,
+            )
+        )
+    return arrays
 
 
 def active_records(run: RunDir, records: list[JobRecord] | None = None) -> list[JobRecord]:

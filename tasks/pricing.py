@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,9 @@ PIXEL_METHODS = ("gi-x", "gi-x+bn")  # the rest search a generator's latents or 
 @dataclass(frozen=True)
 class CellCost:
     seconds_per_iteration: float
-    source: str  # measured (this run) | calibrated | measured (table) | scaled by FLOPs | none
+    # measured (this run) | calibrated | learned from <run> | measured (table) |
+    # scaled by FLOPs | none
+    source: str
 
 
 def load_table(path: Path = TABLE) -> list[dict[str, Any]]:
@@ -44,11 +46,19 @@ def cell_cost(
     table: Sequence[Mapping[str, Any]],
     run: Mapping[str, float],
     calibrated: Mapping[str, float],
+    learned: Callable[[Any], CellCost | None] | None = None,
 ) -> CellCost:
+    """`learned`: a price measured by earlier runs for exactly this kind of cell
+    (pipelines.learned_costs), preferred over the committed table. Seconds-matched budgets
+    (tasks.budget) never pass one: their price sets iterations, which enter the cell id, so it
+    must be the same on every machine."""
     if cell.method in run:
         return CellCost(run[cell.method], "measured (this run)")
     if cell.method in calibrated:
         return CellCost(calibrated[cell.method], "calibrated")
+    found = learned(cell) if learned is not None else None
+    if found is not None:
+        return found
     g = cell.gradient
     work = len(g.indices) * cell.config.restarts
     family = family_of(cell.method)

@@ -15,6 +15,8 @@ Each case failed on 90df1cd:
     AttributeError: 'ZipStore' object has no attribute '_zf');
   * one damaged job record, failure record or manifest made status/run/cancel exit 1
     ("internal error").
+The detached driver's record, `gi-eval plan`'s stored estimate and the learned costs joined the
+kinds with issue 18 Deliver 5 (before, `verify` did not report a damaged one).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typer.testing import CliRunner
 
 import storage
 from pipelines.cli import app
+from storage import records
 from storage.checkpoints import save_checkpoint
 from storage.errors import StorageError
 from storage.tables import curve_path, record_failure
@@ -229,6 +232,28 @@ def _manifest(run: storage.RunDir) -> Path:
     return next((run.metrics_dir / "method=gi-x").glob("_compact-*.json"))
 
 
+def _driver_record(run: storage.RunDir) -> Path:
+    """A detached driver's record (pipelines.detach) naming a job id no cluster has."""
+    path = run.root / records.DRIVER_FILE
+    path.write_text(json.dumps({"job_id": "999999999", "submitted": 1.0e9, "log": "x.out"}))
+    return path
+
+
+def _stored_estimate(run: storage.RunDir) -> Path:
+    """`gi-eval plan`'s reports/plan.json, with the per-cell estimate the report compares."""
+    path = run.reports_dir / records.PLAN_FILE
+    path.write_text(json.dumps({"executor": "inline", "wall_seconds": 1.0, "cells_to_do": 1,
+                                "parallel_jobs": 1, "cell_seconds": {B1: 1.0}}))
+    return path
+
+
+def _learned_costs(run: storage.RunDir) -> Path:
+    """reports/learned-costs.json: the base run's report learned it from the run's cells."""
+    path = run.reports_dir / records.LEARNED_COSTS_FILE
+    assert records.json_problem(path, records.is_learned_costs) is None and path.is_file()
+    return path
+
+
 def _checkpoint(run: storage.RunDir) -> Path:
     path = run.checkpoint_path(B1)
     save_checkpoint(path, {"iteration": 1, "vars": {"x": torch.zeros(1, 3, 32, 32)}})
@@ -247,6 +272,9 @@ KINDS: dict[str, Callable[[storage.RunDir], Path]] = {
     "loss curve": lambda run: curve_path(run, B0),
     "reconstruction group": lambda run: run.reconstruction_path(X0),
     "gradient group": lambda run: run.gradient_path(GRAD1),
+    "detached driver record": _driver_record,
+    "stored estimate": _stored_estimate,
+    "learned costs": _learned_costs,
 }
 _NOT_MOVED = {"frozen spec", "driver lock"}  # rebuilt by the next `gi-eval run`, not moved
 _REBUILT = {"compaction manifest", "cancel marker"}  # rewritten in place from what is known

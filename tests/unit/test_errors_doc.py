@@ -146,6 +146,15 @@ def cli_args(*args: str) -> Setup:
     return setup
 
 
+def repo_grid(command: str, grid: str, *extra: str) -> Setup:
+    """`gi-eval COMMAND grids/GRID --out <tmp>/run EXTRA...` (a committed spec of its kind)."""
+
+    def setup(tmp: Path) -> list[str]:
+        return [command, str(ROOT / "grids" / grid), "--out", str(tmp / "run"), *extra]
+
+    return setup
+
+
 def text_file(name: str = "weights.pt") -> Callable[[Path], Path]:
     def write(tmp: Path) -> Path:
         (tmp / name).write_text("this is not a checkpoint\n")
@@ -291,6 +300,12 @@ CASES = [
          2, "executor: unknown 'slurmm'"),
     Case("execution", "tune --executor slurmm", cli_args("tune", "SPEC", "--executor", "slurmm"),
          2, "executor: unknown 'slurmm'"),
+    Case("execution", "giml --executor slurmm",
+         repo_grid("giml", "giml_faces_cpu.yaml", "--executor", "slurmm"), 2,
+         "executor: unknown 'slurmm'"),
+    Case("execution", "multigrad --executor slurmm",
+         repo_grid("multigrad", "multigrad_cpu.yaml", "--executor", "slurmm"), 2,
+         "executor: unknown 'slurmm'"),
     Case("execution", "GI_PROGRESS_EVERY_S not a positive number", spec(), 2,
          "GI_PROGRESS_EVERY_S: must be a positive number", env={"GI_PROGRESS_EVERY_S": "0"}),
     # --- checkpoints (loaded before anything is submitted)
