@@ -171,7 +171,7 @@ class _Search:
         self.curve, self.curve_at = list(state["curve"]), list(state["curve_at"])
         for c, attrs, rng in zip(self.cma, state["cma"], state["rng"], strict=True):
             c.__dict__.update(_from_tensors(attrs))
-            c._rng.set_state(_rng_tuple(rng))
+            c._rng.set_state(_rng_dict(rng))
 
 
 def _attributes(cma: CMA) -> dict[str, Any]:
@@ -199,19 +199,24 @@ def _from_tensors(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rng_state(rng: np.random.RandomState) -> dict[str, Any]:
-    name, keys, pos, has_gauss, cached = rng.get_state()
+    state = rng.get_state(legacy=False)  # {"bit_generator", "state": {"key", "pos"}, ...}
     return {
-        "name": name,
-        "keys": torch.from_numpy(keys.astype(np.int64)),
-        "pos": int(pos),
-        "has_gauss": int(has_gauss),
-        "cached": float(cached),
+        "bit_generator": state["bit_generator"],
+        "key": torch.from_numpy(state["state"]["key"].astype(np.int64)),
+        "pos": int(state["state"]["pos"]),
+        "has_gauss": int(state["has_gauss"]),
+        "gauss": float(state["gauss"]),
     }
 
 
-def _rng_tuple(s: dict[str, Any]) -> tuple[Any, ...]:
-    keys = s["keys"].numpy().astype(np.uint32)
-    return (s["name"], keys, s["pos"], s["has_gauss"], s["cached"])
+def _rng_dict(s: dict[str, Any]) -> dict[str, Any]:
+    key = s["key"].numpy().astype(np.uint32)
+    return {
+        "bit_generator": s["bit_generator"],
+        "state": {"key": key, "pos": s["pos"]},
+        "has_gauss": s["has_gauss"],
+        "gauss": s["gauss"],
+    }
 
 
 def reconstruct(
