@@ -54,11 +54,41 @@ class Generator(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         # z: (N, latent_dim) -> (N, latent_dim, 1, 1): the first ConvT acts as a dense layer.
-        x = self.main(z.reshape(*z.shape, 1, 1))  # (N, 3, native, native) in [-1, 1]
-        x = (x + 1.0) / 2.0  # -> [0, 1]
+        return self._to_image(self.main(z.reshape(*z.shape, 1, 1)))
+
+    def _to_image(self, x: Tensor) -> Tensor:
+        """The trunk's output (N, 3, native, native) in [-1, 1] -> [0, 1] at output_size."""
+        x = (x + 1.0) / 2.0
         if self.pool_factor > 1:  # static (set at construction), so vmap-safe
             x = F.avg_pool2d(x, self.pool_factor)
         return x
+
+    # -- the intermediate feature domain (GIFD, Fang et al. 2023) -------------------------------
+
+    def _boundaries(self) -> list[int]:
+        """Indices into `main` just after each ConvT/BN/ReLU block."""
+        return [i + 1 for i, m in enumerate(self.main) if isinstance(m, nn.ReLU)]
+
+    @property
+    def feature_layers(self) -> int:
+        """How many intermediate feature maps the trunk exposes: the output of each of its
+        ConvT/BN/ReLU blocks (4 for the DCGAN kinds: 512@4, 256@8, 128@16, 64@32); 0 for a
+        prior without such a trunk (StyleGAN2)."""
+        return len(self._boundaries())
+
+    def features(self, z: Tensor, layer: int) -> Tensor:
+        """z (N, latent_dim) -> the output of the first `layer` blocks (N, C, H, W)."""
+        return self.main[: self._boundaries()[layer - 1]](z.reshape(*z.shape, 1, 1))
+
+    def next_features(self, f: Tensor, layer: int) -> Tensor:
+        """The output of block `layer` + 1 from the output `f` of the first `layer` blocks."""
+        cut = self._boundaries()
+        return self.main[cut[layer - 1] : cut[layer]](f)
+
+    def from_features(self, f: Tensor, layer: int) -> Tensor:
+        """Images (N, 3, output_size, output_size) in [0, 1] from the output `f` of the first
+        `layer` blocks: the rest of the trunk, as `forward` runs it."""
+        return self._to_image(self.main[self._boundaries()[layer - 1] :](f))
 
 
 def _check_output_size(native_size: int, *, output_size: int) -> None:

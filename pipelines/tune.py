@@ -66,7 +66,17 @@ _SPACE: dict[str, dict[str, Any]] = {
     "gi-w": {"w_lr": (1e-5, 1e-2)},
     "gi-z/w": {"z_lr": (3e-3, 0.3), "w_lr": (1e-5, 1e-2), SPLIT: [0.1, 0.9, "linear"]},
     "gi-z/x": {"z_lr": (3e-3, 0.3), "x_lr": (0.01, 0.3), SPLIT: [0.1, 0.9, "linear"]},
+    # GGL has no Adam stage: its options are CMA-ES's step size and population, the KL weight
+    "ggl": {"kl": (1e-3, 1.0), "sigma": (0.1, 2.0), "population": [8, 16, 32, 50]},
+    # GIFD: both stages' learning rates, the first ball's radius, the latent/feature split
+    "gifd": {
+        "z_lr": (3e-3, 0.3),
+        "f_lr": (3e-3, 0.3),
+        "radius": (100.0, 1e4),
+        SPLIT: [0.1, 0.9, "linear"],
+    },
 }
+_NO_ADAM = ("ggl",)  # methods without Adam stages: `signed_grad` does not apply
 _BN_SPACE: dict[str, Any] = {"bn": (1e-4, 0.1)}
 ROUND_SIZE = 4  # configurations per study per grid run: fewer runs, still a guided search
 # Trial 0 of EVERY study is the method's published recipe, enqueued the same way for all:
@@ -75,13 +85,14 @@ ROUND_SIZE = 4  # configurations per study per grid run: fewer runs, still a gui
 # generator methods the paper's values (Jeon et al. 2021, appendix: the `paper` preset).
 _PIXEL_RECIPE: dict[str, Any] = {"tv": 0.2, "tv_form": "zero_pad", "signed_grad": True, "lr": 0.1}
 _PIXEL_METHODS = ("gi-x", "gi-x+bn")
-_SECOND_STAGE = ("w_iterations", "x_iterations")
+_SECOND_STAGE = ("w_iterations", "x_iterations", "f_iterations")
 
 
 def default_space(method: str) -> dict[str, Any]:
     base = method.removesuffix("+bn")
     bn = _BN_SPACE if method.endswith("+bn") else {}
-    return {**_COMMON, **_SPACE.get(base, {}), **bn}
+    common = {k: v for k, v in _COMMON.items() if not (k == "signed_grad" and base in _NO_ADAM)}
+    return {**common, **_SPACE.get(base, {}), **bn}
 
 
 @dataclass(frozen=True)

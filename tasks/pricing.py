@@ -100,7 +100,9 @@ def family_of(method: str) -> str:
 
 
 def iterations(config: Any) -> int:
-    names = ("iterations", "z_iterations", "w_iterations", "x_iterations")
+    """Every stage's iterations (`iterations` and each `*_iterations` field, e.g. GIFD's
+    `f_iterations`); GGL's `iterations` count candidate evaluations, one gradient each."""
+    names = [n for n in vars(config) if n == "iterations" or n.endswith("_iterations")]
     return sum(int(getattr(config, n, 0) or 0) for n in names)
 
 

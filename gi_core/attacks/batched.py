@@ -32,7 +32,7 @@ from gi_core.attacks.engine import (
     StagesCall,
     solve_batch,
 )
-from gi_core.attacks.registry import describer
+from gi_core.attacks.registry import describer, describes
 from gi_core.errors import ConfigError
 from gi_core.generators import Generator
 
@@ -40,8 +40,8 @@ from gi_core.generators import Generator
 def batchable(method: str, config: BaseConfig) -> bool:
     """Whether cells of `method` can share one optimisation. GI-w from an untrained start
     draws its own generator per seed (a different render per cell); plateau stopping ends
-    each cell at its own iteration."""
-    if getattr(config, "plateau_window", 0) > 0:
+    each cell at its own iteration. A method without `describe` (GGL) runs alone."""
+    if not describes(method) or getattr(config, "plateau_window", 0) > 0:
         return False
     return not (method == "gi-w" and getattr(config, "start", "untrained") == "untrained")
 

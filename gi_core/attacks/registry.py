@@ -137,6 +137,21 @@ _METHODS = [
         {"bn": BN_WEIGHT},
         tuned=_TUNED_GIZW,
     ),
+    # Successors of GIAS (issue 19, Deliver 6), on the same priors, cost and budget accounting.
+    Method(
+        "ggl",
+        "ggl",
+        "GGLConfig",
+        "Li et al. 2022 (GGL, CVPR): gradient-free CMA-ES latent search + KL regulariser",
+        True,
+    ),
+    Method(
+        "gifd",
+        "gifd",
+        "GIFDConfig",
+        "Fang et al. 2023 (GIFD, ICCV): latent, then feature maps layer by layer in l1 balls",
+        True,
+    ),
 ]
 METHODS: dict[str, Method] = {}
 for _m in _METHODS:
@@ -200,6 +215,11 @@ def describer(name: str) -> Callable[..., StagesCall]:
     if fn is None:
         raise ConfigError(f"method: {name} does not describe its stages; it cannot be batched")
     return fn
+
+
+def describes(name: str) -> bool:
+    """Whether method `name` describes its stages (else it runs alone: GGL's CMA-ES)."""
+    return hasattr(_module(get_method(name)), "describe")
 
 
 def reconstruct(

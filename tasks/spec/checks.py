@@ -228,7 +228,20 @@ def _generator_problems(spec: GridSpec) -> list[str]:
             f"generator: required by {', '.join(dict.fromkeys(needing))} "
             "(write e.g. generator: {kind: dcgan32})"
         ]
-    return []
+    return _feature_domain_problems(spec)
+
+
+def _feature_domain_problems(spec: GridSpec) -> list[str]:
+    """GIFD searches the feature maps of a DCGAN-kind trunk (gi_core.attacks.gifd); StyleGAN2's
+    feature domain is not implemented, so refuse that pairing before anything runs."""
+    if "gifd" not in {m.name for m in spec.methods}:
+        return []
+    return [
+        f"{_axis_field(spec, 'generator', i)}.kind: gifd searches a DCGAN-kind prior's feature "
+        "maps and stylegan2 exposes none; use dcgan32, dcgan64 or digiface for gifd"
+        for i, g in enumerate(spec.generator_axis)
+        if g.kind == "stylegan2"
+    ]
 
 
 def _checkpoint_problems(spec: GridSpec) -> list[str]:

@@ -242,6 +242,10 @@ CASES = [
          spec(generator={"kind": "biggan"}, methods=["gi-z"]), 2, "generator"),
     Case("victim / generator", "gi-z without a generator", spec(methods=["gi-z"]), 2,
          "generator: required by gi-z"),
+    Case("victim / generator", "gifd on a StyleGAN2 prior (no feature domain)",
+         spec(generator={"kind": "stylegan2", "stylegan2": {
+             "resolution": 32, "channels": [8, 8, 8, 8], "z_dim": 8, "w_dim": 8}},
+             methods=["gifd"]), 2, "generator.kind: gifd searches a DCGAN-kind prior"),
     Case("methods", "no methods", spec(methods=[]), 2, "methods: must list at least 1"),
     Case("methods", "unknown method", spec(methods=["gi-q"]), 2, "unknown method 'gi-q'"),
     Case("methods", "unknown method parameter", method(epochs=3), 2,

@@ -69,6 +69,9 @@ class Run:
         self.plateau: dict[str, float] = {"best": math.inf, "since": 0.0}
         self.restart_iterations = 0  # per problem: rows optimised × iterations
         self.stopped: int | None = None  # global iteration at which the plateau rule stopped
+        # Best images of the `candidate` stages so far, per row (all P × R rows): "images"
+        # (rows, B, C, H, W), "costs" (rows,), "stage" (rows,) index of the stage they end.
+        self.kept: Variables | None = None
 
     def execute(self, initial: Variables, state: dict[str, Any] | None) -> list[AttackResult]:
         if self.problems > 1 and self.config.plateau_window > 0:
@@ -89,6 +92,8 @@ class Run:
             if isinstance(result, list):
                 return result
             variables = result
+            if self.stages[index].candidate and index < len(self.stages) - 1:
+                self._keep(index, variables)
         return self._finish(variables)
 
     # -- rows ---------------------------------------------------------------------------------
@@ -267,15 +272,46 @@ class Run:
 
     # -- results ------------------------------------------------------------------------------
 
-    def _finish(self, variables: Variables) -> list[AttackResult]:
-        images = self.stages[-1].render(self.assemble(variables)).detach()
+    def _evaluate(self, stage: Stage, variables: Variables) -> tuple[Tensor, Tensor]:
+        """Every row's images (rows, B, C, H, W) at the end of `stage` and their costs."""
+        images = stage.render(self.assemble(variables)).detach()
         with torch.enable_grad():  # the cost differentiates the victim, not the images
-            final = self.cost(images).detach()
+            return images, self.cost(images).detach()
+
+    def _keep(self, index: int, variables: Variables) -> None:
+        """Remember, row by row, the end of candidate stage `index` where its cost is lower
+        than the best kept so far (NaN counts as +inf; a tie keeps the earlier stage)."""
+        images, costs = self._evaluate(self.stages[index], variables)
+        stage = torch.full_like(costs, index, dtype=torch.long)
+        if self.kept is None:
+            self.kept = {"images": images, "costs": costs, "stage": stage}
+            return
+        better = _finite(costs) < _finite(self.kept["costs"])
+        self.kept = {
+            "images": torch.where(_rows_like(better, images), images, self.kept["images"]),
+            "costs": torch.where(better, costs, self.kept["costs"]),
+            "stage": torch.where(better, stage, self.kept["stage"]),
+        }
+
+    def _finish(self, variables: Variables) -> list[AttackResult]:
+        images, final = self._evaluate(self.stages[-1], variables)
+        curve_final = final
+        stage = None
+        if self.kept is not None:  # candidate stages compete with the last one, row by row
+            better = _finite(self.kept["costs"]) < _finite(final)
+            images = torch.where(_rows_like(better, images), self.kept["images"], images)
+            final = torch.where(better, self.kept["costs"], final)
+            last = torch.full_like(self.kept["stage"], len(self.stages) - 1)
+            stage = torch.where(better, self.kept["stage"], last)
         done = self.stopped if self.stopped is not None else self.total
-        return [
-            self._result(images[sl], final[sl], self._curve(final, sl), done)
+        results = [
+            self._result(images[sl], final[sl], self._curve(curve_final, sl), done)
             for sl in self.slices()
         ]
+        if stage is not None:
+            for r, sl in zip(results, self.slices(), strict=True):
+                r.extras["best_stage"] = [self.stages[int(i)].name for i in stage[sl].cpu()]
+        return results
 
     def slices(self) -> list[slice]:
         r = self.restarts
@@ -317,6 +353,15 @@ def _adam(params: list[Tensor], *, lr: float) -> Optimiser:
         except RuntimeError:  # no fused kernel for this dtype
             pass
     return torch.optim.Adam(params, lr=lr)
+
+
+def _finite(costs: Tensor) -> Tensor:
+    return torch.nan_to_num(costs, nan=math.inf)
+
+
+def _rows_like(mask: Tensor, images: Tensor) -> Tensor:
+    """A row mask (rows,) broadcast over images (rows, ...)."""
+    return mask.view(-1, *([1] * (images.dim() - 1)))
 
 
 def best_cost(costs: Tensor) -> float:

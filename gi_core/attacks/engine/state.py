@@ -60,9 +60,17 @@ def exporter(
             else {k: v[full].clone() for k, v in run.parked.items()},
             "plateau": dict(run.plateau),
             "restart_iterations": run.restart_iterations,
+            # candidate stages' best so far (GIFD); absent for every other method
+            **_kept(run, full),
         }
 
     return export
+
+
+def _kept(run: Run, full: slice) -> dict[str, Any]:
+    if run.kept is None:
+        return {}
+    return {"kept": {k: v[full].clone() for k, v in run.kept.items()}}
 
 
 def select_rows(obj: Any, index: Tensor, rows: int) -> Any:
@@ -99,6 +107,7 @@ def restore(run: Run, state: dict[str, Any]) -> tuple[int, int, Variables]:
     run.active = state.get("active", default_active)
     run.parked = state.get("parked")
     run.plateau = dict(state.get("plateau", run.plateau))
+    run.kept = state.get("kept")  # candidate stages' best images so far (GIFD)
     done = sum(s.iterations for s in run.stages[:first]) + start_it
     run.restart_iterations = int(state.get("restart_iterations", done * rows))
     return first, start_it, variables

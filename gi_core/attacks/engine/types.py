@@ -109,7 +109,11 @@ def _check(ok: bool, name: str, rule: str, value: object) -> None:
 class Stage:
     """One optimisation stage. `start` maps the previous stage's variables to this stage's
     (the first stage gets the attack's initial variables); `render` maps variables to images
-    (rows, B, C, H, W) in [0, 1]; `project` runs in place after each step (e.g. box [0, 1])."""
+    (rows, B, C, H, W) in [0, 1]; `project` runs in place after each step (e.g. box [0, 1]).
+
+    `candidate`: the images this stage ends with compete with the last stage's in the final
+    choice, row by row, by the attack's own cost (GIFD keeps its best layer, Fang et al. 2023
+    Sec. 3.3); off for every other method, whose result is the last stage's images."""
 
     name: str
     iterations: int
@@ -118,6 +122,7 @@ class Stage:
     render: Callable[[Variables], Tensor]
     start: Callable[[Variables], Variables] = lambda v: v
     project: Callable[[Variables], None] | None = None
+    candidate: bool = False
 
 
 @dataclass(frozen=True)
