@@ -31,6 +31,7 @@ from gi_core.errors import ConfigError
 from pipelines import aggregate as ag
 from pipelines import report_budget as budgets
 from pipelines import report_figures as figs
+from pipelines import report_rgap
 from pipelines import report_tables as tables
 from pipelines.report_claims import claims_markdown
 from pipelines.report_html import Figure, Page, render
@@ -276,6 +277,7 @@ def _figures(run: RunDir, df: pd.DataFrame) -> tuple[list[Figure], list[Figure]]
             )
             for a in figs.FIG5_AXES
         ],
+        *report_rgap.figures(df),
     ]
     grid_plots: list[FigureSpec] = [
         (
