@@ -5,6 +5,9 @@ built on the CPU from a seed (or a given state_dict); the caller moves them to a
 
 Names (`build_victim`):
   resnet18, convnet, lenet   the project's small victims (resnet18 gets a CIFAR stem <= 32 px)
+  rgapnet                    the small CNN of R-GAP's form (Zhu & Blaschko 2021): strided and
+                             plain 3x3 convs with LeakyReLU, no pooling, no BN, a linear head
+                             with a bias; the victim `rgap` / `rgap+g` invert (gi_core.attacks.rgap)
   resnet20, resnet32, resnet56  CIFAR ResNets of He et al. 2016, Sec. 4.2 (3 stages of n basic
                              blocks with 16/32/64 channels, n = 3/5/9, identity shortcuts with
                              zero-padded channels: "option A")
@@ -31,7 +34,7 @@ from torch import Tensor, nn
 
 from gi_core.errors import ConfigError
 
-VICTIMS = ("resnet18", "convnet", "lenet", "resnet20", "resnet32", "resnet56")
+VICTIMS = ("resnet18", "convnet", "lenet", "resnet20", "resnet32", "resnet56", "rgapnet")
 _CIFAR_DEPTHS = {"resnet20": 3, "resnet32": 5, "resnet56": 9}  # blocks per stage
 Normalisation = tuple[Sequence[float], Sequence[float]]
 
@@ -137,7 +140,12 @@ Builder = Callable[[int, int, int, int], nn.Module]
 
 
 def _builder(name: str) -> Builder:
-    builders: dict[str, Builder] = {"resnet18": _resnet18, "convnet": _convnet, "lenet": _lenet}
+    builders: dict[str, Builder] = {
+        "resnet18": _resnet18,
+        "convnet": _convnet,
+        "lenet": _lenet,
+        "rgapnet": _rgapnet,
+    }
     if name in builders:
         return builders[name]
     if name in _CIFAR_DEPTHS:
@@ -268,4 +276,26 @@ def _lenet(num_classes: int, image_size: int, channels: int, width: int) -> nn.M
         nn.Sigmoid(),
         nn.Flatten(),
         nn.Linear(flat, num_classes),
+    )
+
+
+def _rgapnet(num_classes: int, image_size: int, channels: int, width: int) -> nn.Module:
+    """A CNN of the form R-GAP inverts in closed form (Zhu & Blaschko 2021, Sec. 3; their CNN6
+    is the same kind: LeakyReLU, no pooling, no bias in the convolutions): a stride-2 conv
+    C -> w, two stride-1 convs w -> w (3x3, padding 1, LeakyReLU 0.2), a linear head with a bias
+    (its gradient gives ∂ℓ/∂logits). The first layer has w·(H/2)² forward equations for C·H²
+    unknowns: at w >= 4·C (w >= 4 for gray images) they determine the image; a narrower first
+    layer leaves it to its C·w·9 gradient equations, under-determined, which is where R-GAP+G's
+    prior takes over (docs/results/rgap_cpu.md)."""
+    side = (image_size + 1) // 2
+
+    def conv(c_in: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, width, 3, stride, 1, bias=False), nn.LeakyReLU(0.2)]
+
+    return nn.Sequential(
+        *conv(channels, 2),
+        *conv(width, 1),
+        *conv(width, 1),
+        nn.Flatten(),
+        nn.Linear(width * side * side, num_classes),
     )

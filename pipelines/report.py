@@ -32,6 +32,7 @@ from pipelines import aggregate as ag
 from pipelines import report_budget as budgets
 from pipelines import report_estimate
 from pipelines import report_figures as figs
+from pipelines import report_rgap
 from pipelines import report_tables as tables
 from pipelines.learned_costs import learn_from_run
 from pipelines.report_claims import claims_markdown
@@ -284,6 +285,7 @@ def _figures(run: RunDir, df: pd.DataFrame) -> tuple[list[Figure], list[Figure]]
             )
             for a in figs.FIG5_AXES
         ],
+        *report_rgap.figures(df),
     ]
     grid_plots: list[FigureSpec] = [
         (

@@ -152,6 +152,11 @@ _PER_IMAGE = [
     ("batch_group_size", pa.int64()),  # cells of its batch-key group run in the same unit
     ("threads", pa.int64()),  # torch.get_num_threads() while it ran
 ]
+# R-GAP (issue 19): the relative error ‖x̂_i − x_i‖ / ‖x_i‖ of each victim layer's recovered
+# input, as a JSON list from the victim's input (index 0) up; null for the methods that
+# recover no layer (gi_core.attacks.rgap.layer_errors, tasks.work.inversion).
+_LAYERS = [("layer_errors", pa.string())]
+LAYER_COLUMNS = frozenset(name for name, _ in _LAYERS)
 JOB_COLUMNS = frozenset({"slurm_job_id", "slurm_array_index", "host", "device_name"})
 SCHEDULE_COLUMNS = frozenset({"attempts", "resumed_from_iteration", "batch_group_size", "threads"})
 # Filled in by write_metrics_part, never by the caller.
@@ -162,10 +167,11 @@ _PROVENANCE = [
     ("git_commit", pa.string()),
 ]
 SCHEMA = pa.schema(
-    _AXES + _IDENTITY_AND_BUDGET + _THREAT_MODEL + _PARAMS + _PER_IMAGE + _PROVENANCE
+    _AXES + _IDENTITY_AND_BUDGET + _THREAT_MODEL + _PARAMS + _PER_IMAGE + _LAYERS + _PROVENANCE
 )
 ROW_COLUMNS: tuple[str, ...] = tuple(
-    name for name, _ in _AXES + _IDENTITY_AND_BUDGET + _THREAT_MODEL + _PARAMS + _PER_IMAGE
+    name
+    for name, _ in _AXES + _IDENTITY_AND_BUDGET + _THREAT_MODEL + _PARAMS + _PER_IMAGE + _LAYERS
 )
 # The schema a reader sees: the file schema plus the partition column.
 DATASET_SCHEMA = SCHEMA.append(pa.field(PARTITION_KEY, pa.string()))
@@ -202,7 +208,7 @@ def cell_of_part(filename: str) -> str | None:
     """Cell id of a committed part file name; None for anything else (temp files and stray
     copies such as "part-<id> (1).parquet" included)."""
     if filename.startswith(PART_PREFIX) and filename.endswith(PARQUET_SUFFIX):
-        cell = filename[len(PART_PREFIX):-len(PARQUET_SUFFIX)]
+        cell = filename[len(PART_PREFIX) : -len(PARQUET_SUFFIX)]
         return cell if is_cell_id(cell) else None
     return None
 
@@ -235,6 +241,7 @@ def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
             | IDENTITY_AND_BUDGET_COLUMNS
             | THREAT_MODEL_COLUMNS
             | SCHEDULE_COLUMNS
+            | LAYER_COLUMNS
         )
         missing = sorted(set(ROW_COLUMNS) - set(row) - optional)
         extra = sorted(set(row) - set(ROW_COLUMNS))
@@ -281,8 +288,14 @@ def _git_commit() -> str:
     # The commit of the code that ran (this checkout), not of the run directory.
     repo = Path(__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                             text=True, timeout=10, check=False)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     commit = out.stdout.strip()

@@ -153,6 +153,19 @@ _METHODS = [
         True,
     ),
 ]
+# R-GAP (Zhu & Blaschko 2021) and R-GAP+G (Jeon et al. 2021, App. C): closed form per layer;
+# victims of R-GAP's form only (gi_core.attacks.rgap.check_victim), batch size 1.
+_METHODS += [
+    Method("rgap", "rgap", "RGAPConfig", "Zhu & Blaschko 2021 (R-GAP), closed form", False),
+    Method(
+        "rgap+g",
+        "rgap",
+        "RGAPGConfig",
+        "Jeon et al. 2021 App. C: R-GAP with the generator for the lowest layers",
+        True,
+    ),
+]
+RGAP_METHODS = ("rgap", "rgap+g")
 METHODS: dict[str, Method] = {}
 for _m in _METHODS:
     if _m.name in METHODS:

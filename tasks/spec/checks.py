@@ -42,6 +42,7 @@ def semantic_problems(spec: GridSpec) -> list[str]:
         *_protocol_problems(spec),
         *_data_problems(spec),
         *_resource_problems(spec),
+        *_rgap_problems(spec),
     ]
 
 
@@ -316,4 +317,43 @@ def _data_problems(spec: GridSpec) -> list[str]:
     problems += [
         f"data.dataset: {m}" for m in check_decodable(d.dataset, used, image_size=d.image_size)
     ]
+    return problems
+
+
+def _rgap_problems(spec: GridSpec) -> list[str]:
+    """R-GAP (`rgap`, `rgap+g`) inverts one image through a victim of its form: every victim
+    of the grid is built (untrained, without its checkpoint) and checked, before submission."""
+    from gi_core.attacks.registry import RGAP_METHODS
+    from gi_core.attacks.rgap import check_victim
+    from tasks.models import victim_model  # a spec-level import cycle otherwise
+
+    users = [(i, m) for i, m in enumerate(spec.methods) if m.name in RGAP_METHODS]
+    if not users:
+        return []
+    i, m = users[0]
+    problems = []
+    if any(b != 1 for b in spec.batch_sizes):
+        problems.append(
+            f"batch_sizes: {m.name} (methods[{i}]) inverts the gradient of one image, as R-GAP "
+            "does; use batch_sizes: [1]"
+        )
+    if spec.budgets.match is not None:
+        problems.append(
+            f"budgets.match: {m.name} (methods[{i}]) is closed form, with no iterations to "
+            "match; run it in a grid without budgets.match"
+        )
+    try:
+        classes = dataset_info(spec.data.dataset, image_size=spec.data.image_size).num_classes
+    except ConfigError:
+        return problems  # _data_problems names the data set
+    size = spec.data.image_size
+    for j, v in enumerate(spec.victim_axis):
+        model = victim_model(
+            v.model_copy(update={"checkpoint": None}), num_classes=classes, image_size=size
+        )
+        try:
+            check_victim(model, (3, size, size), method=m.name)
+        except ConfigError as e:
+            field = _axis_field(spec, "victim", j)
+            problems.append(f"{field}.{str(e).removeprefix('victim.')}")
     return problems

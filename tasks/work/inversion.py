@@ -5,6 +5,7 @@ reconstruction, curve and metrics rows, metrics last.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gi_core.attacks import InversionProblem, reconstruct
+from gi_core.attacks import InversionProblem, reconstruct, rgap
 from gi_core.generators import Generator
 from gi_core.gradients import ParamIndex
 from gi_core.labels import attack_labels
@@ -155,9 +156,9 @@ def _commit_inversion(
         iterations=iterations,
         stages=[trace.stage_of(int(i)) for i in iterations],
     )
-    run.commit_metrics(
-        _rows(cell, stored, result, scores, wall, dev, label_acc, _schedule_columns(p))
-    )
+    rows = _rows(cell, stored, result, scores, wall, dev, label_acc, _schedule_columns(p))
+    errors = _layer_errors(problem, truth, result)
+    run.commit_metrics([{**r, "layer_errors": errors} for r in rows] if errors else rows)
     delete_checkpoint(checkpoint_path)
     return 1
 
@@ -176,6 +177,17 @@ def scored_client(
     if known is not None:
         return recon[:b], truth, known[:b]
     return recon[closest_rows(recon, truth)], truth, None
+
+
+def _layer_errors(problem: InversionProblem, truth: torch.Tensor, result: Any) -> str | None:
+    """R-GAP's per-layer errors as JSON (storage.metrics `layer_errors`): the attack returns
+    each layer's recovered input, the job body compares them with the true ones (no attack
+    reads the ground truth)."""
+    recovered = result.extras.get("layer_inputs")
+    if recovered is None:
+        return None
+    true = rgap.layer_inputs(problem.victim, truth)
+    return json.dumps(rgap.layer_errors(recovered, true))
 
 
 def _problem(stored: StoredGradient, victim: nn.Module, dev: torch.device) -> InversionProblem:
