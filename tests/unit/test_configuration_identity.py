@@ -239,6 +239,12 @@ def _param_alternative(value: Any, name: str) -> Any:
     raise AssertionError(f"no alternative value for config field {name!r}: add one to PARAM_VALUES")
 
 
+# Fields a method refuses to change (GGL has no Adam stage: decision 251), so no two of its
+# configurations differ in them; and GIFD needs a DCGAN-kind prior (decision 252).
+_REFUSED = {"ggl": ("signed_grad", "prune_at", "plateau_window")}
+_BASE_FOR = {"gifd": {"generator": {"kind": "dcgan32"}}}
+
+
 def _param_pairs() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(label, spec a, spec b) for every config field of every method (not `preset`: walked as
     methods.preset; not `tuned_on`: provenance the pipeline writes with tuned values, which a
@@ -247,10 +253,10 @@ def _param_pairs() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
         cls = config_class(method)
         default = cls()
         for f in dataclasses.fields(cls):
-            if f.name in ("preset", "tuned_on"):
+            if f.name in ("preset", "tuned_on") or f.name in _REFUSED.get(method, ()):
                 continue
             alt = _param_alternative(getattr(default, f.name), f.name)
-            base = {**BASE, "methods": [method]}
+            base = {**BASE, "methods": [method], **_BASE_FOR.get(method, {})}
             b = {**base, "methods": [{"name": method, "params": {f.name: alt}}]}
             if not uses_generator(method):
                 base, b = _drop_generator(base), _drop_generator(b)
