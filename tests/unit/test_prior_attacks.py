@@ -22,6 +22,8 @@ SHORT = {
     "gi-z/w": {"z_iterations": 3, "w_iterations": 3},
     "gi-z/w+bn": {"z_iterations": 3, "w_iterations": 3},
     "gi-z/x": {"z_iterations": 3, "x_iterations": 3},
+    "ggl": {"iterations": 8, "population": 4},
+    "gifd": {"z_iterations": 2, "f_iterations": 4, "layers": 2},
 }
 
 
