@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -157,10 +158,11 @@ def test_the_job_body_reports_one_error_per_layer_and_none_for_other_methods() -
 
 
 def test_a_grid_with_rgap_on_a_bn_victim_or_a_batch_is_refused() -> None:
-    spec = {
+    victims = [{"arch": "rgapnet", "width": 4}, {"arch": "convnet", "width": 4}]
+    spec: dict[str, Any] = {
         "name": "t",
         "data": {"dataset": "synthetic", "num_batches": 1},
-        "victims": [{"arch": "rgapnet", "width": 4}, {"arch": "convnet", "width": 4}],
+        "victims": victims,
         "methods": ["rgap"],
         "batch_sizes": [1, 2],
     }
@@ -170,7 +172,7 @@ def test_a_grid_with_rgap_on_a_bn_victim_or_a_batch_is_refused() -> None:
     assert any(line.strip().startswith("batch_sizes: rgap") for line in lines)
     assert any(line.strip().startswith("victims[1].arch: rgap needs") for line in lines)
     assert not any("victims[0]" in line for line in lines)  # rgapnet is of R-GAP's form
-    parse_spec({**spec, "victims": spec["victims"][:1], "batch_sizes": [1]})  # accepted
+    parse_spec({**spec, "victims": victims[:1], "batch_sizes": [1]})  # accepted
 
 
 def test_report_figures_a1_a2_from_layer_errors(tmp_path: Path) -> None:
