@@ -64,27 +64,37 @@ def _defense(row: dict[str, object]) -> str:
     return f"{row['defense']} {row['defense_level']:g}"
 
 
+_STYLES = {"none": "-", 0: "--", 1: ":", 2: "-."}  # defense level -> line style
+
+
 def fig_a1(df: pd.DataFrame, path: Path) -> Path | None:
-    """Figure A1: mean error of each layer's recovered input, R-GAP vs R-GAP+G."""
+    """Figure A1: mean error of each layer's recovered input, R-GAP vs R-GAP+G: colour by
+    method, line style by defense."""
     table = layer_table(df)
     if table.empty:
         return None
     victims = sorted(table["victim"].unique())
-    fig = _figure(4.2 * len(victims), 3.6)
+    methods = sorted(table["label"].unique())
+    defenses = sorted(table["defense"].unique(), key=lambda d: (d != "none", d))
+    fig = _figure(4.0 * len(victims) + 0.4, 4.4)
     axes = fig.subplots(1, len(victims), squeeze=False)[0]
     for ax, victim in zip(axes, victims, strict=True):
         part = table[table["victim"] == victim]
         for (label, defense), line in part.groupby(["label", "defense"]):
-            style = "-" if defense == "none" else "--"
+            m, d = methods.index(label), defenses.index(defense)
             ax.plot(
                 line["layer"],
                 line["mean"].clip(lower=FLOOR),
-                style,
-                marker="o",
-                label=f"{label}, {defense}",
+                _STYLES.get(defense if defense == "none" else d % 3, "-"),
+                color=f"C{m}",
+                marker="os^D"[m % 4],
+                markersize=7 - 2 * m,
+                label=f"{line['method'].iloc[0]}, {defense}",
             )
         _axes(ax, victim, "layer (0 = the victim's input)")
-    axes[0].legend(fontsize=7)
+        ax.set_xticks(sorted(part["layer"].unique()))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=7)
     return _save(fig, path)
 
 
@@ -94,7 +104,7 @@ def fig_a2(df: pd.DataFrame, path: Path) -> Path | None:
     table = table[table["method"] == "rgap"] if not table.empty else table
     if table.empty:
         return None
-    fig = _figure(5.0, 3.6)
+    fig = _figure(5.0, 3.8)
     ax = fig.subplots()
     for (victim, defense), line in table.groupby(["victim", "defense"]):
         depth = int(line["layer"].max()) + 1 - line["layer"]  # 1 = the top layer's input
@@ -105,7 +115,8 @@ def fig_a2(df: pd.DataFrame, path: Path) -> Path | None:
             marker="o",
             label=f"{victim}, {defense}",
         )
-    _axes(ax, "R-GAP: error accumulation", "layers inverted from the top")
+        ax.set_xticks(sorted(depth.unique()))
+    _axes(ax, "R-GAP: error accumulation", "layers inverted from the top (last = the input)")
     ax.legend(fontsize=7)
     return _save(fig, path)
 

@@ -50,7 +50,14 @@ from torch import Tensor, nn
 from torch.nn.grad import conv2d_weight
 
 from gi_core.attacks.colour import render_pixels
-from gi_core.attacks.engine import AttackResult, InversionProblem, Progress, _check, optimise
+from gi_core.attacks.engine import (
+    AttackResult,
+    BaseConfig,
+    InversionProblem,
+    Progress,
+    _check,
+    optimise,
+)
 from gi_core.attacks.prior import LatentConfig, initial_latents, latent_stage, require_generator
 from gi_core.errors import ConfigError
 from gi_core.generators import Generator
@@ -63,18 +70,15 @@ _EDGE = 1e-6  # Sigmoid / Tanh inverses clamp their input this far inside the op
 
 
 @dataclass(frozen=True)
-class RGAPConfig(LatentConfig):
-    """R-GAP: closed form, no iterations, one "restart". `solver_tol` is LSMR's atol = btol,
-    `solver_maxiter` its iteration cap per layer. `generator_layers` (R-GAP+G only) is the
-    number of lowest victim layers the prior replaces; `z_iterations` and `z_lr` its latent
-    fit (R-GAP ignores them)."""
+class RGAPConfig(BaseConfig):
+    """R-GAP: closed form, no iterations, one "restart" (so no `*_iterations` field: its
+    budget is 0 iterations). `solver_tol` is LSMR's atol = btol, `solver_maxiter` its
+    iteration cap per layer."""
 
     restarts: int = 1
     tv: float = 0.0  # no image prior: R-GAP uses none (never silently enabled)
     solver_tol: float = 1e-12
     solver_maxiter: int = 20000
-    generator_layers: int = 0
-    z_iterations: int = 200
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,15 +86,21 @@ class RGAPConfig(LatentConfig):
         _check(self.solver_maxiter >= 1, "solver_maxiter", "must be >= 1", self.solver_maxiter)
         _check(self.tv == 0, "tv", "R-GAP has no image prior; leave it 0", self.tv)
         _check(self.bn == 0, "bn", "R-GAP uses no BN statistics; leave it 0", self.bn)
-        if self.generator_layers == 0:
+        if not isinstance(self, RGAPGConfig):
             _check(self.restarts == 1, "restarts", "rgap is closed form: must be 1", self.restarts)
 
 
 @dataclass(frozen=True)
-class RGAPGConfig(RGAPConfig):
-    """R-GAP+G: the prior replaces the lowest `generator_layers` layers (>= 1)."""
+class RGAPGConfig(LatentConfig, RGAPConfig):
+    """R-GAP+G: the prior replaces the lowest `generator_layers` (>= 1) victim layers; its
+    latent fit runs `z_iterations` at `z_lr` from `restarts` latents."""
 
+    # restated: LatentConfig's inherited BaseConfig defaults (4 restarts, tv 1e-4) come later
+    # in the MRO than RGAPConfig's and would win
+    restarts: int = 1
+    tv: float = 0.0
     generator_layers: int = 1
+    z_iterations: int = 200
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -470,7 +480,7 @@ def reconstruct(
     takes seconds, so it is recomputed on resume rather than checkpointed)."""
     config = config or RGAPConfig()
     chain = units(problem.victim, problem.image_shape)
-    k = config.generator_layers
+    k = config.generator_layers if isinstance(config, RGAPGConfig) else 0
     if k >= len(chain):
         raise ConfigError(
             f"params.generator_layers: the victim has {len(chain)} layers; the prior can "
@@ -482,6 +492,7 @@ def reconstruct(
     if k == 0:
         return _closed_form_result(problem, config, found)
     gen = require_generator(generator, "rgap+g")
+    assert isinstance(config, RGAPGConfig)
     return _with_prior(
         problem,
         config,
@@ -528,7 +539,7 @@ def _gradient_cost(problem: InversionProblem, images: Tensor, config: RGAPConfig
 
 def _with_prior(
     problem: InversionProblem,
-    config: RGAPConfig,
+    config: RGAPGConfig,
     chain: list[Unit],
     found: Recovery,
     gen: Generator,

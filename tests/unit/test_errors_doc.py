@@ -263,6 +263,11 @@ CASES = [
     Case("methods", "idlg labels with batch size 2",
          spec(methods=[{"name": "gi-x", "params": {"labels": "idlg"}}], batch_sizes=[2]), 2,
          "idlg"),
+    Case("methods", "rgap on a victim not of R-GAP's form (BatchNorm)",
+         spec(methods=["rgap"]), 2, "victim.arch: rgap needs a chain of Linear/Conv2d layers"),
+    Case("methods", "rgap with batch size 2",
+         spec(methods=["rgap"], victim={"arch": "rgapnet", "width": 4}, batch_sizes=[2]), 2,
+         "batch_sizes: rgap (methods[0]) inverts the gradient of one image"),
     # --- defenses
     Case("defenses", "unknown defense kind", spec(defenses=[{"kind": "blur"}]), 2, "defenses"),
     Case("defenses", "sparsity p = 1.2", spec(defenses=[{"kind": "sparsity", "p": 1.2}]), 2,

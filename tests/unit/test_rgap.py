@@ -3,6 +3,11 @@ input, per-layer errors, refusal of victims that are not of R-GAP's form."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -13,6 +18,7 @@ from gi_core.errors import ConfigError
 from gi_core.generators import build_generator
 from gi_core.gradients import client_gradient
 from gi_core.victims import build_victim
+from tasks.spec import parse_spec
 
 
 @pytest.fixture(autouse=True)
@@ -137,3 +143,67 @@ def test_rgap_g_fits_the_prior_to_the_recovered_features() -> None:
     # the fit lowered its own cost from the first curve point to the last
     best = result.best_restart
     assert float(result.loss_curve[-1, best]) < float(result.loss_curve[0, best])
+
+
+def test_the_job_body_reports_one_error_per_layer_and_none_for_other_methods() -> None:
+    from tasks.work.inversion import _layer_errors
+
+    victim = _fc_victim()
+    problem, x = _problem(victim, (3, 8, 8))
+    result = reconstruct("rgap", problem, method_config("rgap"))
+    errors = json.loads(_layer_errors(problem, x, result) or "[]")
+    assert len(errors) == 3 and max(errors) < 1e-5
+    result.extras.pop("layer_inputs")  # what every other method returns
+    assert _layer_errors(problem, x, result) is None
+
+
+def test_a_grid_with_rgap_on_a_bn_victim_or_a_batch_is_refused() -> None:
+    victims = [{"arch": "rgapnet", "width": 4}, {"arch": "convnet", "width": 4}]
+    spec: dict[str, Any] = {
+        "name": "t",
+        "data": {"dataset": "synthetic", "num_batches": 1},
+        "victims": victims,
+        "methods": ["rgap"],
+        "batch_sizes": [1, 2],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_spec(spec)
+    lines = str(info.value).splitlines()
+    assert any(line.strip().startswith("batch_sizes: rgap") for line in lines)
+    assert any(line.strip().startswith("victims[1].arch: rgap needs") for line in lines)
+    assert not any("victims[0]" in line for line in lines)  # rgapnet is of R-GAP's form
+    parse_spec({**spec, "victims": victims[:1], "batch_sizes": [1]})  # accepted
+
+
+def test_report_figures_a1_a2_from_layer_errors(tmp_path: Path) -> None:
+    from pipelines import report_rgap
+
+    def row(method: str, defense: str, level: float, errors: list[float]) -> dict[str, object]:
+        return {
+            "method": method,
+            "variant": method,
+            "victim": "rgapnet",
+            "victim_width": 16,
+            "defense": defense,
+            "defense_level": level,
+            "status": "ok",
+            "layer_errors": json.dumps(errors),
+        }
+
+    df = pd.DataFrame(
+        [
+            row("rgap", "none", 0.0, [1e-6, 1e-7, 1e-7]),
+            row("rgap", "noise", 1e-4, [0.3, 0.05, 0.003]),
+            row("rgap+g", "none", 0.0, [0.2, 1e-7, 1e-7]),
+        ]
+    )
+    table = report_rgap.layer_table(df)
+    assert len(table) == 9
+    noisy = table[(table["method"] == "rgap") & (table["defense"] == "noise 0.0001")]
+    assert noisy.sort_values("layer")["mean"].tolist() == [0.3, 0.05, 0.003]
+    assert report_rgap.fig_a1(df, tmp_path / "a1.png") == tmp_path / "a1.png"
+    assert report_rgap.fig_a2(df, tmp_path / "a2.png") == tmp_path / "a2.png"
+    assert (tmp_path / "a1.png").stat().st_size > 0
+    other = df.assign(layer_errors=None)  # a run without R-GAP cells draws neither
+    assert report_rgap.fig_a1(other, tmp_path / "b.png") is None
+    assert report_rgap.fig_a2(other, tmp_path / "b.png") is None
