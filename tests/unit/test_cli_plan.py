@@ -17,12 +17,12 @@ from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.commands import (
-    PLAN_FILE,
     Progress,
     estimate_vs_measured,
     next_tick,
     progress_interval,
 )
+from storage.layout import PLAN_FILE
 
 SPEC: dict[str, Any] = {
     "name": "plan-demo",
