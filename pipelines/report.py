@@ -144,8 +144,7 @@ def write_report(
     its current spec, plus (`include_all`) committed cells of configurations no longer in it.
     `scope`: the current spec's cells and baseline when the caller holds them (else read)."""
     run.compact(min_parts=COMPACT_FROM_PARTS)
-    reports = run.reports_dir
-    reports.mkdir(parents=True, exist_ok=True)
+    run.reports_dir.mkdir(parents=True, exist_ok=True)
     scope = scope or SpecScope.of_run(run)
     current = scope.cell_ids
     everything, all_cells = run.metrics(), run.cells()
@@ -166,24 +165,8 @@ def write_report(
         note = "\n".join(t for t in (budgets.budget_markdown(df), old_note) if t)
         files += tables.write_table1(t1, run, caption=caption, note=note).values()
         table1 = tables.styler(t1)
-        pair_rows = ag.paired_table(df)
-        baseline = scope.baseline
-        tested = ag.comparisons(df, baseline) if baseline else None
-        files += tables.write_paired(
-            pair_rows,
-            run,
-            caption=(
-                f"Every configuration − the baseline {baseline!r} on identical gradients and "
-                "seeds: Wilcoxon signed-rank p, Holm-adjusted over this table, rank-biserial "
-                "effect size"
-                if baseline
-                else "Paired comparisons"
-            ),
-            tested=tested,
-        ).values()
-        pairs = _paired_styler(tested) if tested is not None else None
-        run.report_file(CLAIMS_FILE).write_text(claims_markdown(tested, df, baseline))
-        files.append(run.report_file(CLAIMS_FILE))
+        paired, pairs = _write_comparisons(run, df, scope.baseline)
+        files += paired
         summary_csv = run.report_file("summary.csv")  # avg and best, every metric
         t1.numbers.to_csv(summary_csv, index=False)
         files.append(summary_csv)
@@ -227,6 +210,31 @@ def markdown(table: tables.Table) -> str:
     if table.text.empty:
         return "(no committed cells yet)\n"
     return tables.to_markdown(table.text, table.bold)
+
+
+def _write_comparisons(
+    run: RunDir, df: pd.DataFrame, baseline: str | None
+) -> tuple[list[Path], Any]:
+    """paired.{md,tex,csv}, comparisons.csv and claims.md; returns the files and the styled
+    table of tested comparisons (None without a baseline)."""
+    tested = ag.comparisons(df, baseline) if baseline else None
+    files = list(
+        tables.write_paired(
+            ag.paired_table(df),
+            run,
+            caption=(
+                f"Every configuration − the baseline {baseline!r} on identical gradients and "
+                "seeds: Wilcoxon signed-rank p, Holm-adjusted over this table, rank-biserial "
+                "effect size"
+                if baseline
+                else "Paired comparisons"
+            ),
+            tested=tested,
+        ).values()
+    )
+    run.report_file(CLAIMS_FILE).write_text(claims_markdown(tested, df, baseline))
+    files.append(run.report_file(CLAIMS_FILE))
+    return files, _paired_styler(tested) if tested is not None else None
 
 
 def _paired_styler(pairs: pd.DataFrame) -> Any:
