@@ -26,7 +26,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The everyday tier: unit tests (no services, no subprocess grids), well under 3 minutes.
+# The everyday tier: unit tests (no services, no processes: tests/unit/conftest.py fails a unit
+# test that starts one).
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/gpu
 

@@ -3,8 +3,8 @@
     python benchmarks/structure.py          # markdown to stdout
 
 Per package: files, lines, functions, median and largest function length, the largest files;
-the places that resolve the executor, the victim builders, the job-array runners; and the
-length of docs/ARCHITECTURE.md.
+the places that resolve the executor, the victim builders, the job-array runners; the
+run-directory paths built by hand outside storage; and the length of docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations
@@ -67,9 +67,69 @@ def decision_places() -> list[str]:
             for h in [_grep(pattern)]]  # fmt: skip
 
 
+_DOCS = 'Path(__file__).resolve().parent.parent / "docs"'
+# Paths that are built from a literal name outside storage/ but do not point into a run directory
+# (storage.layout names every path that does): (file, source of the expression).
+NOT_RUN_PATHS = {
+    ("pipelines/calibrate.py", 'Path(tmp) / "calibration.json"'): "a temporary directory",
+    ("pipelines/cli.py", 'Path(__file__).resolve().parents[1] / "grids"'): "the repository's grids",
+    ("pipelines/cli.py", 'GRIDS / "smoke.yaml"'): "the repository's grids",
+    ("pipelines/convert.py", 'out.with_name(out.name + ".tmp")'): "converted weights",
+    ("pipelines/convert.py", 'out.with_name(out.name + ".sha256")'): "converted weights",
+    ("pipelines/report.py", 'target.with_name(f"{target.stem}_tuning.png")'): "a results page",
+    ("pipelines/report.py", 'target.with_name(f"{target.stem}_{path.name}")'): "a results page",
+    ("pipelines/tune.py", 'spec_path.with_name(spec_path.stem + ".tuned.yaml")'): "the user's spec",
+    **{("tasks/pricing.py", _DOCS + tail): "the cost table"
+       for tail in ("", ' / "results"', ' / "results" / "performance.json"')},
+}
+# Names of run files that only storage.layout should spell.
+RUN_FILE_NAMES = ("grid.yaml", "driver.json", "plan.json", "CANCEL")
+
+
+def _path_joins(source: str) -> list[tuple[int, str]]:
+    """(line, expression) of every `x / "literal"`, `x / f"..."`, `x.with_name(...)` and
+    `x.joinpath(...)`, and of every string that is exactly a run file name."""
+    hits = []
+    for node in ast.walk(ast.parse(source)):
+        literal = isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and (
+            isinstance(node.right, ast.JoinedStr)
+            or (isinstance(node.right, ast.Constant) and isinstance(node.right.value, str))
+        )
+        renamed = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and (
+            node.func.attr in ("with_name", "joinpath")
+        )
+        named = isinstance(node, ast.Constant) and node.value in RUN_FILE_NAMES
+        if literal or renamed or named:
+            expr = ast.get_source_segment(source, node) or ""
+            hits.append((int(getattr(node, "lineno", 0)), expr))
+    return hits
+
+
+def hand_built_run_paths() -> tuple[list[str], list[str]]:
+    """Paths into a run directory built outside storage/, and the justified non-run ones."""
+    found, justified = [], []
+    for package in ("tasks", "pipelines"):
+        for f in sorted((ROOT / package).rglob("*.py")):
+            rel = str(f.relative_to(ROOT))
+            for line, expr in _path_joins(f.read_text()):
+                why = NOT_RUN_PATHS.get((rel, expr))
+                (justified if why else found).append(
+                    f"{rel}:{line} `{expr}`" + (f" ({why})" if why else "")
+                )
+    return found, justified
+
+
 def main() -> None:
     arch = len((ROOT / "docs" / "ARCHITECTURE.md").read_text().splitlines())
-    print("\n".join([*package_rows(), "", *decision_places(), f"- ARCHITECTURE.md: {arch} lines"]))
+    run_paths, not_run = hand_built_run_paths()
+    print("\n".join([
+        *package_rows(), "", *decision_places(),
+        f"- hand-built run paths outside storage: {len(run_paths)}"
+        + "".join(f"\n  - {p}" for p in run_paths),
+        f"- literal paths outside storage that are not run paths: {len(not_run)}"
+        + "".join(f"\n  - {p}" for p in not_run),
+        f"- ARCHITECTURE.md: {arch} lines",
+    ]))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -152,8 +152,8 @@ def run(
 ) -> None:
     """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued.
     With `tuning.stage: true` it tunes the grid first and evaluates the tuned spec."""
-    from pipelines.commands import run_grid
-    from pipelines.planner import read_spec
+    from pipelines.commands import run_grid, run_plan
+    from pipelines.planner import build_plan
     from pipelines.tune import reuse_notes, tuning_stage
 
     if detach:
@@ -166,10 +166,15 @@ def run(
         run_grid(path, executor=executor, out=run_dir, verbose=False,
                  notify=lambda line: typer.echo(line, err=True))
 
-    spec = tuning_stage(spec, out=out, executor=executor, run_grid=one_round)
-    for note in reuse_notes(read_spec(spec)[0]):  # also in every row (param_tuned_on)
+    # The spec is read once into a plan that every step reads (decision 221); a tuning stage
+    # evaluates another spec, the tuned one, which gets its own plan.
+    grid = build_plan(spec, executor=executor, out=out)
+    evaluated = tuning_stage(grid, executor=executor, run_grid=one_round)
+    if evaluated != grid.spec_path:
+        grid = build_plan(evaluated, executor=executor, out=out)
+    for note in reuse_notes(grid.spec):  # also in every row (param_tuned_on)
         typer.echo(f"note: {note}", err=True)
-    typer.echo(run_grid(spec, executor=executor, out=out, verbose=verbose, wait=wait,
+    typer.echo(run_plan(grid, verbose=verbose, wait=wait,
                         notify=lambda line: typer.echo(line, err=True)))
 
 
@@ -362,7 +367,9 @@ def demo(
     from pipelines.commands import run_grid
 
     typer.echo(run_grid(GRIDS / "smoke.yaml", executor=executor, out=out, verbose=False))
-    picture = (out / "reports" / "reconstructions.png").resolve()
+    from storage.layout import RunLayout
+
+    picture = RunLayout(out).report_file("reconstructions.png").resolve()
     if picture.is_file():  # absent only when no cell committed
         typer.echo(f"picture: {picture}  (ground truth next to each method; open it in any viewer)")
 

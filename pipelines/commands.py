@@ -23,19 +23,17 @@ from pipelines.costmodel import Estimate, duration, estimate
 from pipelines.learned_costs import LearnedPrices
 from pipelines.memory import check_memory, memory_lines
 from pipelines.planner import (
+    GridPlan,
+    build_plan,
     grid_status,
-    prepare_run,
-    read_spec,
-    resolve_executor,
-    run_dir_for,
+    handing_over,
     stored_timings,
     submission_shape,
 )
-from storage import records
 from storage.atomic import write_bytes_atomic
 from storage.errors import EnvironmentProblem
 from storage.lock import driver_lock
-from storage.run import RunDir, open_run
+from storage.run import GRID_FILE, RunDir, existing_run
 from storage.verify import scan, verify_and_repair
 from tasks.cells import expand
 from tasks.jobs import (
@@ -49,12 +47,6 @@ from tasks.jobs import (
 from tasks.preflight import check_before_submission, prepare_resume
 from tasks.spec import spec_from_yaml
 
-PLAN_FILE = records.PLAN_FILE  # under the run's reports/: `gi-eval plan`'s estimate
-
-
-def _existing_run(path: Path) -> RunDir | None:
-    return open_run(path) if (path / "grid.yaml").is_file() else None
-
 
 def plan_report(
     spec_path: Path, out: Path | None, *, calibrate: bool, executor: str | None = None
@@ -63,18 +55,16 @@ def plan_report(
     (pipelines.costmodel), never from attacks on this machine; `calibrate` runs one
     calibration job on the target executor first. The executor is resolved once (the flag
     over the spec) and every line uses it; the estimate is stored as reports/plan.json."""
-    spec, _ = read_spec(spec_path)
-    kind = resolve_executor(spec, executor)
-    run_path = run_dir_for(spec, out)
-    run = _existing_run(run_path)
+    grid = build_plan(spec_path, executor=executor, out=out)
+    spec, kind, run_path, run = grid.spec, grid.executor, grid.run_path, grid.existing()
     queued = queued_cells(run) if run else set()
-    status = grid_status(spec, run, queued=queued)
+    status = grid.status(queued=queued)
     todo = status.todo
     calibrated = {}
     if calibrate and todo:
         from pipelines.flows import executor_config  # Prefect: imported only when needed
 
-        log_dir = (run.root / "logs") if run else Path(tempfile.gettempdir())
+        log_dir = run.logs_dir if run else Path(tempfile.gettempdir())
         calibrated = calibrate_on_executor(
             status.plan, executor_config(spec, kind), log_dir=log_dir
         )
@@ -110,7 +100,7 @@ def plan_report(
 def store_plan(run_path: Path, *, kind: str, cells: int, cost: Estimate) -> Path | None:
     """Write the estimate to RUN/reports/plan.json so that a finished `gi-eval run` can set
     the measured wall time against it; None where the run directory cannot be written."""
-    path = RunDir(run_path).reports_dir / PLAN_FILE
+    path = RunDir(run_path).plan_record
     record = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "executor": kind,
@@ -134,7 +124,7 @@ def store_plan(run_path: Path, *, kind: str, cells: int, cost: Estimate) -> Path
 
 def estimate_vs_measured(run_path: Path, wall_s: float) -> str | None:
     """'plan estimated ~X for N cells; measured Y (ratio)' from reports/plan.json, if any."""
-    path = RunDir(run_path).reports_dir / PLAN_FILE
+    path = RunDir(run_path).plan_record
     try:
         record = json.loads(path.read_text())
         estimated, cells = float(record["wall_seconds"]), int(record["cells_to_do"])
@@ -158,26 +148,36 @@ def run_grid(
     wait: bool = False,
     notify: Callable[[str], None] = print,
 ) -> str:
+    """`gi-eval run SPEC`: build the grid's plan (pipelines.planner.build_plan) and run it."""
+    grid = build_plan(spec_path, executor=executor, out=out)
+    return run_plan(grid, verbose=verbose, wait=wait, notify=notify)
+
+
+def run_plan(
+    grid: GridPlan,
+    *,
+    verbose: bool,
+    wait: bool = False,
+    notify: Callable[[str], None] = print,
+) -> str:
     """Validate, then run the evaluation-grid flow with a progress bar; returns the table.
 
     Everything checkable is checked before Prefect starts or a job is submitted (spec, data,
     checkpoints, writable run directory, free space). The run directory is then locked for this
     driver (`wait`: queue behind another one), temp files of crashed writers are removed and
-    unusable stored cells go to quarantine so that this run recomputes them."""
-    spec, text = read_spec(spec_path)
+    unusable stored cells go to quarantine so that this run recomputes them. The flow gets
+    `grid` itself (planner.handing_over): the spec is read and its cells expanded once."""
     from pipelines.flows import evaluation_grid, executor_config
 
-    kind = resolve_executor(spec, executor)
+    spec, kind, run_path = grid.spec, grid.executor, grid.run_path
     executor_config(spec, kind)
     progress_interval()  # a bad GI_PROGRESS_EVERY_S is refused before anything starts
-    check_out_dir(run_dir_for(spec, out))
+    check_out_dir(run_path)
     check_slurm_commands(kind)
     # expanding checks data set sizes, generator and method params; its ids feed the progress bar
-    plan = expand(spec)
-    cell_ids = {c.id for c in plan.inversion_cells}
-    run_path = run_dir_for(spec, out)
-    existing = _existing_run(run_path)
-    todo = grid_status(spec, existing).todo if existing else plan.inversion_cells
+    cell_ids = set(grid.cell_ids)
+    existing = grid.existing()
+    todo = grid.status().todo if existing else grid.cells.inversion_cells
     check_before_submission(run_path, todo, [c.gradient for c in todo],
                             keep_restarts=spec.storage.keep_restarts)
     check_memory(spec, todo, executor=kind)  # exit 2 if too big
@@ -191,17 +191,22 @@ def run_grid(
     ) as stale:
         if stale is not None:
             notify(f"{run_path}: the previous driver ({stale.describe()}) was killed; resuming")
-        run = prepare_run(spec, text, out)
-        for line in prepare_resume(run):
+        grid = grid.opened()
+        assert grid.run is not None
+        for line in prepare_resume(grid.run, grid.cells):
             notify(line)
-        with prefect_logs(notify, verbose=verbose), _progress(cell_ids, run_path, notify):
+        with (
+            prefect_logs(notify, verbose=verbose),
+            _progress(cell_ids, run_path, notify),
+            handing_over(grid),
+        ):
             # kind is one of the flow's Literal kinds: resolve_executor checked it
             table_path = evaluation_grid(  # type: ignore[call-overload]
-                str(spec_path), kind, str(run_path)
+                str(grid.spec_path), kind, str(run_path)
             )
     wall = time.perf_counter() - start
-    figure = Path(table_path).with_name("reconstructions.png")
-    html = Path(table_path).with_name("report.html")
+    figure = grid.layout.report_file("reconstructions.png")
+    html = grid.layout.report_file("report.html")
     versus = estimate_vs_measured(run_path, wall)
     per_method = Path(table_path).with_name(report_estimate.FILE)  # written by the report
     return (
@@ -294,10 +299,10 @@ class Progress:
 def _snapshot(run_path: Path, cell_ids: set[str]) -> tuple[int, int, int]:
     """(done, running, failed) from the run directory; zeros before it exists. A record being
     rewritten or a damaged file must not end the progress thread: it counts as nothing."""
-    if not (run_path / "grid.yaml").is_file():
+    run = existing_run(run_path)
+    if run is None:
         return 0, 0, 0
     try:
-        run = open_run(run_path)
         running, failed = job_cell_counts(run)
         return len(run.committed_cells() & cell_ids), running, failed
     except (OSError, ValueError, KeyError, TypeError):
@@ -423,8 +428,8 @@ def status_report(run_dir: Path) -> str:
     spec = spec_from_yaml(run.spec_text())
     active = pending_records(run)
     queued = queued_cells(run)
-    status = grid_status(spec, run, queued=queued)
-    checkpoints = len(list((run.root / "checkpoints").glob("*.pt")))
+    status = grid_status(expand(spec), run, queued=queued)
+    checkpoints = len(list(run.checkpoints_dir.glob("*.pt")))
     _, failed = job_cell_counts(run)
     unusable = scan(run).cells & {c.id for c in status.plan.inversion_cells}
     # committed cells of configurations a rerun of a changed spec dropped (kept, not counted)
@@ -511,8 +516,8 @@ def tables_text(run_dir: Path, *, include_all: bool = False) -> str:
             "the table above is read from its committed metrics"
         )
     path = write_tables(run, include_all=include_all)
-    figure = path.with_name("reconstructions.png")
-    return path.read_text() + f"\nwritten: {path}, {path.with_suffix('.csv')} and {figure}"
+    figure, csv = run.report_file("reconstructions.png"), run.report_file("table.csv")
+    return path.read_text() + f"\nwritten: {path}, {csv} and {figure}"
 
 
 def report_text(
@@ -556,9 +561,10 @@ def verify_run(run_dir: Path, *, deep: bool, dry_run: bool) -> str:
 
 
 def _require_run(run_dir: Path) -> RunDir:
-    if not (run_dir / "grid.yaml").is_file():
+    run = existing_run(run_dir)
+    if run is None:
         raise ConfigError(
-            f"run_dir: {run_dir} is not a run directory (no grid.yaml); "
+            f"run_dir: {run_dir} is not a run directory (no {GRID_FILE}); "
             "start one with `gi-eval run SPEC`"
         )
-    return open_run(run_dir)
+    return run

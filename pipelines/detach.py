@@ -24,19 +24,18 @@ from pathlib import Path
 
 from gi_core.errors import ConfigError
 from pipelines.memory import check_memory
-from pipelines.planner import grid_status, prepare_run, read_spec, resolve_executor, run_dir_for
+from pipelines.planner import build_plan, grid_status, prepare_run
 from storage import records
 from storage.atomic import write_bytes_atomic
 from storage.errors import EnvironmentProblem
+from storage.layout import RunLayout
 from storage.run import RunDir
 from tasks.arrays import DETACHED_ENV
-from tasks.cells import expand
 from tasks.executors import queued_job_ids
 from tasks.preflight import check_before_submission
 from tasks.resources import driver_resources
 from tasks.spec import GridSpec, SlurmResources
 
-DRIVER_FILE = records.DRIVER_FILE
 # Positive nice: below the grid's own arrays (and other users' work) when the scheduler
 # weighs priorities; any user may lower their own job's priority.
 DRIVER_NICE = 1000
@@ -52,30 +51,30 @@ class DriverRecord:
 def submit_driver(spec_path: Path, *, executor: str | None, out: Path | None) -> str:
     """Validate like `gi-eval run`, create the run directory, sbatch the driver; returns what
     to tell the user. Nothing waits for the grid."""
-    spec, text = read_spec(spec_path)
-    _require_slurm_executor(spec, resolve_executor(spec, executor), flag=executor)
+    grid = build_plan(spec_path, executor=executor, out=out)
+    spec = grid.spec
+    _require_slurm_executor(spec, grid.executor, flag=executor)
     _require_sbatch()
-    run_path = run_dir_for(spec, out).resolve()
+    run_path = grid.run_path.resolve()
     previous = read_driver(run_path)
     if previous is not None and queued_job_ids({previous.job_id}):
         raise EnvironmentProblem(
             f"{run_path}: driver job {previous.job_id} is still queued or running; follow it "
             f"with `gi-eval status {run_path}`, or stop it with `gi-eval cancel {run_path}`"
         )
-    plan = expand(spec)  # checks data set sizes, generators, method parameters
-    todo = plan.inversion_cells
+    todo = grid.cells.inversion_cells  # expanding checks data set sizes, generators, methods
     check_before_submission(
         run_path, todo, [c.gradient for c in todo], keep_restarts=spec.storage.keep_restarts
     )
     check_memory(spec, todo, executor="slurm")  # _require_slurm_executor: nothing else
-    run = prepare_run(spec, text, run_path)  # `gi-eval status` works from now on
+    run = prepare_run(spec, grid.text, run_path)  # `gi-eval status` works from now on
     script = driver_script(
         spec, spec_path=Path(spec_path).resolve(), run_path=run.root, executor=executor
     )
     job_id = _sbatch(script, run)
-    record = DriverRecord(job_id, time.time(), str(run.logs_dir / f"driver-{job_id}.log"))
-    write_bytes_atomic(run.root / DRIVER_FILE, json.dumps(record.__dict__).encode())
-    left = len(grid_status(spec, run).todo)
+    record = DriverRecord(job_id, time.time(), str(run.driver_log(job_id)))
+    write_bytes_atomic(run.driver_record, json.dumps(record.__dict__).encode())
+    left = len(grid_status(grid.cells, run).todo)
     return (
         f"submitted driver job {job_id} for {run.root} ({left} of {len(todo)} cells to do); "
         f"log: {record.log}\nfollow it with `gi-eval status {run.root}`; "
@@ -102,7 +101,7 @@ def driver_script(spec: GridSpec, *, spec_path: Path, run_path: Path, executor: 
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={spec.name}-driver",
-        f"#SBATCH --output={run_path / 'logs' / 'driver-%j.log'}",
+        f"#SBATCH --output={RunLayout(run_path).driver_log('%j')}",
         "#SBATCH --open-mode=append",
         "#SBATCH --ntasks=1",
         "#SBATCH --requeue",
@@ -166,7 +165,7 @@ def _require_sbatch() -> None:
 
 def _sbatch(script: str, run: RunDir) -> str:
     run.logs_dir.mkdir(parents=True, exist_ok=True)
-    path = run.logs_dir / "driver.sbatch"
+    path = run.driver_script
     path.write_text(script)
     proc = subprocess.run(
         ["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60, check=False
@@ -182,8 +181,8 @@ def _sbatch(script: str, run: RunDir) -> str:
 def read_driver(run_root: Path) -> DriverRecord | None:
     """The last submitted driver of a run; None when there is none or its record is damaged
     (a damaged record only loses the driver's job id: the grid itself is untouched)."""
-    data = records.read_json(run_root / DRIVER_FILE, records.is_driver_record)  # damaged: logged
-    if data is None:
+    data = records.read_json(RunLayout(run_root).driver_record, records.is_driver_record)
+    if data is None:  # damaged: logged, and `verify` quarantines it
         return None
     return DriverRecord(str(data["job_id"]), float(data["submitted"]), str(data["log"]))
 

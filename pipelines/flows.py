@@ -28,22 +28,24 @@ from pipelines.memory import sized_mem_gb
 from pipelines.notify import notify_state
 from pipelines.planner import (
     ARRAY_ELEMENTS,
+    GridPlan,
+    Overrides,
     batched,
+    build_plan,
     gradient_chunks,
-    grid_status,
+    handed_over,
     inversion_chunks,
-    prepare_run,
     read_spec,
     resolve_executor,
     run_dir_for,
 )
-from pipelines.report import write_report
-from storage.run import open_run
+from pipelines.report import SpecScope, write_report
+from storage.run import existing_run, open_run
 from tasks.arrays import POLL_S, run_array
 from tasks.executors import ExecutorConfig, threads_per_job
 from tasks.jobs import pending_records, queued_cells, stop_jobs
 from tasks.resources import ArrayGroup, ArrayKind, inversion_groups, kind_config
-from tasks.spec import ExecutorKind, GridSpec, spec_from_yaml
+from tasks.spec import ExecutorKind, GridSpec
 from tasks.work import Chunk
 
 PROGRESS_EVERY_S = 5.0  # how often the progress artifact is refreshed while arrays run
@@ -67,43 +69,27 @@ class Work:
     inversion_arrays: tuple[tuple[str, tuple[Chunk, ...], ExecutorConfig], ...] = ()
 
 
-@dataclass(frozen=True)
-class Overrides:
-    """Deployment parameters that override the spec (stored in the run's grid.yaml)."""
-
-    partition: str | None = None  # execution.slurm.partition
-    max_parallel: int | None = None  # execution.max_parallel and execution.slurm.array_parallelism
-    budget_scale: float | None = None  # budgets.iterations_scale (new cell ids: a new budget)
-
-    def apply(self, text: str) -> tuple[GridSpec, str]:
-        """The spec with these overrides, validated like the file itself (exit 2 on a bad one)."""
-        data = yaml.safe_load(text)
-        if not isinstance(data, dict) or self == Overrides():
-            return spec_from_yaml(text), text
-        execution = data.setdefault("execution", {}) or {}
-        data["execution"] = execution
-        if self.partition is not None:
-            execution.setdefault("slurm", {})["partition"] = self.partition
-        if self.max_parallel is not None:
-            execution["max_parallel"] = self.max_parallel
-            execution.setdefault("slurm", {})["array_parallelism"] = self.max_parallel
-        if self.budget_scale is not None:
-            data.setdefault("budgets", {})["iterations_scale"] = self.budget_scale
-        new = yaml.safe_dump(data, sort_keys=False)
-        return spec_from_yaml(new), new
+def open_grid(
+    spec_path: str, executor: str | None, out: str | None, overrides: Overrides
+) -> GridPlan:
+    """The grid's plan with its run directory open: the one `gi-eval run` handed over
+    (planner.handing_over), else (a deployment, a GIML evaluation) read, validated and opened
+    here, once per flow run."""
+    handed = handed_over(spec_path, executor, out, overrides)
+    if handed is not None and handed.run is not None:
+        return handed
+    return build_plan(spec_path, executor=executor, out=out, overrides=overrides).opened()
 
 
 @task(name="plan", cache_policy=NO_CACHE)
-def plan(
-    spec_path: str, executor: str | None, out: str | None, overrides: Overrides | None = None
-) -> Work:
-    """Validate the spec, open the run, and shape the missing work into chunks."""
+def plan(grid: GridPlan) -> Work:
+    """Shape the grid's missing work (neither committed nor queued) into chunks."""
     started = time.time()
-    spec, text = (overrides or Overrides()).apply(read_spec(spec_path)[1])
-    run = prepare_run(spec, text, out)
+    spec, run = grid.spec, grid.run
+    assert run is not None, "plan() needs an opened GridPlan"
     queued = queued_cells(run)
-    status = grid_status(spec, run, queued=queued)
-    ex, config = spec.execution, executor_config(spec, executor)
+    status = grid.status(queued=queued)
+    ex, config = spec.execution, executor_config(spec, grid.executor)
     per_job, gradient_config = ex.cells_per_job, kind_config(spec, config, "gradients")
     grads = gradient_chunks(
         run, status.gradients_todo, per_job=per_job, threads=threads_per_job(gradient_config)
@@ -186,9 +172,10 @@ def wait_for_earlier_jobs(run_dir: str) -> None:
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report(run_dir: str) -> str:
+def report(grid: GridPlan) -> str:
     """Tables, figures and report.html; Table 1 and a link to the report as artifacts."""
-    result = write_report(open_run(run_dir))
+    run_dir = str(grid.run_path)
+    result = write_report(open_run(run_dir), scope=SpecScope(grid.cell_ids, grid.spec.baseline))
     key = _artifact_key(Path(run_dir).name)
     create_markdown_artifact(
         markdown=f"# Table 1: {Path(run_dir).name}\n\n{result.table_markdown}",
@@ -236,8 +223,9 @@ def _cancel_jobs(flow: Any, flow_run: Any, state: Any) -> None:
         log.warning("cancellation: spec unreadable, no jobs to cancel (%s)", e)
         return
     run_path = run_dir_for(spec, params.get("out"))
-    if (run_path / "grid.yaml").is_file():
-        stopped = stop_jobs(open_run(run_path))
+    run = existing_run(run_path)
+    if run is not None:
+        stopped = stop_jobs(run)
         log.warning("flow run cancelled: %d job(s) of %s cancelled", stopped, run_path)
 
 
@@ -281,16 +269,14 @@ def evaluation_grid(
     Returns:
         The path of reports/table.md (Table 1).
     """
-    overrides = Overrides(partition, max_parallel, budget_scale)
-    work = plan(spec_path, executor, out, overrides)
+    grid = open_grid(spec_path, executor, out, Overrides(partition, max_parallel, budget_scale))
+    work = plan(grid)
     with _progress_artifact(work):
         run_work(work, started=work.started, retries=retries)
         if work.queued:  # an earlier run's jobs still hold cells: let them finish, redo misses
             wait_for_earlier_jobs(work.run_dir)
-            run_work(
-                plan(spec_path, executor, out, overrides), started=work.started, retries=retries
-            )
-    return report(work.run_dir)
+            run_work(plan(grid), started=work.started, retries=retries)
+    return report(grid)
 
 
 @contextmanager

@@ -105,7 +105,7 @@ def giml(spec_path: str, executor: ExecutorKind | None = None, out: str | None =
     jobs = [(str(run.root), "giml")]
     if spec.prior is not None:
         prior = create_run(
-            run.root / "prior", pretrain_spec_text(f"{spec.name}-prior", spec.prior, spec)
+            run.prior_root, pretrain_spec_text(f"{spec.name}-prior", spec.prior, spec)
         )
         jobs.insert(0, (str(prior.root), "prior"))
     train(str(run.root), jobs, config)
@@ -127,7 +127,7 @@ def pretrain(spec_path: str, executor: ExecutorKind | None = None, out: str | No
 
 
 def eval_dir(run: RunDir, label: str) -> Path:
-    return run.root / "eval" / label
+    return run.eval_root(label)
 
 
 def write_eval_grids(run: RunDir, spec: GIMLSpec) -> dict[str, Path]:
@@ -137,7 +137,7 @@ def write_eval_grids(run: RunDir, spec: GIMLSpec) -> dict[str, Path]:
     import yaml
 
     assert spec.evaluation is not None
-    ev, root = spec.evaluation, run.root.resolve()
+    ev, root, prior = spec.evaluation, run.root.resolve(), run.prior_root.resolve()
     steps = ev.steps or tuple(snapshot_steps(run.root))
     entries: list[tuple[str, dict[str, Any] | None, tuple[MethodSpec, ...]]] = [
         (
@@ -152,7 +152,7 @@ def write_eval_grids(run: RunDir, spec: GIMLSpec) -> dict[str, Path]:
         entries.append(
             (
                 "wrong-prior",
-                {"kind": spec.prior.generator, "checkpoint": f"gan:{root / 'prior'}@{last}"},
+                {"kind": spec.prior.generator, "checkpoint": f"gan:{prior}@{last}"},
                 ev.methods,
             )
         )
@@ -160,7 +160,7 @@ def write_eval_grids(run: RunDir, spec: GIMLSpec) -> dict[str, Path]:
     paths = {}
     for label, generator, methods in entries:
         grid = eval_grid(spec, label=label, generator=generator, methods=methods)
-        path = run.root / "eval" / f"{label}.yaml"
+        path = run.eval_spec(label)
         text = yaml.safe_dump(grid, sort_keys=False).encode()
         if not path.is_file() or path.read_bytes() != text:
             write_bytes_atomic(path, text)

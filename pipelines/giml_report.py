@@ -92,8 +92,8 @@ def write_giml_report(run: RunDir, labels: dict[str, str]) -> Path:
             f"{d['ci_high']:+.2f}] | {d['p_wilcoxon']:.3f} | {d['n']} |"
         )
     run.reports_dir.mkdir(parents=True, exist_ok=True)
-    plot_psnr(table, run.reports_dir / "giml_psnr.png")
-    plot_curves(labels, run.reports_dir / "appendix_g_curves.png")
+    plot_psnr(table, run.report_file("giml_psnr.png"))
+    plot_curves(labels, run.report_file("appendix_g_curves.png"))
     lines += [
         "",
         "![PSNR vs meta step](giml_psnr.png)",
@@ -106,7 +106,7 @@ def write_giml_report(run: RunDir, labels: dict[str, str]) -> Path:
     for step in snapshot_steps(run.root):
         rel = Path("..") / grid_image_path(run.root, step).relative_to(run.root)
         lines.append(f"- step {step}: ![step {step}]({rel})")
-    path = run.reports_dir / "giml.md"
+    path = run.report_file("giml.md")
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
     return path
 

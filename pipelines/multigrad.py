@@ -100,10 +100,10 @@ def write_report(run: RunDir, spec: MultiGradSpec) -> Path:
     run.reports_dir.mkdir(parents=True, exist_ok=True)
     _plot(
         pd.DataFrame(table, columns=["setting", "T", "mean", "low", "high", "n"]),
-        run.reports_dir / "multigrad_psnr.png",
+        run.report_file("multigrad_psnr.png"),
     )
     lines += ["", "![PSNR vs T](multigrad_psnr.png)"]
-    path = run.reports_dir / "multigrad.md"
+    path = run.report_file("multigrad.md")
     write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
     return path
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import yaml
+
 from gi_core.errors import ConfigError
-from storage.run import RunDir, create_run, open_run, replace_damaged_spec, update_spec
+from storage.run import RunDir, create_run, existing_run, replace_damaged_spec, update_spec
 from tasks.cells import GradientCell, InversionCell, Plan, expand
 from tasks.spec import (
     EXECUTOR_KINDS,
@@ -67,6 +71,129 @@ def resolve_executor(spec: Any, flag: str | None) -> ExecutorKind:
     return cast(ExecutorKind, flag)
 
 
+@dataclass(frozen=True)
+class Overrides:
+    """Deployment parameters that override the spec (stored in the run's grid.yaml)."""
+
+    partition: str | None = None  # execution.slurm.partition
+    max_parallel: int | None = None  # execution.max_parallel and execution.slurm.array_parallelism
+    budget_scale: float | None = None  # budgets.iterations_scale (new cell ids: a new budget)
+
+    def apply_text(self, text: str) -> str:
+        """The spec's YAML with these overrides (unchanged without any, or when it is no YAML
+        mapping: parsing it then reports the problem)."""
+        if self == Overrides():
+            return text
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            return text
+        if not isinstance(data, dict):
+            return text
+        execution = data.setdefault("execution", {}) or {}
+        data["execution"] = execution
+        if self.partition is not None:
+            execution.setdefault("slurm", {})["partition"] = self.partition
+        if self.max_parallel is not None:
+            execution["max_parallel"] = self.max_parallel
+            execution.setdefault("slurm", {})["array_parallelism"] = self.max_parallel
+        if self.budget_scale is not None:
+            data.setdefault("budgets", {})["iterations_scale"] = self.budget_scale
+        return yaml.safe_dump(data, sort_keys=False)
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """One command's grid, worked out once (decision 221): the spec read and validated, the
+    executor resolved (flag over spec), the run directory located and (`opened`) prepared, the
+    cells expanded. Cost model, memory check, preflight, flow and report read this object
+    instead of reading the spec again.
+
+    `cells` is expanded on first use, so a command's cheap checks (--out, Slurm commands)
+    still come before expansion's data checks, as they did."""
+
+    spec_path: Path
+    spec: GridSpec
+    text: str  # the spec's YAML, overrides applied: what the run's grid.yaml freezes
+    executor: ExecutorKind
+    layout: RunDir  # where the run lives (it may not exist yet)
+    run: RunDir | None = field(default=None, compare=False)  # set by `opened()`
+
+    @property
+    def run_path(self) -> Path:
+        return self.layout.root
+
+    @cached_property
+    def cells(self) -> Plan:
+        return expand(self.spec)
+
+    @cached_property
+    def cell_ids(self) -> frozenset[str]:
+        return frozenset(c.id for c in self.cells.inversion_cells)
+
+    def existing(self) -> RunDir | None:
+        """The run directory if it already holds a run (the opened one once opened)."""
+        return self.run or existing_run(self.run_path)
+
+    def status(self, *, queued: Iterable[str] = ()) -> GridStatus:
+        """Committed, stored and queued cells of this grid, from its run directory now."""
+        return grid_status(self.cells, self.existing(), queued=queued)
+
+    def opened(self) -> GridPlan:
+        """This plan with its run directory created or reopened (see prepare_run)."""
+        opened = replace(self, run=prepare_run(self.spec, self.text, self.run_path))
+        if "cells" in self.__dict__:  # keep the expansion: replace() builds a new object
+            opened.__dict__["cells"] = self.cells
+        return opened
+
+
+def build_plan(
+    spec_path: Path | str,
+    *,
+    executor: str | None = None,
+    out: Path | str | None = None,
+    overrides: Overrides | None = None,
+) -> GridPlan:
+    """Read and validate the spec (overrides applied) and resolve the executor, once."""
+    text = (overrides or Overrides()).apply_text(read_spec_text(spec_path))
+    spec = spec_from_yaml(text)
+    kind = resolve_executor(spec, executor)
+    return GridPlan(Path(spec_path), spec, text, kind, RunDir(run_dir_for(spec, out)))
+
+
+# The plan a command hands to the Prefect flow it starts in this process (decision 221). Flow
+# parameters stay what a deployment passes (paths and strings: a plan in them would be
+# serialised into every flow-run record); a flow started by a deployment builds its own plan.
+_HANDED: list[GridPlan] = []
+
+
+@contextmanager
+def handing_over(plan: GridPlan) -> Iterator[None]:
+    """While open, a flow started here with this plan's spec path, executor and run directory
+    (and no overrides) uses `plan` instead of reading the spec again."""
+    _HANDED.append(plan)
+    try:
+        yield
+    finally:
+        _HANDED.remove(plan)
+
+
+def handed_over(
+    spec_path: Path | str, executor: str | None, out: Path | str | None, overrides: Overrides
+) -> GridPlan | None:
+    """The plan handed over for exactly these flow parameters, if any."""
+    for plan in reversed(_HANDED):
+        same = (
+            plan.spec_path == Path(spec_path)
+            and executor == plan.executor
+            and out is not None
+            and Path(out) == plan.run_path
+        )
+        if same and overrides == Overrides():
+            return plan
+    return None
+
+
 def read_spec(path: Path | str) -> tuple[GridSpec, str]:
     text = read_spec_text(path)
     return spec_from_yaml(text), text
@@ -79,22 +206,22 @@ def run_dir_for(spec: GridSpec, out: Path | str | None) -> Path:
 def prepare_run(spec: GridSpec, text: str, out: Path | str | None) -> RunDir:
     """Create the run directory (or reopen it: the frozen grid.yaml must describe this grid)."""
     path = run_dir_for(spec, out)
-    if (path / "grid.yaml").is_file():
-        replace_damaged_spec(open_run(path), text)  # a damaged frozen spec is rebuilt from this
-        frozen = spec_from_yaml((path / "grid.yaml").read_text())
-        if frozen.name != spec.name:
-            raise ConfigError(
-                f"--out: {path} holds the run of grid {frozen.name!r}, not "
-                f"{spec.name!r}; choose another --out"
-            )
-        run = open_run(path)
-        update_spec(run, text)  # an extended grid resumes: committed cells keep their ids
-        return run
-    return create_run(path, text)
+    run = existing_run(path)
+    if run is None:
+        return create_run(path, text)
+    replace_damaged_spec(run, text)  # a damaged frozen spec is rebuilt from this
+    frozen = run.spec_name()
+    if frozen != spec.name:
+        raise ConfigError(
+            f"--out: {path} holds the run of grid {frozen!r}, not "
+            f"{spec.name!r}; choose another --out"
+        )
+    update_spec(run, text)  # an extended grid resumes: committed cells keep their ids
+    return run
 
 
-def grid_status(spec: GridSpec, run: RunDir | None, *, queued: Iterable[str] = ()) -> GridStatus:
-    plan = expand(spec)
+def grid_status(plan: Plan, run: RunDir | None, *, queued: Iterable[str] = ()) -> GridStatus:
+    """Where the expanded cells `plan` stand in `run` (None: nothing done yet)."""
     if run is None:
         return GridStatus(plan, frozenset(), frozenset(), frozenset())
     return GridStatus(

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from gi_core.errors import ConfigError
-from storage.run import RunDir, create_run, open_run
+from storage.run import GRID_FILE, RunDir, create_run, existing_run
 from storage.verify import array_difference, row_differences
 from storage.zarr_store import read_gradient, read_reconstruction
 from tasks.cells import InversionCell
@@ -94,9 +94,9 @@ def choose_cells(committed: Sequence[str], n: int, named: Sequence[str], seed: i
 
 def recompute(run_dir: Path, *, n: int, cells: Sequence[str], seed: int = 0) -> RecomputeReport:
     """Recompute the chosen cells in a fresh scratch run and compare them with the stored ones."""
-    if not (run_dir / "grid.yaml").is_file():
-        raise ConfigError(f"run_dir: {run_dir} is not a run directory (no grid.yaml)")
-    run = open_run(run_dir)
+    run = existing_run(run_dir)
+    if run is None:
+        raise ConfigError(f"run_dir: {run_dir} is not a run directory (no {GRID_FILE})")
     chosen = choose_cells(sorted(run.committed_cells()), n, cells, seed)
     stored = run.metrics()
     stamp = f"recompute-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"

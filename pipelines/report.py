@@ -30,13 +30,13 @@ import yaml
 from gi_core.errors import ConfigError
 from pipelines import aggregate as ag
 from pipelines import report_budget as budgets
-from pipelines import report_estimate
+from pipelines import report_estimate, report_rgap
 from pipelines import report_figures as figs
-from pipelines import report_rgap
 from pipelines import report_tables as tables
 from pipelines.learned_costs import learn_from_run
 from pipelines.report_claims import claims_markdown
 from pipelines.report_html import Figure, Page, render
+from storage.layout import RunLayout
 from storage.metrics import provenance
 from storage.run import RunDir
 from tasks.cells import expand
@@ -79,13 +79,30 @@ class Coverage:
         return text
 
 
+@dataclass(frozen=True)
+class SpecScope:
+    """What a report reads of the run's current spec (grid.yaml; a rerun of a changed spec
+    replaces it): its cell ids (None when the spec cannot be expanded here, e.g. missing
+    files) and its baseline. `gi-eval run` hands over the ones its plan holds."""
+
+    cell_ids: frozenset[str] | None
+    baseline: str | None
+
+    @classmethod
+    def of_run(cls, run: RunDir) -> SpecScope:
+        try:
+            spec = spec_from_yaml(run.spec_text())
+        except ConfigError:
+            return cls(None, None)
+        try:
+            return cls(frozenset(c.id for c in expand(spec).inversion_cells), spec.baseline)
+        except ConfigError:
+            return cls(None, spec.baseline)
+
+
 def spec_cells(run: RunDir) -> frozenset[str] | None:
-    """Ids of the inversion cells of the run's current spec (grid.yaml; a rerun of a changed
-    spec replaces it); None when the spec cannot be expanded here (e.g. missing files)."""
-    try:
-        return frozenset(c.id for c in expand(spec_from_yaml(run.spec_text())).inversion_cells)
-    except ConfigError:
-        return None
+    """Ids of the inversion cells of the run's current spec (see SpecScope)."""
+    return SpecScope.of_run(run).cell_ids
 
 
 def in_scope(frame: pd.DataFrame, current: frozenset[str] | None) -> pd.Series:
@@ -122,13 +139,16 @@ class Report:
         return self.table.read_text()
 
 
-def write_report(run: RunDir, *, include_all: bool = False) -> Report:
+def write_report(
+    run: RunDir, *, include_all: bool = False, scope: SpecScope | None = None
+) -> Report:
     """Write every table, figure and report.html of `run` into run.reports_dir: the cells of
-    its current spec, plus (`include_all`) committed cells of configurations no longer in it."""
+    its current spec, plus (`include_all`) committed cells of configurations no longer in it.
+    `scope`: the current spec's cells and baseline when the caller holds them (else read)."""
     run.compact(min_parts=COMPACT_FROM_PARTS)
-    reports = run.reports_dir
-    reports.mkdir(parents=True, exist_ok=True)
-    current = spec_cells(run)
+    run.reports_dir.mkdir(parents=True, exist_ok=True)
+    scope = scope or SpecScope.of_run(run)
+    current = scope.cell_ids
     everything, all_cells = run.metrics(), run.cells()
     old_note = not_in_spec_text(everything, current, shown=include_all)
     coverage = _coverage(all_cells, current, include_all=include_all)
@@ -145,38 +165,25 @@ def write_report(run: RunDir, *, include_all: bool = False) -> Report:
     if not df.empty:
         t1 = tables.table1(df, cells)
         note = "\n".join(t for t in (budgets.budget_markdown(df), old_note) if t)
-        files += tables.write_table1(t1, reports, caption=caption, note=note).values()
+        files += tables.write_table1(t1, run, caption=caption, note=note).values()
         table1 = tables.styler(t1)
-        pair_rows = ag.paired_table(df)
-        baseline = _baseline(run)
-        tested = ag.comparisons(df, baseline) if baseline else None
-        files += tables.write_paired(
-            pair_rows,
-            reports,
-            caption=(
-                f"Every configuration − the baseline {baseline!r} on identical gradients and "
-                "seeds: Wilcoxon signed-rank p, Holm-adjusted over this table, rank-biserial "
-                "effect size"
-                if baseline
-                else "Paired comparisons"
-            ),
-            tested=tested,
-        ).values()
-        pairs = _paired_styler(tested) if tested is not None else None
-        (reports / CLAIMS_FILE).write_text(claims_markdown(tested, df, baseline))
-        files.append(reports / CLAIMS_FILE)
-        t1.numbers.to_csv(reports / "summary.csv", index=False)  # avg and best, every metric
-        files.append(reports / "summary.csv")
+        paired, pairs = _write_comparisons(run, df, scope.baseline)
+        files += paired
+        summary_csv = run.report_file("summary.csv")  # avg and best, every metric
+        t1.numbers.to_csv(summary_csv, index=False)
+        files.append(summary_csv)
     else:
-        (reports / "table.md").write_text(f"{caption}\n\n(no committed cells yet)\n\n{old_note}")
-    cells.to_csv(reports / "cells.csv", index=False)
+        run.report_file("table.md").write_text(
+            f"{caption}\n\n(no committed cells yet)\n\n{old_note}"
+        )
+    cells.to_csv(run.report_file("cells.csv"), index=False)
     figures, grids = _figures(run, df) if not df.empty else ([], [])
     files += [f.path for f in [*figures, *grids]]
     learn_from_run(run)  # the cost table learns from the finished cells (learned_costs)
     provenance = _provenance(run, df, cells)
     estimated = report_estimate.write(run)
     if estimated is not None:
-        files.append(reports / report_estimate.FILE)
+        files.append(run.report_file(report_estimate.FILE))
         provenance["estimate against measured"] = report_estimate.summary(estimated)
     page = Page(
         title=f"gi-eval report: {run.root.name}",
@@ -190,9 +197,11 @@ def write_report(run: RunDir, *, include_all: bool = False) -> Report:
         spec_text=run.spec_text(),
         caption=caption,
     )
-    html = reports / "report.html"
+    html = run.report_file("report.html")
     html.write_text(render(page))
-    return Report(html=html, table=reports / "table.md", coverage=coverage, files=(*files, html))
+    return Report(
+        html=html, table=run.report_file("table.md"), coverage=coverage, files=(*files, html)
+    )
 
 
 def write_tables(run: RunDir, *, include_all: bool = False) -> Path:
@@ -211,11 +220,29 @@ def markdown(table: tables.Table) -> str:
     return tables.to_markdown(table.text, table.bold)
 
 
-def _baseline(run: RunDir) -> str | None:
-    try:
-        return spec_from_yaml(run.spec_text()).baseline
-    except ConfigError:
-        return None
+def _write_comparisons(
+    run: RunDir, df: pd.DataFrame, baseline: str | None
+) -> tuple[list[Path], Any]:
+    """paired.{md,tex,csv}, comparisons.csv and claims.md; returns the files and the styled
+    table of tested comparisons (None without a baseline)."""
+    tested = ag.comparisons(df, baseline) if baseline else None
+    files = list(
+        tables.write_paired(
+            ag.paired_table(df),
+            run,
+            caption=(
+                f"Every configuration − the baseline {baseline!r} on identical gradients and "
+                "seeds: Wilcoxon signed-rank p, Holm-adjusted over this table, rank-biserial "
+                "effect size"
+                if baseline
+                else "Paired comparisons"
+            ),
+            tested=tested,
+        ).values()
+    )
+    run.report_file(CLAIMS_FILE).write_text(claims_markdown(tested, df, baseline))
+    files.append(run.report_file(CLAIMS_FILE))
+    return files, _paired_styler(tested) if tested is not None else None
 
 
 def _paired_styler(pairs: pd.DataFrame) -> Any:
@@ -363,7 +390,7 @@ def schedule_sentence(df: pd.DataFrame) -> str | None:
 
 def _commit_span(run: RunDir) -> float | None:
     """Seconds between the first and the last curve file (each written as its cell commits)."""
-    times = [p.stat().st_mtime for p in (run.root / "curves").glob("part-*.parquet")]
+    times = [p.stat().st_mtime for p in run.curves_dir.glob("part-*.parquet")]
     return max(times) - min(times) if len(times) >= 2 else None
 
 
@@ -373,12 +400,12 @@ def publish(report: Report, run: RunDir, target: Path, *, command: str) -> Path:
     it should show), `command`, coverage, Table 1, the paired comparisons, the figures and the
     provenance, so the page is regenerated by the pipeline, never edited by hand."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    reports = run.reports_dir
-    paired = (reports / "paired.md").read_text() if (reports / "paired.md").is_file() else ""
-    claims = reports / CLAIMS_FILE
+    paired_md = run.report_file("paired.md")
+    paired = paired_md.read_text() if paired_md.is_file() else ""
+    claims = run.report_file(CLAIMS_FILE)
     provenance = _provenance(run, run.metrics(), run.cells())
     figures = _copy_figures(report, target)  # first: it removes an earlier publish's PNGs
-    estimate = reports / report_estimate.FILE
+    estimate = run.report_file(report_estimate.FILE)
     page = [
         *_page_head(run, command),
         f"Coverage: {report.coverage.describe()}",
@@ -470,15 +497,15 @@ CLAIMS_FILE = "claims.md"
 def _tuning_section(run: RunDir, target: Path) -> list[str]:
     """The grid's own tuning stage (`tuning.stage: true`, runs/<name>-tune): its study table
     (recipe and best scores, convergence verdict, chosen values) and the best-so-far plot."""
-    tune = run.root.with_name(run.root.name + "-tune") / "reports"
-    if not (tune / "tuning.md").is_file():
+    tune = RunLayout(run.tuning_root)
+    if not tune.report_file("tuning.md").is_file():
         return []
-    text = (tune / "tuning.md").read_text()
+    text = tune.report_file("tuning.md").read_text()
     studies = text.split("![best so far", 1)[0].split("\n", 2)[-1].strip()
     lines = ["## Tuning (this grid's own tuning stage)", "", studies, ""]
-    if (tune / "tuning.png").is_file():
+    if tune.report_file("tuning.png").is_file():
         copy = target.with_name(f"{target.stem}_tuning.png")
-        shutil.copyfile(tune / "tuning.png", copy)
+        shutil.copyfile(tune.report_file("tuning.png"), copy)
         lines += [f"![best so far against trials, per study]({copy.name})", ""]
     return lines
 
@@ -494,7 +521,7 @@ def page_stamp(run: RunDir) -> dict[str, Any]:
     commits = df[in_scope(df, current)]["git_commit"].dropna().unique()
     source = tuned_from(text)
     return {
-        "grid": spec_from_yaml(text).name,
+        "grid": run.spec_name(),
         "spec_sha256": source[1] if source else hashlib.sha256(text.encode()).hexdigest(),
         "cells_commits": sorted(map(str, commits)),
     }

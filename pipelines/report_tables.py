@@ -18,6 +18,7 @@ import pandas as pd
 from pandas.io.formats.style import Styler
 
 from pipelines import aggregate as ag
+from storage.layout import RunLayout
 
 METRIC_LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
 DIGITS = {"psnr": 2, "ssim": 3, "lpips": 3}
@@ -140,11 +141,11 @@ def to_markdown(text: pd.DataFrame, bold: pd.DataFrame | None = None, caption: s
 
 
 def write_table1(
-    table: Table, reports: Path, *, caption: str, note: str = ""
+    table: Table, run: RunLayout, *, caption: str, note: str = ""
 ) -> dict[str, Path]:
     """table.md (+ `note` below it), table.tex (Styler LaTeX, booktabs rules, bold via
     \\bfseries), table.csv (the numbers in long form, CI bounds as columns)."""
-    paths = {k: reports / f"table.{k}" for k in ("md", "tex", "csv")}
+    paths = {k: run.report_file(f"table.{k}") for k in ("md", "tex", "csv")}
     md = to_markdown(table.text, table.bold, caption)
     paths["md"].write_text(md + (f"\n{note}" if note else ""))
     paths["tex"].write_text(
@@ -199,11 +200,11 @@ def _p(value: float, spec: str = ".3g") -> str:
 
 
 def write_paired(
-    pairs: pd.DataFrame, reports: Path, *, caption: str, tested: pd.DataFrame | None = None
+    pairs: pd.DataFrame, run: RunLayout, *, caption: str, tested: pd.DataFrame | None = None
 ) -> dict[str, Path]:
     """paired.csv: every pair (uncorrected; for exploration only). paired.md/.tex: the spec's
     comparisons of interest (`tested`, aggregate.comparisons), or a note that there are none."""
-    paths = {k: reports / f"paired.{k}" for k in ("md", "tex", "csv")}
+    paths = {k: run.report_file(f"paired.{k}") for k in ("md", "tex", "csv")}
     pairs.to_csv(paths["csv"], index=False)
     if tested is None:
         paths["md"].write_text(
@@ -213,7 +214,7 @@ def write_paired(
         )
         paths["tex"].write_text("")
         return paths
-    tested.to_csv(reports / "comparisons.csv", index=False)
+    tested.to_csv(run.report_file("comparisons.csv"), index=False)
     text, bold = paired_text(tested)
     if text.empty:
         paths["md"].write_text(

@@ -32,8 +32,9 @@ import yaml
 
 from gi_core.attacks.registry import method_config
 from gi_core.errors import ConfigError
-from pipelines.planner import read_spec, run_dir_for
+from pipelines.planner import GridPlan, read_spec, run_dir_for
 from pipelines.report import SOURCE_LINE  # the tuned spec names the grid it came from
+from storage.layout import RunLayout
 from storage.run import open_run
 from tasks.cells import expand, resolve_config
 from tasks.spec import (
@@ -140,9 +141,9 @@ def tune(
     studies = {s.key: s for s in grid_studies(spec)}
     for s in studies.values():
         _space(spec, s)  # validate every space before the first round
-    run_dir = out or run_dir_for(spec, None).with_name(f"{spec.name}-tune")
-    rounds_dir = run_dir.with_name(run_dir.name + ".specs")
-    rounds_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = out or RunLayout(run_dir_for(spec, None)).tuning_root
+    layout = RunLayout(run_dir)
+    layout.specs_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     optimisers = {key: _study(optuna, spec, s) for key, s in studies.items()}
     done: list[Trial] = []
@@ -159,7 +160,7 @@ def tune(
                 asked.append((s, t, params, entry["label"]))
                 entries.append(entry)
         tuning_spec = _tuning_spec(spec, entries, held_out, batch_size, executor)
-        path = rounds_dir / f"round-{len(done):04d}.yaml"
+        path = layout.round_spec(len(done))
         path.write_text(yaml.safe_dump(tuning_spec, sort_keys=False))
         run_grid(path, run_dir)
         scores = _scores(run_dir)
@@ -182,25 +183,22 @@ def tune(
 
 
 def tuning_stage(
-    spec_path: Path,
+    grid: GridPlan,
     *,
-    out: Path | None,
     executor: str | None,
     run_grid: Callable[[Path, Path], None],
 ) -> Path:
     """`tuning.stage: true`: tune the grid on its own data, victim and budgets first, then
-    return the tuned spec to evaluate (else `spec_path` itself). Cached and resumable like any
-    cell: trials are cells of runs/<name>-tune, and a rerun asks the seeded sampler the same
-    questions, gets the same stored answers and so submits only what is missing."""
-    spec, _ = read_spec(spec_path)
-    if not spec.tuning.stage:
-        return spec_path
-    tune_dir = run_dir_for(spec, out)
-    tune_dir = tune_dir.with_name(tune_dir.name + "-tune")
-    tuned = tune_dir.with_name(tune_dir.name + ".specs") / "tuned.yaml"
+    return the tuned spec to evaluate (else the grid's own spec path). Cached and resumable
+    like any cell: trials are cells of runs/<name>-tune, and a rerun asks the seeded sampler
+    the same questions, gets the same stored answers and so submits only what is missing."""
+    if not grid.spec.tuning.stage:
+        return grid.spec_path
+    tune_dir = grid.layout.tuning_root
+    tuned = RunLayout(tune_dir).tuned_spec
     tuned.parent.mkdir(parents=True, exist_ok=True)
     result = tune(
-        spec_path, out=tune_dir, executor=executor, trials=None, write_spec=tuned,
+        grid.spec_path, out=tune_dir, executor=executor, trials=None, write_spec=tuned,
         run_grid=run_grid,
     )  # fmt: skip
     return result.tuned_spec
@@ -520,13 +518,13 @@ def write_report(
     batch_size: int,
 ) -> Path:
     """reports/tuning.md, tuning.csv and tuning.png (objective per trial, best so far)."""
-    reports = run_dir / "reports"
-    reports.mkdir(parents=True, exist_ok=True)
+    run = RunLayout(run_dir)
+    run.reports_dir.mkdir(parents=True, exist_ok=True)
     df = trials_frame(trials)
-    df.to_csv(reports / "tuning.csv", index=False)
+    df.to_csv(run.report_file("tuning.csv"), index=False)
     objective = spec.tuning.objective
     maximise = objective == "psnr"
-    _plot(df, reports / "tuning.png", objective=objective)
+    _plot(df, run.report_file("tuning.png"), objective=objective)
     lines = [
         f"# Tuning of grid `{spec.name}`",
         "",
@@ -563,8 +561,8 @@ def write_report(
         _markdown(df),
         "",
     ]
-    (reports / "tuning.md").write_text("\n".join(lines))
-    return reports / "tuning.md"
+    run.report_file("tuning.md").write_text("\n".join(lines))
+    return run.report_file("tuning.md")
 
 
 def _markdown(df: pd.DataFrame) -> str:

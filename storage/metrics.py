@@ -14,7 +14,6 @@ import functools
 import importlib.metadata
 import platform
 import re
-import subprocess
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -286,17 +285,35 @@ def _version(package: str) -> str:
 
 def _git_commit() -> str:
     # The commit of the code that ran (this checkout), not of the run directory.
-    repo = Path(__file__).resolve().parent.parent
+    return git_head(Path(__file__).resolve().parent.parent)
+
+
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def git_head(repo: Path) -> str:
+    """The commit checked out in `repo`, read from git's files (gitrepository-layout: HEAD, a
+    loose ref, packed-refs; a worktree's `.git` file and `commondir`) without starting git:
+    provenance is read in every job and in unit tests, which start no processes. "unknown"
+    when `repo` is no checkout or its HEAD cannot be resolved."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=repo,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else "unknown"
+        git = repo / ".git"
+        if git.is_file():  # a linked worktree or submodule: "gitdir: <path>"
+            git = (repo / git.read_text().split(":", 1)[1].strip()).resolve()
+        common = git / "commondir"
+        common_dir = (git / common.read_text().strip()).resolve() if common.is_file() else git
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head if _SHA.fullmatch(head) else "unknown"
+        ref = head.removeprefix("ref: ")
+        for base in (git, common_dir):
+            if (base / ref).is_file():
+                commit = (base / ref).read_text().strip()
+                return commit if _SHA.fullmatch(commit) else "unknown"
+        packed = common_dir / "packed-refs"
+        for line in packed.read_text().splitlines() if packed.is_file() else []:
+            if line.endswith(f" {ref}") and _SHA.fullmatch(line.split()[0]):
+                return line.split()[0]
+    except (OSError, UnicodeDecodeError, IndexError):
+        pass
+    return "unknown"

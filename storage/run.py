@@ -1,11 +1,5 @@
-"""The run directory: layout, creation, resume scan and the pandas query API.
-
-    <run>/grid.yaml                                frozen copy of the spec that created the run
-    <run>/store/gradients/<gradient id>.zarr.zip   one Zarr group per gradient cell
-    <run>/store/reconstructions/<cell id>.zarr.zip one Zarr group per inversion cell
-    <run>/metrics/method=<m>/part-<cell id>.parquet  per-image rows; presence = committed
-    <run>/checkpoints/<cell id>.pt                 in-flight attack state (deleted on commit)
-    <run>/reports/, <run>/logs/
+"""The run directory: creation, resume scan and the pandas query API. Its layout (every path
+into it) is storage.layout.
 
 A cell commits in this order: reconstruction group (atomic), then its metrics part (atomic, the
 commit marker), then its checkpoint is deleted. A crash anywhere before the part lands leaves
@@ -31,57 +25,32 @@ from gi_core.errors import ConfigError
 from storage import commits, tables
 from storage.atomic import sweep_temp_files, write_bytes_atomic
 from storage.errors import StorageError
+from storage.layout import GRID_FILE, GROUP_SUFFIX, SUBDIRS, RunLayout
 from storage.metrics import (
     DATASET_SCHEMA,
     PARTITION_KEY,
     SCHEMA,
     is_cell_id,
-    part_filename,
     partition_dirname,
     write_metrics_part,
 )
 
 log = logging.getLogger(__name__)
-GRID_FILE = "grid.yaml"
-GROUP_SUFFIX = ".zarr.zip"
-_SUBDIRS = ("store/gradients", "store/reconstructions", "metrics", "checkpoints", "reports",
-            "logs")
 _READ_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
-class RunDir:
-    """Paths and queries of one run directory. Cheap to construct; holds no open files."""
+class RunDir(RunLayout):
+    """Paths (storage.layout) and queries of one run directory. Cheap to construct; holds no
+    open files."""
 
-    root: Path
-
-    @property
-    def grid_path(self) -> Path:
-        return self.root / GRID_FILE
-
-    @property
-    def metrics_dir(self) -> Path:
-        return self.root / "metrics"
-
-    @property
-    def reports_dir(self) -> Path:
-        return self.root / "reports"
-
-    @property
-    def logs_dir(self) -> Path:
-        return self.root / "logs"
-
-    def gradient_path(self, gradient_id: str) -> Path:
-        return self.root / "store" / "gradients" / f"{gradient_id}{GROUP_SUFFIX}"
-
-    def reconstruction_path(self, cell_id: str) -> Path:
-        return self.root / "store" / "reconstructions" / f"{cell_id}{GROUP_SUFFIX}"
-
-    def part_path(self, method: str, cell_id: str) -> Path:
-        return self.metrics_dir / partition_dirname(method) / part_filename(cell_id)
-
-    def checkpoint_path(self, cell_id: str) -> Path:
-        return self.root / "checkpoints" / f"{cell_id}.pt"
+    def spec_name(self) -> str | None:
+        """The `name` of the frozen grid.yaml, read without validating the spec (None when it
+        is missing or damaged)."""
+        if not self.is_run or frozen_spec_problem(self) is not None:
+            return None
+        name = yaml.safe_load(self.grid_path.read_text())["name"]
+        return str(name)
 
     def spec_text(self) -> str:
         """The frozen grid.yaml; ConfigError naming it (and how to rebuild it) when damaged."""
@@ -98,7 +67,7 @@ class RunDir:
 
     def stored_gradients(self) -> set[str]:
         """Ids of every published gradient group (a group's presence is its commit)."""
-        return _ids_with_suffix(self.root / "store" / "gradients", GROUP_SUFFIX)
+        return _ids_with_suffix(self.gradients_dir, GROUP_SUFFIX)
 
     def committed_cells(self) -> set[str]:
         """Ids of committed inversion cells (file names + compaction manifests only)."""
@@ -208,7 +177,7 @@ def create_run(path: Path | str, spec_text: str) -> RunDir:
     else:
         run.root.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(run.grid_path, spec_text.encode())
-    for sub in _SUBDIRS:
+    for sub in SUBDIRS:
         (run.root / sub).mkdir(parents=True, exist_ok=True)
     return run
 
@@ -219,11 +188,17 @@ def update_spec(run: RunDir, spec_text: str) -> None:
     history/grid-<time>.yaml."""
     if _yaml_data(run.spec_text()) == _yaml_data(spec_text):
         return
-    history = run.root / "history"
+    history = run.history_dir
     history.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     write_bytes_atomic(history / f"grid-{stamp}-{os.getpid()}.yaml", run.spec_text().encode())
     write_bytes_atomic(run.grid_path, spec_text.encode())
+
+
+def existing_run(path: Path | str) -> RunDir | None:
+    """The run at `path`, or None when there is none (no grid.yaml)."""
+    run = RunDir(Path(path))
+    return run if run.is_run else None
 
 
 def open_run(path: Path | str) -> RunDir:
@@ -252,7 +227,7 @@ def replace_damaged_spec(run: RunDir, spec_text: str) -> Path | None:
     every committed cell stays valid under the rebuilt spec."""
     if frozen_spec_problem(run) is None:
         return None
-    folder = run.root / "quarantine" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    folder = run.quarantine_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / GRID_FILE
     os.replace(run.grid_path, target)
@@ -275,4 +250,4 @@ def _yaml_data(text: str) -> Any:
         raise StorageError(f"unreadable grid spec: {e}") from e
 
 
-__all__ = ["RunDir", "SCHEMA", "create_run", "open_run"]
+__all__ = ["GRID_FILE", "RunDir", "SCHEMA", "create_run", "existing_run", "open_run"]

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from storage import records
 from storage.atomic import publishing, write_bytes_atomic
+from storage.layout import RunLayout
 from storage.metrics import PARQUET_SUFFIX, PART_PREFIX, is_cell_id
 
 
@@ -42,8 +43,6 @@ class RunDir(Protocol):
 
     def metrics(self, columns: Sequence[str] | None = None) -> pd.DataFrame: ...
 
-CURVES_DIR = "curves"
-FAILURES_DIR = "failures"
 CURVE_SCHEMA = pa.schema(
     [
         ("cell_id", pa.string()),
@@ -73,7 +72,7 @@ _REASONS = {
 
 
 def curve_path(run: RunDir, cell_id: str) -> Path:
-    return run.root / CURVES_DIR / f"{PART_PREFIX}{cell_id}{PARQUET_SUFFIX}"
+    return RunLayout(run.root).curves_dir / f"{PART_PREFIX}{cell_id}{PARQUET_SUFFIX}"
 
 
 def write_curve(
@@ -139,7 +138,7 @@ def record_failure(run: RunDir, cell_id: str, *, method: str, reason: str) -> No
         "time": time.time(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
     }
-    path = run.root / FAILURES_DIR / f"{cell_id}.json"
+    path = RunLayout(run.root).failure_path(cell_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, json.dumps(record).encode())
 
@@ -148,7 +147,7 @@ def failures(run: RunDir) -> pd.DataFrame:
     """Failure records of cells that are still not stored: a record of an inversion cell that
     later committed, or of a gradient that was later stored, no longer counts. Stray copies
     ("<id> (1).json") and damaged records are never counted."""
-    directory = run.root / FAILURES_DIR
+    directory = RunLayout(run.root).failures_dir
     stored = run.committed_cells() | run.stored_gradients()
     found = []
     for path in sorted(directory.glob("*.json")) if directory.is_dir() else []:

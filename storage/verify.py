@@ -46,6 +46,7 @@ import pyarrow.parquet as pq
 from storage import commits, records
 from storage.atomic import is_temp_name, publishing, write_bytes_atomic
 from storage.checkpoints import checkpoint_problem
+from storage.layout import CANCEL_MARKER, GROUP_SUFFIX
 from storage.metrics import (
     PARQUET_SUFFIX,
     PART_PREFIX,
@@ -54,9 +55,8 @@ from storage.metrics import (
     is_cell_id,
     part_filename,
 )
-from storage.run import GROUP_SUFFIX, RunDir
+from storage.run import RunDir
 
-QUARANTINE_DIR = "quarantine"
 REASONS_FILE = "reasons.json"
 _STRAY = (
     "stray file: not the committed file of any cell (a sync tool's copy?); it was never "
@@ -110,7 +110,7 @@ def scan(run: RunDir, *, deep: bool = False) -> VerifyReport:
     states = commits.scan_partitions(run.metrics_dir)
     # Groups are listed *after* the parts: a cell publishes its group before its part, so a
     # part seen above has its group in this listing unless the group is really gone.
-    groups = _ids(run.root / "store" / "reconstructions")
+    groups = _ids(run.reconstructions_dir)
     for state in states:
         for path, cells in _data_files(state):
             parts += 1
@@ -120,7 +120,7 @@ def scan(run: RunDir, *, deep: bool = False) -> VerifyReport:
                 findings.append(Finding(path, problem, tuple(sorted(cells)), compact))
                 continue
             findings += _cells_without_group(run, path, cells, groups, deep=deep)
-    stored = _ids(run.root / "store" / "gradients")
+    stored = _ids(run.gradients_dir)
     findings += gradient_findings(run, stored, deep=deep)
     findings += stray_findings(run) + record_findings(run)
     return _report(findings, parts, len(groups) + len(stored))
@@ -138,7 +138,7 @@ def repair(run: RunDir, report: VerifyReport) -> VerifyReport:
     """Move every finding of `report` to quarantine (see the module docstring)."""
     if not report.findings:
         return report
-    folder = run.root / QUARANTINE_DIR / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    folder = run.quarantine_dir / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     folder.mkdir(parents=True, exist_ok=True)
     reasons = []
     for compact, bad in _by_compact_file(report.findings).items():
@@ -314,13 +314,13 @@ def stray_findings(run: RunDir) -> list[Finding]:
     found = []
     for state in commits.scan_partitions(run.metrics_dir):
         found += [Finding(p, _STRAY) for p in _strays_in_partition(state)]
-    for sub, prefix, suffix in (
-        ("store/gradients", "", GROUP_SUFFIX),
-        ("store/reconstructions", "", GROUP_SUFFIX),
-        ("curves", PART_PREFIX, PARQUET_SUFFIX),
-        ("failures", "", ".json"),
+    for directory, prefix, suffix in (
+        (run.gradients_dir, "", GROUP_SUFFIX),
+        (run.reconstructions_dir, "", GROUP_SUFFIX),
+        (run.curves_dir, PART_PREFIX, PARQUET_SUFFIX),
+        (run.failures_dir, "", ".json"),
     ):
-        found += [Finding(p, _STRAY) for p in _strays_in(run.root / sub, prefix, suffix)]
+        found += [Finding(p, _STRAY) for p in _strays_in(directory, prefix, suffix)]
     return found
 
 
@@ -363,15 +363,15 @@ def record_findings(run: RunDir) -> list[Finding]:
     the cancel marker, loss curves and checkpoints."""
     found = []
     checks = (
-        ("jobs", "*.json", records.is_job_record),
-        ("failures", "*.json", records.is_failure_record),
+        (run.jobs_dir, records.is_job_record),
+        (run.failures_dir, records.is_failure_record),
     )
-    for sub, pattern, check in checks:
-        for path in sorted((run.root / sub).glob(pattern)):
-            if sub != "failures" or is_cell_id(path.stem):
+    for directory, check in checks:
+        for path in sorted(directory.glob("*.json")):
+            if directory != run.failures_dir or is_cell_id(path.stem):
                 problem = records.json_problem(path, check)
                 found += [Finding(path, problem)] if problem else []
-    cancel = run.root / "jobs" / "CANCEL"
+    cancel = run.cancel_marker
     if cancel.is_file() and records.cancel_marker_damaged(cancel):
         found.append(
             Finding(
@@ -419,7 +419,7 @@ def _estimate_findings(run: RunDir) -> list[Finding]:
 
 def _curve_findings(run: RunDir) -> list[Finding]:
     found = []
-    for path in sorted((run.root / "curves").glob(f"{PART_PREFIX}*{PARQUET_SUFFIX}")):
+    for path in sorted(run.curves_dir.glob(f"{PART_PREFIX}*{PARQUET_SUFFIX}")):
         problem = _parquet_problem(path, deep=False, columns=("cell_id", "cost"))
         if problem is not None and cell_of_part(path.name) is not None:
             found.append(Finding(path, f"loss curve: {problem}; the cell keeps its metrics"))
@@ -428,7 +428,7 @@ def _curve_findings(run: RunDir) -> list[Finding]:
 
 def _checkpoint_findings(run: RunDir) -> list[Finding]:
     found = []
-    for path in sorted((run.root / "checkpoints").glob("*.pt")):
+    for path in sorted(run.checkpoints_dir.glob("*.pt")):
         problem = checkpoint_problem(path)
         found += [Finding(path, problem)] if problem else []
     return found
@@ -437,7 +437,7 @@ def _checkpoint_findings(run: RunDir) -> list[Finding]:
 def _repair_one(run: RunDir, finding: Finding, folder: Path) -> None:
     """Move `finding` to quarantine; records whose content is known are rebuilt in place."""
     path = finding.path
-    if path.name == "CANCEL":
+    if path.name == CANCEL_MARKER:
         stamp = records.read_cancel_time(path)
         _copy_aside(run, path, folder)
         if stamp is not None:

@@ -275,10 +275,6 @@ class Plan:
     gradient_cells: list[GradientCell]
     inversion_cells: list[InversionCell]
 
-    @cached_property
-    def gradients_by_id(self) -> dict[str, GradientCell]:
-        return {g.id: g for g in self.gradient_cells}
-
 
 def expand(spec: GridSpec) -> Plan:
     """All cells of `spec`, deduplicated, in a deterministic order.

@@ -110,15 +110,15 @@ def giml_victim(spec: GIMLSpec) -> nn.Module:
 
 
 def tasks_index_path(run: RunDir) -> Path:
-    return run.root / "store" / "tasks" / "index.json"
+    return run.tasks_index
 
 
 def task_path(run: RunDir, task_id: str) -> Path:
-    return run.root / "store" / "tasks" / f"{task_id}.zarr.zip"
+    return run.task_path(task_id)
 
 
 def theta_path(run: RunDir, round: int) -> Path:
-    return run.root / "store" / "thetas" / f"round-{round}.pt"
+    return run.theta_path(round)
 
 
 def generate_task_set(run: RunDir, spec: GIMLSpec) -> int:
@@ -225,11 +225,11 @@ class TrainJob:
 
 
 def done_path(run: RunDir, kind: str) -> Path:
-    return run.root / kind / "done.json"
+    return run.training_done(kind)
 
 
 def state_path(run: RunDir, kind: str) -> Path:
-    return run.root / kind / "state.pt"
+    return run.training_state(kind)
 
 
 def run_training(job: TrainJob, preemption: Preemption | None = None) -> int:
@@ -318,7 +318,7 @@ def _train_prior(run: RunDir, preemption: Preemption) -> int:
         if training.step % prior.checkpoint_every == 0 or preemption.requested:
             save_checkpoint(state_path(run, "prior"), training.export())
         preemption.safe_point()
-    save_loss_plot(training.log, run.reports_dir / "gan_losses.png")
+    save_loss_plot(training.log, run.report_file("gan_losses.png"))
     _finish(run, "prior", {"steps": training.step, "log": training.log})
     return training.step - start
 

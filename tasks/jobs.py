@@ -28,8 +28,6 @@ from storage.lock import process_identity
 from storage.run import RunDir
 from tasks.executors import JobHandle, cancel_jobs, kill_local_job, queued_job_ids
 
-CANCEL_MARKER = "CANCEL"
-
 
 @dataclass(frozen=True)
 class JobRecord:
@@ -39,19 +37,15 @@ class JobRecord:
     process: str | None = None  # local: "<host>/<boot id>/<start ticks>" of the pid
 
 
-def jobs_dir(run: RunDir) -> Path:
-    return run.root / "jobs"
-
-
 def request_cancel(run: RunDir) -> None:
     """Mark the run cancelled, so that a `gi-eval run` still driving it stops, not retries."""
-    path = jobs_dir(run) / CANCEL_MARKER
+    path = run.cancel_marker
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, str(time.time()).encode())
 
 
 def cancel_requested(run: RunDir, *, since: float) -> bool:
-    stamp = run_records.read_cancel_time(jobs_dir(run) / CANCEL_MARKER)  # damaged: its mtime
+    stamp = run_records.read_cancel_time(run.cancel_marker)  # damaged: its mtime
     return stamp is not None and stamp >= since
 
 
@@ -82,7 +76,7 @@ def record_jobs(
     if not records:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    path = jobs_dir(run) / f"{stamp}-{name}-{os.getpid()}.json"
+    path = run.job_record(f"{stamp}-{name}-{os.getpid()}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(path, json.dumps(records).encode())
     return path
@@ -102,7 +96,7 @@ def record_array_end(path: Path | None, *, ended: float | None = None) -> None:
 
 def read_records(run: RunDir) -> list[JobRecord]:
     records = []
-    for path in sorted(jobs_dir(run).glob("*.json")):
+    for path in sorted(run.jobs_dir.glob("*.json")):
         # a damaged record is ignored (logged) and quarantined by `gi-eval verify` / `run`
         for r in run_records.read_json(path, run_records.is_job_record) or []:
             cells = tuple(r["cells"])
@@ -125,7 +119,7 @@ class ArrayRecord:
 def array_records(run: RunDir) -> list[ArrayRecord]:
     """Every array of the run's job records (damaged records ignored), oldest first."""
     arrays = []
-    for path in sorted(jobs_dir(run).glob("*.json")):
+    for path in sorted(run.jobs_dir.glob("*.json")):
         found = run_records.read_json(path, run_records.is_job_record)
         if not found:
             continue

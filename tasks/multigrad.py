@@ -72,7 +72,7 @@ def cells(spec: MultiGradSpec) -> list[dict[str, Any]]:
 
 
 def result_path(run: RunDir, cell_id: str) -> Path:
-    return run.root / "multigrad" / f"{cell_id}.json"
+    return run.multigrad_result(cell_id)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from gi_core.generators import build_generator, load_generator_checkpoint
 from storage import verify
 from storage.errors import EnvironmentProblem
 from storage.run import RunDir
-from tasks.cells import GradientCell, InversionCell, expand
+from tasks.cells import GradientCell, InversionCell, Plan, expand
 from tasks.jobs import active_records
 from tasks.models import victim_model
 from tasks.spec import spec_from_yaml
@@ -225,21 +225,23 @@ def _param_count(cell: GradientCell) -> int:
 
 
 def _measured_per_cell(run_path: Path) -> float | None:
-    groups = run_path / "store" / "reconstructions"
+    groups = RunDir(run_path).reconstructions_dir
     if not groups.is_dir():
         return None
     sizes = [e.stat().st_size for e in os.scandir(groups) if e.name.endswith(".zarr.zip")]
     return sum(sizes) / len(sizes) + _CELL_OVERHEAD if sizes else None
 
 
-def prepare_resume(run: RunDir) -> list[str]:
-    """Sweep temp files and quarantine what readers cannot use; returns lines to show."""
+def prepare_resume(run: RunDir, plan: Plan | None = None) -> list[str]:
+    """Sweep temp files and quarantine what readers cannot use; returns lines to show.
+    `plan`: the run's expanded cells when the caller holds them (else expanded from grid.yaml)."""
     earlier_jobs = bool(active_records(run))
     removed = run.sweep_temp_files(older_than_s=_STALE_TEMP_S if earlier_jobs else 0.0)
     report = verify.scan(run)
     # The gradients this run's cells will read get the deep check (every CRC) now, so that a
     # damaged one is regenerated before its cells are submitted instead of failing them.
-    deep = verify.gradient_findings(run, _gradients_to_read(run), deep=True)
+    plan = plan or expand(spec_from_yaml(run.spec_text()))
+    deep = verify.gradient_findings(run, _gradients_to_read(run, plan), deep=True)
     report = verify.repair(run, verify.with_findings(report, deep))
     lines = []
     if removed:
@@ -249,10 +251,9 @@ def prepare_resume(run: RunDir) -> list[str]:
     return lines
 
 
-def _gradients_to_read(run: RunDir) -> set[str]:
+def _gradients_to_read(run: RunDir, plan: Plan) -> set[str]:
     """Stored gradients that the run's uncommitted cells need."""
     committed = run.committed_cells()
-    plan = expand(spec_from_yaml(run.spec_text()))
     needed = {c.gradient_id for c in plan.inversion_cells if c.id not in committed}
     return needed & run.stored_gradients()
 

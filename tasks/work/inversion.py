@@ -21,7 +21,7 @@ from gi_core.labels import attack_labels
 from gi_core.metrics import closest_rows, evaluate_batch, lpips_model
 from storage.checkpoints import delete_checkpoint, load_checkpoint
 from storage.run import RunDir
-from storage.tables import FAILURES_DIR, write_curve
+from storage.tables import write_curve
 from storage.zarr_store import (
     StoredGradient,
     StoredReconstruction,
@@ -92,7 +92,7 @@ def _prepare(
     )
     checkpoint_path = run.checkpoint_path(cell.id)
     state = load_checkpoint(checkpoint_path)
-    failed_before = (run.root / FAILURES_DIR / f"{cell.id}.json").is_file()
+    failed_before = run.failure_path(cell.id).is_file()
     trace = Trace.resume(state, snapshots, failed_before=failed_before)
     return _Prepared(
         cell,

@@ -117,7 +117,7 @@ def test_ui_view_of_a_run_and_cancel_stops_slurm_jobs(
 
     from storage.run import open_run
     from tasks.cells import expand
-    from tasks.jobs import CANCEL_MARKER, jobs_dir, read_records
+    from tasks.jobs import read_records
     from tasks.spec import spec_from_yaml
 
     _deploy_and_start_worker(cluster, tmp_path)
@@ -194,4 +194,4 @@ def test_ui_view_of_a_run_and_cancel_stops_slurm_jobs(
         )
         assert cancelled.state.type == StateType.CANCELLED, cancelled.state
         assert not left, f"jobs {sorted(left)} still in squeue after the UI cancel"
-        assert (jobs_dir(open_run(out)) / CANCEL_MARKER).is_file()
+        assert open_run(out).cancel_marker.is_file()

@@ -45,10 +45,10 @@ from pipelines.cli import app
 from storage import records
 from storage.checkpoints import save_checkpoint
 from storage.errors import StorageError
+from storage.layout import QUARANTINE_DIR
 from storage.tables import curve_path, record_failure
-from storage.verify import QUARANTINE_DIR
 from tasks.cells import expand
-from tasks.jobs import jobs_dir, request_cancel
+from tasks.jobs import request_cancel
 from tasks.preflight import prepare_resume
 from tasks.spec import parse_spec
 
@@ -210,7 +210,7 @@ def test_a_gradient_damaged_mid_file_is_quarantined_before_submission(
 
 
 def _job_record(run: storage.RunDir) -> Path:
-    path = jobs_dir(run) / "20260101T000000-inversions-0-1.json"
+    path = run.jobs_dir / "20260101T000000-inversions-0-1.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([{"kind": "local", "job_id": "999999", "cells": [B1],
                                  "process": None}]))
@@ -219,7 +219,7 @@ def _job_record(run: storage.RunDir) -> Path:
 
 def _cancel_marker(run: storage.RunDir) -> Path:
     request_cancel(run)  # older than the `gi-eval run` below: it does not stop that run
-    return jobs_dir(run) / "CANCEL"
+    return run.cancel_marker
 
 
 def _driver_lock(run: storage.RunDir) -> Path:

@@ -9,20 +9,22 @@ paper and tuned values with their provenance.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from pipelines.cli import app
 from pipelines.commands import (
-    PLAN_FILE,
     Progress,
     estimate_vs_measured,
     next_tick,
     progress_interval,
 )
+from storage.layout import PLAN_FILE
 
 SPEC: dict[str, Any] = {
     "name": "plan-demo",
@@ -135,3 +137,28 @@ def test_progress_ticks_keep_a_fixed_schedule_and_never_burst() -> None:
     assert late == 155.0
     assert next_tick(late, now=156.0, every=30.0) == 185.0  # and the pace resumes from there
 
+
+
+def test_plan_reads_validates_and_expands_the_spec_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decision 221: one GridPlan per command; `gi-eval run` hands it to its flow the same way
+    (measured there: one parse and one expansion per rerun)."""
+    import pipelines.planner
+    from tasks.spec import GridSpec
+
+    calls: Counter[str] = Counter()
+    validate, expand = GridSpec.model_validate, pipelines.planner.expand
+
+    def counted_validate(data: Any, **kwargs: Any) -> GridSpec:
+        calls["parse"] += 1
+        return validate(data, **kwargs)
+
+    def counted_expand(spec: GridSpec) -> Any:
+        calls["expand"] += 1
+        return expand(spec)
+
+    monkeypatch.setattr(GridSpec, "model_validate", counted_validate)
+    monkeypatch.setattr(pipelines.planner, "expand", counted_expand)
+    _plan(tmp_path, "--executor", "slurm")
+    assert calls == {"parse": 1, "expand": 1}

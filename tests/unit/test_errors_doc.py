@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typer.testing import CliRunner
 import storage
 from gi_core.victims import build_victim
 from pipelines.cli import app
+from tests.tmpfs import mount_tmpfs, remount_read_only, unmount
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "errors.md"
@@ -188,11 +188,9 @@ def environment(kind: str) -> Setup:
         args = spec()(tmp)
         mount = tmp / "mnt"
         mount.mkdir()
-        size = "16k" if kind == "full" else "1m"
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
-                       check=True)
+        mount_tmpfs(mount, "16k" if kind == "full" else "1m")  # a system call: no process
         if kind == "read-only":
-            subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+            remount_read_only(mount)
         return [*args[:-1], str(mount / "run")]
 
     return setup
@@ -384,7 +382,7 @@ def run_case(case: Case, tmp: Path) -> tuple[int, str]:
     finally:
         mount = tmp / "mnt"
         if mount.is_dir():
-            subprocess.run(["umount", "-l", str(mount)], check=False)
+            unmount(mount)
     message = result.stderr.replace(str(tmp), "<tmp>").strip()
     return result.exit_code, message
 

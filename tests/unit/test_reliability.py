@@ -1,7 +1,9 @@
 """Issue 13: one test per reliability defect found on 848111e (each failed there).
 
-The CLI runs in-process through typer's runner (the real `gi-eval` app, real files, real
-processes); read-only and full filesystems are real tmpfs mounts (root only, as in CI).
+The CLI runs in-process through typer's runner (the real `gi-eval` app, real files);
+read-only and full filesystems are real tmpfs mounts (root only, as in CI; by system call, so
+no process starts). The defects that need a second process (a reused pid, two drivers) are
+tested in tests/integration/test_reliability_processes.py.
 """
 
 from __future__ import annotations
@@ -9,10 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,16 +23,17 @@ from typer.testing import CliRunner
 import storage
 from gi_core.victims import build_victim
 from pipelines.cli import app
-from pipelines.commands import cancel_run, status_report, tables_text
+from pipelines.commands import status_report, tables_text
 from storage.atomic import TEMP_MARK
 from storage.errors import EnvironmentProblem
-from storage.lock import LOCK_FILE, RunLocked, driver_lock, process_identity
+from storage.layout import QUARANTINE_DIR
 from storage.metrics import ROW_COLUMNS
-from storage.verify import QUARANTINE_DIR, verify_and_repair
+from storage.verify import verify_and_repair
 from tasks.cells import expand
-from tasks.jobs import active_records, jobs_dir, pending_records, queued_cells
 from tasks.preflight import prepare_resume
 from tasks.spec import parse_spec
+from tests.tmpfs import remount_read_only
+from tests.tmpfs import tmpfs as mounted_tmpfs
 from tests.unit.test_storage import make_reconstruction, make_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,67 +83,16 @@ def committed_run(root: Path, cells: int = 2) -> tuple[storage.RunDir, list[str]
 
 
 def write_record(run: storage.RunDir, records: list[dict[str, Any]]) -> None:
-    jobs_dir(run).mkdir(parents=True, exist_ok=True)
-    (jobs_dir(run) / "20260101T000000-inversions-0-1.json").write_text(json.dumps(records))
+    run.jobs_dir.mkdir(parents=True, exist_ok=True)
+    (run.jobs_dir / "20260101T000000-inversions-0-1.json").write_text(json.dumps(records))
 
 
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("needs root to mount a tmpfs (CI runs as root)")
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        if read_only:
-            subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def remount_read_only(path: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
-
-
-@pytest.fixture()
-def bystander() -> Iterator[subprocess.Popen[bytes]]:
-    """An unrelated live process whose pid an old job record happens to name."""
-    proc = subprocess.Popen(["sleep", "300"])
-    yield proc
-    proc.kill()
-    proc.wait()
-
-
-# ---- defect 1: bare-pid job records ------------------------------------------------------------
-
-
-def test_reused_pid_is_neither_queued_nor_signalled(tmp_path: Path, bystander: Any) -> None:
-    run, ids = committed_run(tmp_path / "run", cells=1)
-    # A record as written on 848111e (bare pid) and one whose recorded start time differs:
-    # both name a live process that is not the job.
-    write_record(run, [
-        {"kind": "local", "job_id": str(bystander.pid), "cells": ["c-old"]},
-        {"kind": "local", "job_id": str(bystander.pid), "cells": ["c-new"],
-         "process": "host/boot/1"},
-    ])
-    assert active_records(run) == []
-    assert queued_cells(run) == set()
-    assert "0 in 0 queued/running job(s)" in status_report(run.root)
-    cancel_run(run.root)
-    time.sleep(0.2)  # let a (wrong) SIGKILL land before looking
-    assert bystander.poll() is None, "cancel killed a process that is not one of the run's jobs"
-
-
-def test_live_recorded_job_counts_but_its_committed_cells_do_not(
-    tmp_path: Path, bystander: Any
-) -> None:
-    run, ids = committed_run(tmp_path / "run", cells=1)
-    identity = process_identity(bystander.pid)
-    write_record(run, [{"kind": "local", "job_id": str(bystander.pid), "cells": [ids[0]],
-                        "process": identity}])
-    assert len(active_records(run)) == 1  # the very process is alive: a running job
-    assert queued_cells(run) == set()  # ... but its only cell is committed: nothing queued
-    assert pending_records(run) == []  # so `gi-eval run` does not wait for it
+    with mounted_tmpfs(path, size, read_only=read_only) as mounted:
+        yield mounted
 
 
 # ---- defects 2 and 3: a truncated part, a deleted group ---------------------------------------
@@ -298,62 +246,6 @@ def test_tables_of_a_read_only_run_print_without_writing(tmp_path: Path) -> None
         text = tables_text(run.root)  # 848111e: compaction's lock file -> OSError EROFS
         assert "| gi-x [paper] |" in text and "read-only: nothing was written" in text
         assert not (run.root / "reports" / "table.md").exists()
-
-
-# ---- defect 7: two drivers on one run directory ----------------------------------------------
-
-_HOLD = """
-import sys, time
-from pathlib import Path
-from storage.lock import driver_lock
-with driver_lock(Path(sys.argv[1]), wait=False):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
-def _holder(root: Path) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(root)], cwd=ROOT,
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-    return proc
-
-
-def test_second_driver_exits_3_and_a_killed_drivers_lock_is_stale(tmp_path: Path) -> None:
-    run, _ = committed_run(tmp_path / "run", cells=1)
-    holder = _holder(run.root)
-    try:
-        code, _, err = cli("run", str(write_spec(tmp_path / "s.yaml")), "--out", str(run.root))
-        line = one_error_line(err)
-        assert code == 3 and f"pid {holder.pid}" in line and "--wait" in line
-        with pytest.raises(RunLocked), driver_lock(run.root, wait=False):
-            pass
-    finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
-    with driver_lock(run.root, wait=False) as stale:  # the kernel released the flock
-        assert stale is not None and stale.pid == holder.pid
-    with driver_lock(run.root, wait=False) as stale:  # a clean exit leaves no holder
-        assert stale is None
-    assert (run.root / LOCK_FILE).read_text() == ""
-
-
-def test_wait_queues_behind_the_first_driver(tmp_path: Path) -> None:
-    run, _ = committed_run(tmp_path / "run", cells=1)
-    holder = _holder(run.root)
-    told: list[Any] = []
-
-    def release(h: Any) -> None:  # called once when the waiter starts waiting
-        told.append(h)
-        holder.terminate()
-
-    try:
-        with driver_lock(run.root, wait=True, poll_s=0.1, on_wait=release) as stale:
-            assert told and told[0].pid == holder.pid
-            assert stale is not None  # SIGTERM'd holder never emptied the file
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # ---- defect 8: checkpoint temp files ------------------------------------------------------------
