@@ -240,9 +240,18 @@ def _param_alternative(value: Any, name: str) -> Any:
 
 
 # Fields a method refuses to change (GGL has no Adam stage: decision 251), so no two of its
-# configurations differ in them; and GIFD needs a DCGAN-kind prior (decision 252).
-_REFUSED = {"ggl": ("signed_grad", "prune_at", "plateau_window")}
-_BASE_FOR = {"gifd": {"generator": {"kind": "dcgan32"}}}
+# configurations differ in them; GIFD needs a DCGAN-kind prior (decision 252); R-GAP inverts
+# one image (B = 1; lenet is of its form, decision 241).
+_REFUSED = {
+    "ggl": ("signed_grad", "prune_at", "plateau_window"),
+    "rgap": ("restarts", "tv", "bn"),
+    "rgap+g": ("tv", "bn"),
+}
+_BASE_FOR: dict[str, dict[str, Any]] = {
+    "gifd": {"generator": {"kind": "dcgan32"}},
+    "rgap": {"batch_sizes": [1]},
+    "rgap+g": {"batch_sizes": [1], "generator": {"kind": "dcgan32"}},
+}
 
 
 def _param_pairs() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
