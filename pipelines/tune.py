@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from gi_core.attacks.registry import method_config
+from gi_core.attacks.registry import RGAP_METHODS, method_config
 from gi_core.errors import ConfigError
 from pipelines.planner import GridPlan, read_spec, run_dir_for
 from pipelines.report import SOURCE_LINE  # the tuned spec names the grid it came from
@@ -90,6 +90,11 @@ _SECOND_STAGE = ("w_iterations", "x_iterations", "f_iterations")
 
 
 def default_space(method: str) -> dict[str, Any]:
+    if method in RGAP_METHODS:
+        raise ConfigError(
+            f"tuning: {method} is R-GAP's closed form (decision 241): it has nothing to tune; "
+            "leave it out of the methods you tune"
+        )
     base = method.removesuffix("+bn")
     bn = _BN_SPACE if method.endswith("+bn") else {}
     common = {k: v for k, v in _COMMON.items() if not (k == "signed_grad" and base in _NO_ADAM)}
@@ -274,8 +279,8 @@ def grid_studies(spec: GridSpec) -> list[Study]:
         raise ConfigError(f"tuning.methods: {missing} are not methods of this grid")
     studies: dict[str, Study] = {}
     for m in spec.methods:
-        if wanted is not None and m.name not in wanted:
-            continue
+        if (wanted is not None and m.name not in wanted) or m.name in RGAP_METHODS:
+            continue  # R-GAP is closed form: evaluated as it is, never tuned
         budget = budget_of(m)
         key = f"{m.name} @ " + _budget_text(spec, budget)
         studies.setdefault(key, Study(key, m, budget))

@@ -325,7 +325,7 @@ def _rgap_problems(spec: GridSpec) -> list[str]:
     of the grid is built (untrained, without its checkpoint) and checked, before submission."""
     from gi_core.attacks.registry import RGAP_METHODS
     from gi_core.attacks.rgap import check_victim
-    from tasks.models import victim_model  # a spec-level import cycle otherwise
+    from gi_core.victims import build_victim
 
     users = [(i, m) for i, m in enumerate(spec.methods) if m.name in RGAP_METHODS]
     if not users:
@@ -348,9 +348,11 @@ def _rgap_problems(spec: GridSpec) -> list[str]:
         return problems  # _data_problems names the data set
     size = spec.data.image_size
     for j, v in enumerate(spec.victim_axis):
-        model = victim_model(
-            v.model_copy(update={"checkpoint": None}), num_classes=classes, image_size=size
-        )
+        extra = {"width": v.width} if v.width is not None else {}
+        model = build_victim(  # untrained: the form, not the weights, decides
+            v.arch, num_classes=classes, image_size=size, seed=v.seed,
+            normalize=v.normalisation(), **extra,
+        )  # fmt: skip
         try:
             check_victim(model, (3, size, size), method=m.name)
         except ConfigError as e:
