@@ -348,7 +348,7 @@ def _rgap_problems(spec: GridSpec) -> list[str]:
         return problems  # _data_problems names the data set
     size = spec.data.image_size
     for j, v in enumerate(spec.victim_axis):
-        extra = {"width": v.width} if v.width is not None else {}
+        extra: dict[str, Any] = {"width": v.width} if v.width is not None else {}
         model = build_victim(  # untrained: the form, not the weights, decides
             v.arch, num_classes=classes, image_size=size, seed=v.seed,
             normalize=v.normalisation(), **extra,
