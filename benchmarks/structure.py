@@ -79,6 +79,15 @@ NOT_RUN_PATHS = {
     ("pipelines/report.py", 'target.with_name(f"{target.stem}_tuning.png")'): "a results page",
     ("pipelines/report.py", 'target.with_name(f"{target.stem}_{path.name}")'): "a results page",
     ("pipelines/tune.py", 'spec_path.with_name(spec_path.stem + ".tuned.yaml")'): "the user's spec",
+    **{
+        ("pipelines/learned_costs.py", expr): "the user's cost file"
+        for expr in (
+            'Path(cache) / "gi-eval" / "learned-costs.json"',
+            'Path(cache) / "gi-eval"',
+            'Path.home() / ".cache"',
+            'path.with_name(path.name + ".lock")',
+        )
+    },
     **{("tasks/pricing.py", _DOCS + tail): "the cost table"
        for tail in ("", ' / "results"', ' / "results" / "performance.json"')},
 }

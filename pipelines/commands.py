@@ -208,7 +208,7 @@ def run_plan(
     figure = grid.layout.report_file("reconstructions.png")
     html = grid.layout.report_file("report.html")
     versus = estimate_vs_measured(run_path, wall)
-    per_method = Path(table_path).with_name(report_estimate.FILE)  # written by the report
+    per_method = grid.layout.report_file(report_estimate.FILE)  # written by the report
     return (
         Path(table_path).read_text()
         + f"\nfigure: {figure}\nreport: {html}\n{run_path}: done in {wall:.1f} s\n"
