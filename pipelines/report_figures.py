@@ -456,7 +456,10 @@ def grid_figure(
             _show(line[0], truth[r], "ground truth" if r == 0 else "")
             for k in range(per):
                 idx = blk * per + k
-                image = columns[idx].images[r] if idx < len(columns) else None
+                # a column may hold fewer images than the truth (an aggregate's cell stores its
+                # clients' images, a FedSGD cell one client's): its cells stay empty there
+                has = idx < len(columns) and r < len(columns[idx].images)
+                image = columns[idx].images[r] if has else None
                 if image is None:
                     line[k + 1].axis("off")
                     continue
