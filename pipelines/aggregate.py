@@ -113,7 +113,7 @@ def identify(df: pd.DataFrame) -> pd.DataFrame:
     texts = pd.Series(_config_texts(out), index=out.index)
     first = ~texts.duplicated()
     flat = pd.json_normalize([json.loads(t) for t in texts[first]], sep=".")
-    flat = flat.map(_cell_value).add_prefix(CFG)
+    flat = _with_protocol_text(flat.map(_cell_value).add_prefix(CFG))
     flat.index = texts[first].to_numpy()
     new = [c for c in flat.columns if c not in out.columns]
     per_config = pd.concat(
@@ -129,10 +129,52 @@ def identify(df: pd.DataFrame) -> pd.DataFrame:
 
 def _label_keys(columns: list[str]) -> list[str]:
     """Configuration keys a column label may show: not the setting keys (blocks show them),
-    nor the legacy fallback's method/variant/whole-config columns."""
+    nor the legacy fallback's method/variant/whole-config columns, nor the protocol's nested
+    keys (PROTOCOL_COLUMN says it in one phrase)."""
     blocks = {CFG + a for a in (*SETTING_AXES, *EXTRA_SETTING_AXES, *PRIOR_AXES)}
     legacy = {f"{CFG}method", f"{CFG}variant", f"{CFG}method_params", f"{CFG}preset"}
-    return [c for c in columns if c not in SETTING_KEYS and c not in blocks | legacy]
+    return [
+        c
+        for c in columns
+        if c not in SETTING_KEYS
+        and c not in blocks | legacy
+        and not c.startswith(PROTOCOL_COLUMN + ".")
+    ]
+
+
+# The threat model's protocol in one phrase, derived from the nested protocol keys of the cells'
+# gradient (decision 194): "fedsgd", "fedavg K=2 b=1 lr=0.1", "aggregate N=4".
+PROTOCOL_COLUMN = CFG + "gradient.protocol"
+
+
+def _with_protocol_text(flat: pd.DataFrame) -> pd.DataFrame:
+    """`flat` plus PROTOCOL_COLUMN when any configuration names a protocol. A configuration
+    without protocol keys is FedSGD: tasks.cells leaves the paper's protocol out of the id."""
+    keys = [c for c in flat.columns if c.startswith(PROTOCOL_COLUMN + ".")]
+    if not keys:
+        return flat
+    records = flat[keys].rename(columns=lambda c: c.removeprefix(PROTOCOL_COLUMN + "."))
+    return flat.assign(**{PROTOCOL_COLUMN: [_protocol_text(r) for r in records.to_dict("records")]})
+
+
+def _protocol_text(r: Mapping[str, Any]) -> str:
+    def given(key: str) -> Any:
+        v = r.get(key)
+        return None if v is None or (isinstance(v, float) and np.isnan(v)) else v
+
+    kind = given("kind") or "fedsgd"
+    steps = given("local.local_steps")
+    local = ""
+    if steps is not None:
+        size = given("local.local_batch_size")
+        lr = float(given("local.local_lr") or 0.1)
+        local = f"K={int(steps)} b={'B' if size is None else int(size)} lr={lr:g}"
+    if kind == "fedavg":
+        return f"fedavg {local}"
+    if kind == "aggregate":
+        n = f"aggregate N={int(given('n_clients') or 1)}"
+        return f"{n} of fedavg {local}" if local else n
+    return str(kind)
 
 
 def _config_texts(df: pd.DataFrame) -> list[str]:

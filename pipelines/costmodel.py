@@ -7,9 +7,11 @@ Seconds per iteration of each cell come from, in order of preference:
    count (pipelines.learned_costs, the user-level learned-cost file): *learned from RUN*;
 3. the committed table `docs/results/performance.json` (written by benchmarks/performance.py):
    the row of the same method family, victim, image size and device, scaled linearly in
-   B × R: *measured (table)*;
+   B × R, and by the images of a FedAvg client's local steps (`tasks.pricing.local_work`):
+   *measured (table)*;
 4. the nearest row of the same family and device scaled by the victim's forward FLOPs per image
    and by B × R: *scaled by FLOPs*.
+Closed-form cells (R-GAP, no iterations) are counted, not priced.
 Per-iteration cost is dominated by the victim's forward + double backward for every restart and
 image, which is why FLOPs × B × R is the scaling variable. Gradient cells cost ~1 iteration each
 and are left out.
@@ -49,6 +51,7 @@ class Estimate:
     sources: dict[str, str] = field(default_factory=dict)  # method -> source
     unknown: int = 0  # cells without any number (no table row for their device)
     cell_seconds: dict[str, float] = field(default_factory=dict)  # cell id -> attack seconds
+    closed_form: dict[str, int] = field(default_factory=dict)  # method -> cells not priced
 
     def lines(self) -> list[str]:
         if self.seconds <= 0 and self.unknown:
@@ -70,6 +73,11 @@ class Estimate:
         ]
         if self.unknown:
             out.append(f"  {self.unknown} cells have no number (not in the total)")
+        for method, n in sorted(self.closed_form.items()):
+            out.append(
+                f"  {n} {method} cells are closed form (no iterations): not priced, not in the "
+                "total; a run's report shows their measured seconds"
+            )
         return out
 
 
@@ -120,7 +128,11 @@ def estimate(
     def learned_price(cell: Any) -> CellCost | None:
         return learned.price(cell, device=device, threads=cores) if learned else None
 
+    closed_form: dict[str, int] = {}
     for cell in cells:
+        if iterations(cell.config) == 0:  # R-GAP: one closed-form solve per layer
+            closed_form[cell.method] = closed_form.get(cell.method, 0) + 1
+            continue
         cost = cell_cost(
             cell,
             device=device,
@@ -136,7 +148,7 @@ def estimate(
         per_cell[cell.id] = cost.seconds_per_iteration * iterations(cell.config)
         total += per_cell[cell.id]
     wall = total / max(1, min(parallel, max(1, len(cells))))
-    return Estimate(device, total, wall, parallel, cores, sources, unknown, per_cell)
+    return Estimate(device, total, wall, parallel, cores, sources, unknown, per_cell, closed_form)
 
 
 def _label(cost: CellCost) -> str:

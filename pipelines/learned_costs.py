@@ -31,7 +31,7 @@ import pandas as pd
 from storage import records
 from storage.atomic import write_bytes_atomic
 from storage.run import RunDir
-from tasks.pricing import CellCost
+from tasks.pricing import CellCost, protocol_key
 
 ENV = "GI_LEARNED_COSTS"  # path of the user-level file (tests point it at a tmp directory)
 RUN_FILE = records.LEARNED_COSTS_FILE  # under the run's reports/
@@ -39,7 +39,7 @@ FORMAT = 1
 _COLUMNS = [
     "cell_id", "method", "generator", "victim", "victim_width", "image_size", "batch_size",
     "budget_restarts", "iterations", "wall_seconds", "device", "threads",
-    "resumed_from_iteration",
+    "resumed_from_iteration", "protocol", "local_steps", "local_batch_size", "n_clients",
 ]  # fmt: skip
 
 
@@ -56,12 +56,14 @@ class PriceKey:
     batch: int
     restarts: int
     threads: int  # torch threads of the job
+    protocol: str = "fedsgd"  # tasks.pricing.protocol_key (files written before it: fedsgd)
 
     def text(self) -> str:
         width = "" if self.width is None else f" w{self.width}"
         return (
             f"{self.method} / {self.prior} / {self.victim}{width} / {self.image_size} px / "
             f"B={self.batch} R={self.restarts} / {self.device}, {self.threads} thread(s)"
+            + ("" if self.protocol == "fedsgd" else f" / {self.protocol}")
         )
 
 
@@ -98,6 +100,12 @@ def cell_key(cell: Any, *, device: str, threads: int) -> PriceKey:
         batch=int(g.batch_size),
         restarts=int(cell.config.restarts),
         threads=int(threads),
+        protocol=protocol_key(
+            g.protocol.kind,
+            local.local_steps if (local := g.protocol.local) else None,
+            local.local_batch_size if local else None,
+            g.protocol.n_clients,
+        ),
     )
 
 
@@ -116,6 +124,7 @@ def measure(run: RunDir) -> list[Learned]:
         per_it=df["wall_seconds"] / df["iterations"],
         dev=df["device"].astype(str).str.split(":").str[0],
         prior=df["generator"].fillna("none"),
+        protocol_key=[protocol_key(*r) for r in _protocol_columns(df).itertuples(index=False)],
     )
     stamp = _now()
     return [
@@ -126,7 +135,13 @@ def measure(run: RunDir) -> list[Learned]:
 
 
 _GROUP = ["dev", "method", "prior", "victim", "victim_width", "image_size", "batch_size",
-          "budget_restarts", "threads"]  # fmt: skip
+          "budget_restarts", "threads", "protocol_key"]  # fmt: skip
+
+
+def _protocol_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows' protocol columns with None for null (rows written before they existed)."""
+    cols = df[["protocol", "local_steps", "local_batch_size", "n_clients"]].astype(object)
+    return cols.where(cols.notna(), None)
 
 
 def _row_key(row: pd.Series) -> PriceKey:
@@ -141,6 +156,7 @@ def _row_key(row: pd.Series) -> PriceKey:
         batch=int(row["batch_size"]),
         restarts=int(row["budget_restarts"]),
         threads=int(row["threads"]),
+        protocol=str(row["protocol_key"]),
     )
 
 

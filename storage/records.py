@@ -85,7 +85,7 @@ def is_learned_costs(value: Any) -> bool:
     return all(
         isinstance(e, dict)
         and isinstance(e.get("key"), dict)
-        and set(e["key"]) == keys
+        and set(e["key"]) - {"protocol"} == keys  # files written before `protocol` lack it
         and isinstance(e.get("seconds_per_iteration"), int | float)
         and isinstance(e.get("cells"), int)
         and isinstance(e.get("run"), str)

@@ -60,7 +60,7 @@ def cell_cost(
     if found is not None:
         return found
     g = cell.gradient
-    work = len(g.indices) * cell.config.restarts
+    work = len(g.indices) * cell.config.restarts * local_work(g.protocol, g.batch_size)
     family = family_of(cell.method)
     same = [r for r in table if r["device"] == device and r["family"] == family]
     exact = [
@@ -83,6 +83,35 @@ def cell_cost(
     return CellCost(ref["seconds_per_iteration"] * scale, _table_source("scaled by FLOPs", ref))
 
 
+def local_work(protocol: Any, batch: int) -> float:
+    """Images through the victim per attack evaluation relative to the gradient of the whole
+    batch: 1 for gradients (FedSGD, or an aggregate of them); K local steps of b images each
+    (FedAvg, decision 194) differentiate K·b images. The table holds FedSGD rows, so this
+    scales them linearly (fedavg_cpu measured 1.93x for K = 4, b = 1, B = 2, against 2)."""
+    local = getattr(protocol, "local", None)
+    if local is None:
+        return 1.0
+    b = batch if local.local_batch_size is None else min(local.local_batch_size, batch)
+    return local.local_steps * b / batch
+
+
+def protocol_key(kind: Any, local_steps: Any, local_batch_size: Any, n_clients: Any) -> str:
+    """What a price depends on of the protocol, as text ('fedsgd', 'fedavg K=4 b=1',
+    'aggregate N=2', 'aggregate N=2 K=2 b=B'): a learned price is reused only for the same."""
+
+    def known(v: Any) -> Any:
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    kind = known(kind) or "fedsgd"
+    parts = [str(kind)]
+    if kind == "aggregate":
+        parts.append(f"N={int(known(n_clients) or 1)}")
+    if known(local_steps) is not None:
+        size = known(local_batch_size)
+        parts.append(f"K={int(local_steps)} b={'B' if size is None else int(size)}")
+    return " ".join(parts)
+
+
 def _table_source(kind: str, row: Mapping[str, Any]) -> str:
     """The benchmark records the machine's load average and torch threads with each row: on a
     shared machine the table overestimates a quiet node's time, and a job with fewer cores than
@@ -101,7 +130,8 @@ def family_of(method: str) -> str:
 
 def iterations(config: Any) -> int:
     """Every stage's iterations (`iterations` and each `*_iterations` field, e.g. GIFD's
-    `f_iterations`); GGL's `iterations` count candidate evaluations, one gradient each."""
+    `f_iterations`); GGL's `iterations` count candidate evaluations, one gradient each.
+    0 for a closed-form method (R-GAP): the cost model does not price those (`closed_form`)."""
     names = [n for n in vars(config) if n == "iterations" or n.endswith("_iterations")]
     return sum(int(getattr(config, n, 0) or 0) for n in names)
 

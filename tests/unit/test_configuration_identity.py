@@ -379,3 +379,27 @@ def test_normalize_by_latent_space_gives_four_columns_with_their_fields() -> Non
     assert len(labels) == 4
     assert all("latent_space=" in label and "normalize.mean=" in label for label in labels)
     assert {label.split(" · ")[0] for label in labels} == {"gi-z/w [paper]"}
+
+
+def test_protocols_label_their_columns_in_one_phrase_and_fedsgd_by_name() -> None:
+    """fedsgd cells carry no protocol keys (the paper's protocol stays out of the id); their
+    column must still say fedsgd, not '–', and the nested keys collapse into one phrase."""
+    spec = {
+        **BASE,
+        "methods": ["gi-x"],
+        "batch_sizes": [2],
+        "protocols": [
+            {"kind": "fedsgd"},
+            {"kind": "fedavg", "local_steps": [2], "local_batch_size": 1, "local_lr": 0.1},
+            {"kind": "aggregate", "n_clients": [2]},
+            {"kind": "aggregate", "n_clients": [2], "local_steps": [3]},
+        ],
+    }
+    df = ag.identify(pd.DataFrame(_rows(spec, "a")))
+    assert sorted(df[ag.COLUMN].unique()) == [
+        "gi-x [paper] · protocol=aggregate N=2",
+        "gi-x [paper] · protocol=aggregate N=2 of fedavg K=3 b=B lr=0.1",
+        "gi-x [paper] · protocol=fedavg K=2 b=1 lr=0.1",
+        "gi-x [paper] · protocol=fedsgd",
+    ]
+    assert df[ag.PROTOCOL_COLUMN].notna().all()

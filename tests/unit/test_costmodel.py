@@ -70,6 +70,44 @@ def test_table_rows_are_scaled_by_images_times_restarts() -> None:
     assert "CPU core-hours" in text and "measured (table)" in text
 
 
+def test_fedavg_cells_pay_for_their_local_steps_and_aggregates_for_their_clients() -> None:
+    """The table holds FedSGD rows: K local steps of b images cost K·b/B gradients of the batch;
+    an aggregate's N clients are already in its indices (N x B images)."""
+    protocols = [
+        {"kind": "fedsgd"},
+        {"kind": "fedavg", "local_steps": [4], "local_batch_size": 1},
+        {"kind": "fedavg", "local_steps": [3]},
+        {"kind": "aggregate", "n_clients": [2]},
+    ]
+    spec = _spec(protocols=protocols, data={**_spec().data.model_dump(), "num_batches": 1})
+    gi_x = [c for c in expand(spec).inversion_cells if c.method == "gi-x"]
+    price = {
+        c.gradient.protocol.kind + str(c.gradient.protocol.local): cell_cost(
+            c, device="cpu", table=TABLE, run={}, calibrated={}
+        ).seconds_per_iteration
+        for c in gi_x
+    }
+    fedsgd = price["fedsgdNone"]
+    assert fedsgd == pytest.approx(0.02 * (4 * 2) / 4)
+    by_local = {k: v / fedsgd for k, v in price.items() if k.startswith("fedavg")}
+    assert sorted(by_local.values()) == pytest.approx([4 * 1 / 4, 3 * 4 / 4])
+    assert price["aggregateNone"] == pytest.approx(2 * fedsgd)
+
+
+def test_closed_form_cells_are_counted_not_priced_at_zero() -> None:
+    spec = _spec(
+        victim={"arch": "rgapnet", "seed": 0},
+        methods=[{"name": "rgap"}, {"name": "gi-x", "params": {"iterations": 10}}],
+        batch_sizes=[1],
+    )
+    cells = expand(spec).inversion_cells
+    result = estimate(spec, cells, table=TABLE)
+    assert result.closed_form == {"rgap": 2}
+    assert set(result.cell_seconds) == {c.id for c in cells if c.method == "gi-x"}
+    text = "\n".join(result.lines())
+    assert "2 rgap cells are closed form" in text and "not priced" in text
+
+
 def test_unmeasured_victims_scale_by_flops_and_the_run_s_own_timings_win() -> None:
     spec = _spec(victim={"arch": "lenet", "seed": 0})
     cell = next(c for c in expand(spec).inversion_cells if c.method == "gi-x")

@@ -102,6 +102,20 @@ def test_seconds_per_iteration_are_learned_per_kind_of_cell(run: RunDir) -> None
         assert entry.run == str(run.root.resolve())
 
 
+def test_a_price_is_learned_per_protocol_and_old_files_read_as_fedsgd(run: RunDir) -> None:
+    """A FedAvg cell differentiates K local steps: a FedSGD price must not be reused for it."""
+    base = yaml.safe_load(SPEC)
+    protocols = [{"kind": "fedsgd"}, {"kind": "fedavg", "local_steps": [2], "local_batch_size": 1}]
+    cells = expand(spec_from_yaml(yaml.safe_dump({**base, "protocols": protocols}))).inversion_cells
+    keys = {c.gradient.protocol.kind: lc.cell_key(c, device="cpu", threads=1) for c in cells}
+    assert keys["fedsgd"].protocol == "fedsgd" and keys["fedavg"].protocol == "fedavg K=2 b=1"
+    assert {e.key.protocol for e in lc.measure(run)} == {"fedsgd"}  # rows of a FedSGD grid
+    entry = lc.measure(run)[0].to_json()
+    del entry["key"]["protocol"]  # a file written before the field existed
+    assert records.is_learned_costs({"format": 1, "entries": [entry]})
+    assert lc.LearnedPrices([lc._entry(entry)]).by_key.popitem()[0].protocol == "fedsgd"
+
+
 def test_learning_stores_in_the_run_and_merges_into_the_user_file(
     run: RunDir, user_file: Path, tmp_path: Path
 ) -> None:
