@@ -95,7 +95,7 @@ _THREAT_MODEL = [
     ("tm_colour", pa.string()),  # the data's colour model the attack used: gray | rgb
     ("tm_prior", pa.string()),  # generator kind[@checkpoint] | none
     # the victim's training stage (decision 270): FedAvg rounds (0: untrained), the training's
-    # hyperparameters less rounds as canonical JSON (null: untrained), and the sha256 of the
+    # hyperparameters less rounds as canonical JSON ("none": untrained), and the sha256 of the
     # weights attacked (gi_core.victims.weights_sha256; trained or not)
     ("victim_rounds", pa.int64()),
     ("victim_training", pa.string()),

@@ -303,7 +303,7 @@ class InversionCell:
             "victim_rounds": g.victim.rounds,
             "victim_training": canonical_json(g.victim.train.hyperparameters())
             if g.victim.train is not None
-            else None,
+            else "none",
         }
 
     def __eq__(self, other: object) -> bool:
