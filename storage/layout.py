@@ -7,7 +7,7 @@
     <run>/metrics/method=<m>/part-<cell id>.parquet  per-image rows; presence = committed
     <run>/curves/, <run>/failures/<cell id>.json   loss curves; failure records
     <run>/checkpoints/<cell id>.pt                 in-flight attack state (deleted on commit)
-    <run>/victims/<lineage id>/round-<r>.pt        a victim after r FedAvg rounds (decision 270)
+    <run>/victims/<lineage id>/round-<r>.pt        a victim after r FedAvg rounds (decision 271)
     <run>/victims/<lineage id>/round-<r>.json      its record: weights sha256, training samples
     <run>/jobs/<record>.json, <run>/jobs/CANCEL    job records; `gi-eval cancel`'s marker
     <run>/driver.json                              the detached driver's job (issue 18)
@@ -99,7 +99,7 @@ class RunLayout:
     def checkpoint_path(self, cell_id: str) -> Path:
         return self.checkpoints_dir / f"{cell_id}.pt"
 
-    # --- trained victims (decision 270) -----------------------------------------------------
+    # --- trained victims (decision 271) -----------------------------------------------------
     @property
     def victims_dir(self) -> Path:
         return self.root / "victims"

@@ -1,7 +1,8 @@
-"""Trained victims of a run (decision 270): `victims/<lineage>/round-<r>.pt`, the state_dict of
-a victim after r FedAvg rounds (torch.save; loaded with weights_only=True, so a file can never
-run code), and `round-<r>.json`, its record: the weights' sha256 (gi_core.victims.weights_sha256)
-and what trained them. The record is written after the weights and is the commit marker.
+"""Trained victims of a run (decisions 270, 271): `victims/<lineage>/round-<r>.pt`, the
+state_dict of a victim after r FedAvg rounds (torch.save; loaded with weights_only=True, so a
+file can never run code), and `round-<r>.json`, its record: the weights' sha256
+(gi_core.victims.weights_sha256) and what trained them. The record is written after the
+weights and is the commit marker.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ what is missing.
 
 The package, along its seams (each module imports only those above it; rows names the
 inversion's prepared cell only for the type checker):
-  training   the trained-victim stage: FedAvg rounds, stored once per run (decision 270)
+  training   the trained-victim stage: FedAvg rounds, stored once per run (decision 271)
   cache      the device and the per-process victim (trained ones from the run) and generator
   resume     preemption, periodic checkpoints and the trace saved in them
   gradient   the gradient job

@@ -24,7 +24,7 @@ def generate_gradient(run: RunDir, cell: GradientCell) -> int:
         return 0
     images, labels = load_images(cell.dataset, cell.indices, image_size=cell.image_size)
     images, labels = images.to(device()), labels.to(device())
-    victim = victim_for(cell, run)  # a trained victim: the run's stored weights (270)
+    victim = victim_for(cell, run)  # a trained victim: the run's stored weights (271)
     noise = torch.Generator().manual_seed(int(cell.id[:12], 16))  # deterministic per cell
     # what the server observes under the cell's protocol, each client's share defended (194)
     defended = apply_defense(

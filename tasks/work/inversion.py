@@ -113,7 +113,7 @@ def _prepare(
 
 def _same_victim(run: RunDir, cell: InversionCell, stored: StoredGradient) -> str:
     """The sha256 of the victim the attacker is given, which must be the one the gradient was
-    taken at (recorded with it since decision 270; older gradients record none)."""
+    taken at (recorded with it since decision 271; older gradients record none)."""
     sha = victim_sha256_for(cell.gradient, run)
     taken_at = stored.attrs.get("victim_sha256")
     if taken_at is not None and taken_at != sha:

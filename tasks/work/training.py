@@ -1,4 +1,4 @@
-"""The trained-victim stage (decision 270): a victim after r FedAvg rounds on its clients'
+"""The trained-victim stage (decisions 270, 271): a victim after r FedAvg rounds on its clients'
 data (gi_core.fl.train_fedavg), trained once per run and lineage and stored with its sha256
 (storage.victims); every gradient and inversion cell of the stage loads the stored weights.
 
