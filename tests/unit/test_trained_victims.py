@@ -294,6 +294,21 @@ def test_a_longer_training_resumes_from_a_stored_round(tmp_path: Path) -> None:
     assert train_stage(fresh, cells[4].victim_stage, dev=CPU) == resumed
 
 
+def test_weights_without_their_record_are_trained_again(tmp_path: Path) -> None:
+    # a job killed between publishing the weights and their record (the commit marker), with a
+    # crashed writer's temp file beside them: the rerun trains the stage to the same hash
+    stage = stage_cells([2])[2].victim_stage
+    reference = trained_state(RunLayout(tmp_path / "ref"), stage, dev=CPU)[1]
+    run = RunLayout(tmp_path / "run")
+    path = run.trained_victim_path(stage.lineage_id, 2)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"torn")
+    path.with_name(".round-2.pt.tmp-1-abc").write_bytes(b"half")
+    assert stored_rounds(run, stage.lineage_id) == []
+    assert trained_state(run, stage, dev=CPU)[1] == reference
+    assert weights_sha256(torch.load(path, weights_only=True)) == reference
+
+
 def test_damaged_weights_are_refused_not_used(tmp_path: Path) -> None:
     stage = stage_cells([2])[2].victim_stage
     run = RunLayout(tmp_path / "run")
