@@ -52,16 +52,16 @@ def _run_root(cell: GradientCell, run: RunLayout | None) -> str | None:
 
 @functools.lru_cache(maxsize=8)
 def _victim(stage: VictimStage, run_root: str | None) -> tuple[nn.Module, str]:
+    """(victim on this job's device, sha256 of its weights): a trained stage's from its run,
+    checked against their record there; an untrained one's hashed here."""
     classes = dataset_info(stage.dataset, image_size=stage.image_size).num_classes
-    weights = None
+    weights, sha = None, ""
     if run_root is not None:
         weights, sha = trained_state(RunLayout(Path(run_root)), stage, dev=device())
     model = victim_model(
         stage.victim, num_classes=classes, image_size=stage.image_size, weights=weights
     )
-    if run_root is None:
-        sha = weights_sha256(victim_state(model))
-    return model.to(device()), sha
+    return model.to(device()), sha or weights_sha256(victim_state(model))
 
 
 @functools.lru_cache(maxsize=4)
