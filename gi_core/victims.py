@@ -23,6 +23,7 @@ the wrapped model (its own key names).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import os
 import sys
@@ -125,6 +126,24 @@ def build_victim(
         _check_normalisation(mean, std, channels=channels)
         model = Normalized(model, mean, std)
     return model
+
+
+def victim_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state_dict `build_victim(state_dict=...)` takes: the unwrapped model's (without the
+    `Normalized` buffers, which the spec rebuilds)."""
+    inner = model.model if isinstance(model, Normalized) else model
+    return dict(inner.state_dict())
+
+
+def weights_sha256(state: Mapping[str, Tensor]) -> str:
+    """sha256 of a state_dict's content: each entry's name, dtype, shape and raw bytes, in
+    order. Equal weights hash alike whatever file format or device held them."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_normalisation(mean: Sequence[float], std: Sequence[float], *, channels: int) -> None:

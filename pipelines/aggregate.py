@@ -56,6 +56,7 @@ EXTRA_SETTING_AXES: tuple[str, ...] = (
     "defense_p", "defense_sigma", "defense_clip", "defense_bits",
     "dataset", "image_size", "data_seed",
     "victim", "victim_width", "victim_seed", "victim_checkpoint_sha256",
+    "victim_rounds", "victim_training",
 )  # fmt: skip
 
 
@@ -87,6 +88,11 @@ SETTING_KEYS: dict[str, str] = {
     "cfg.gradient.victim.arch": "victim",
     "cfg.gradient.victim.width": "victim_width",
     "cfg.gradient.victim.seed": "victim_seed",
+    # a trained victim's stage (decision 270): its rounds, and its training's hyperparameters
+    # (one block per training, so two trainings or two stages never share a table row)
+    "cfg.gradient.victim.train.rounds": "victim_rounds",
+    **{f"cfg.gradient.victim.train.{k}": "victim_training"
+       for k in ("clients", "batch_size", "local_steps", "lr", "seed")},
 }
 # Row columns that are not configuration: repeats (batch, seed), ids, per-image values,
 # measurements and provenance. Rows written before issue 16 have no `config`; their identity is
@@ -97,7 +103,7 @@ _NOT_IDENTITY = frozenset({
     "best_psnr_in_batch", "best_ssim_in_batch", "best_lpips_in_batch", "final_cost", "status",
     "iterations", "wall_seconds", "device", "slurm_job_id", "slurm_array_index", "host",
     "device_name", "gi_eval_version", "torch_version", "python_version", "git_commit",
-    "dp_epsilon", "dp_delta", "budget_priced_seconds", "reason", "images",
+    "dp_epsilon", "dp_delta", "budget_priced_seconds", "reason", "images", "victim_sha256",
 })  # fmt: skip
 
 

@@ -68,7 +68,8 @@ def _first_cell_per_method(plan: Plan) -> list[InversionCell]:
 def time_cell(cell: InversionCell) -> float:
     """Seconds per iteration of the cell's method on its own problem (B, R as in the cell)."""
     g = cell.gradient
-    victim = victim_for(g)
+    # a trained victim is timed before training: its weights do not change the time per step
+    victim = victim_for(dataclasses.replace(g, victim=g.victim.model_copy(update={"train": None})))
     dev = next(victim.parameters()).device
     images, labels = load_images(g.dataset, g.indices, image_size=g.image_size)
     images, labels = images.to(dev), labels.to(dev)

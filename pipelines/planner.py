@@ -254,7 +254,9 @@ def inversion_chunks(
 def gradient_chunks(
     run: RunDir, cells: Sequence[GradientCell], *, per_job: int, threads: int | None = None
 ) -> list[Chunk]:
-    ordered = sorted(cells, key=lambda g: json.dumps(g.victim.model_dump(), sort_keys=True))
+    # one victim per element; a trained victim's rounds ascending, so that a longer training
+    # resumes from a shorter one of the same lineage (tasks.work.training)
+    ordered = sorted(cells, key=lambda g: (g.victim_stage.lineage_id, g.victim.rounds))
     return [
         Chunk(str(run.root), "gradients", tuple(c.describe() for c in group), False, threads)
         for group in batched(ordered, per_job)

@@ -7,6 +7,8 @@
     <run>/metrics/method=<m>/part-<cell id>.parquet  per-image rows; presence = committed
     <run>/curves/, <run>/failures/<cell id>.json   loss curves; failure records
     <run>/checkpoints/<cell id>.pt                 in-flight attack state (deleted on commit)
+    <run>/victims/<lineage id>/round-<r>.pt        a victim after r FedAvg rounds (decision 271)
+    <run>/victims/<lineage id>/round-<r>.json      its record: weights sha256, training samples
     <run>/jobs/<record>.json, <run>/jobs/CANCEL    job records; `gi-eval cancel`'s marker
     <run>/driver.json                              the detached driver's job (issue 18)
     <run>/reports/, <run>/logs/, <run>/quarantine/
@@ -96,6 +98,24 @@ class RunLayout:
 
     def checkpoint_path(self, cell_id: str) -> Path:
         return self.checkpoints_dir / f"{cell_id}.pt"
+
+    # --- trained victims (decision 271) -----------------------------------------------------
+    @property
+    def victims_dir(self) -> Path:
+        return self.root / "victims"
+
+    def victim_lineage_dir(self, lineage: str) -> Path:
+        """Every stored round of one training (victim, data, hyperparameters less rounds)."""
+        return self.victims_dir / lineage
+
+    def trained_victim_path(self, lineage: str, rounds: int) -> Path:
+        return self.victim_lineage_dir(lineage) / f"round-{rounds}.pt"
+
+    def trained_victim_record(self, lineage: str, rounds: int) -> Path:
+        return self.victim_lineage_dir(lineage) / f"round-{rounds}.json"
+
+    def victim_lock(self, lineage: str) -> Path:
+        return self.victim_lineage_dir(lineage) / "train.lock"
 
     # --- jobs and drivers -------------------------------------------------------------------
     @property

@@ -151,3 +151,21 @@ def _write_holder(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
     os.fsync(fd)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing), waiting for it. On filesystems
+    without flock it proceeds unlocked: the callers publish atomically, so two holders at once
+    cost work twice, never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            if e.errno not in _NO_FLOCK:
+                raise
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock

@@ -94,6 +94,12 @@ _THREAT_MODEL = [
     ("batch_labels", pa.string()),  # how the batch drew its labels: distinct | random | <k>
     ("tm_colour", pa.string()),  # the data's colour model the attack used: gray | rgb
     ("tm_prior", pa.string()),  # generator kind[@checkpoint] | none
+    # the victim's training stage (decision 270): FedAvg rounds (0: untrained), the training's
+    # hyperparameters less rounds as canonical JSON ("none": untrained), and the sha256 of the
+    # weights attacked (gi_core.victims.weights_sha256; trained or not)
+    ("victim_rounds", pa.int64()),
+    ("victim_training", pa.string()),
+    ("victim_sha256", pa.string()),
 ]
 THREAT_MODEL_COLUMNS = frozenset(name for name, _ in _THREAT_MODEL)
 

@@ -122,11 +122,49 @@ class GradientCell:
         _check_id(cell.id, d)
         return cell
 
+    @property
+    def victim_stage(self) -> VictimStage:
+        return VictimStage(self.victim, self.dataset, self.image_size, self.shuffle_seed)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GradientCell) and other.id == self.id
 
     def __hash__(self) -> int:
         return hash(self.id)
+
+
+@dataclass(frozen=True)
+class VictimStage:
+    """A victim at one training stage and the data its clients train on (decision 270): what
+    its weights are a function of. Gradient cells of one stage share its weights."""
+
+    victim: VictimSpec  # one stage (`VictimSpec.stages`): `train` None or one round count
+    dataset: str
+    image_size: int
+    shuffle_seed: int | None
+
+    @property
+    def rounds(self) -> int:
+        return self.victim.rounds
+
+    def lineage(self) -> dict[str, Any]:
+        """Everything the weights depend on except the rounds: the rounds of one lineage are
+        prefixes of one training, stored side by side (a longer one resumes a shorter one)."""
+        victim = self.victim.model_dump(mode="json")
+        if self.victim.train is not None:
+            victim["train"] = self.victim.train.hyperparameters()
+        return {
+            "kind": "victim",
+            "schema": SCHEMA_VERSION,
+            "dataset": self.dataset,
+            "image_size": self.image_size,
+            "shuffle_seed": self.shuffle_seed,
+            "victim": victim,
+        }
+
+    @cached_property
+    def lineage_id(self) -> str:
+        return cell_hash(self.lineage())
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,6 +299,11 @@ class InversionCell:
             "batch_labels": str(g.batch_labels),
             "tm_colour": config.colour,
             "tm_prior": prior,
+            # θ's training stage (decision 270); the weights' sha256 is added by the job
+            "victim_rounds": g.victim.rounds,
+            "victim_training": canonical_json(g.victim.train.hyperparameters())
+            if g.victim.train is not None
+            else "none",
         }
 
     def __eq__(self, other: object) -> bool:
@@ -279,7 +322,8 @@ class Plan:
 def expand(spec: GridSpec) -> Plan:
     """All cells of `spec`, deduplicated, in a deterministic order.
 
-    Gradient cells: victim x batch size x batch index x defense level. Inversion cells: for
+    Gradient cells: victim (each training stage) x batch size x batch index x protocol x
+    defense level. Inversion cells: for
     each gradient cell, method entry x generator x seed — every method attacking the same
     defended gradient shares one gradient cell (and so one stored gradient).
     """
@@ -346,12 +390,12 @@ def _gradient_cells(spec: GridSpec) -> list[GradientCell]:
 def gradient_cells(
     spec: GridSpec, *, batches: Callable[[int], Iterable[int]]
 ) -> list[GradientCell]:
-    """victim x batch size x batches(batch size) x defense level; `batches` picks the batch
-    numbers (the evaluation's, or `gi-eval tune`'s held-out ones)."""
+    """victim stage x batch size x batches(batch size) x protocol x defense level; `batches`
+    picks the batch numbers (the evaluation's, or `gi-eval tune`'s held-out ones)."""
     d = spec.data
     defenses = [defense for family in spec.defenses for defense in family.expand()]
     cells = []
-    for victim in spec.victim_axis:
+    for victim in spec.victim_stages:
         for batch_size in spec.batch_sizes:
             for batch_index in batches(batch_size):
                 for protocol in spec.protocol_axis:

@@ -23,6 +23,7 @@ from tasks.spec import (
     VictimSpec,
     _messages,
     _Model,
+    untrained_only,
 )
 
 GeneratorKind = Literal["dcgan32", "dcgan64"]
@@ -129,6 +130,11 @@ class GIMLSpec(_Model):
     prior: PriorSpec | None = None  # the wrong-prior baseline, trained by this pipeline
     evaluation: EvalSpec | None = None
     execution: ExecutionSpec = ExecutionSpec()
+
+    @field_validator("victim")
+    @classmethod
+    def _untrained(cls, v: VictimSpec) -> VictimSpec:
+        return untrained_only(v, "GIML (its FL simulation moves θ itself)")
 
 
 class PretrainSpec(_Model):

@@ -7,8 +7,10 @@ Models are built on the CPU from the spec alone; callers move them to their devi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from gi_core.generators import Generator, build_generator, load_generator_checkpoint
 from gi_core.stylegan2 import build_stylegan2
@@ -16,13 +18,21 @@ from gi_core.victims import build_victim
 from tasks.spec import GeneratorSpec, VictimSpec
 
 
-def victim_model(spec: VictimSpec, *, num_classes: int, image_size: int) -> nn.Module:
-    """θ of the attacked client: the spec's architecture, seed, checkpoint and normalisation."""
-    state = (
-        torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
-        if spec.checkpoint
-        else None
-    )
+def victim_model(
+    spec: VictimSpec,
+    *,
+    num_classes: int,
+    image_size: int,
+    weights: Mapping[str, Tensor] | None = None,
+) -> nn.Module:
+    """θ of the attacked client: the spec's architecture, seed, checkpoint and normalisation.
+
+    `weights` (a state_dict) replace the seed's or checkpoint's: a trained victim's stored
+    weights (tasks.work.training). Without them a spec with `train` gives the victim *before*
+    training, which is what training starts from and what shape-only callers need."""
+    state = weights
+    if state is None and spec.checkpoint:
+        state = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
     extra = {"width": spec.width} if spec.width is not None else {}
     return build_victim(
         spec.arch,

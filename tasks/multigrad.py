@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gi_core.datasets import batch_indices, dataset_info, load_images
 from gi_core.errors import ConfigError
@@ -22,7 +22,7 @@ from storage.atomic import write_bytes_atomic
 from storage.run import RunDir
 from tasks.cells import cell_hash
 from tasks.models import victim_model
-from tasks.spec import DataSpec, ExecutionSpec, Ints, VictimSpec, _Model
+from tasks.spec import DataSpec, ExecutionSpec, Ints, VictimSpec, _Model, untrained_only
 from tasks.work import device
 
 
@@ -36,6 +36,11 @@ class MultiGradSpec(_Model):
     params: dict[str, Any] = Field(default_factory=dict)  # MultiGradConfig (GI-x) fields
     seeds: Ints = (0,)
     execution: ExecutionSpec = ExecutionSpec()
+
+    @field_validator("victim")
+    @classmethod
+    def _untrained(cls, v: VictimSpec) -> VictimSpec:
+        return untrained_only(v, "a multigrad grid")
 
     @model_validator(mode="after")
     def _valid(self) -> MultiGradSpec:

@@ -39,6 +39,8 @@ from tasks.spec.plan import (
     find_tuning_batches,
     label_draw,
     label_draws,
+    training_clients,
+    training_samples,
     tuning_batches,
     tuning_samples,
 )
@@ -54,8 +56,10 @@ from tasks.spec.schema import (
     ProtocolSpec,
     StorageSpec,
     StyleGAN2ArchSpec,
+    TrainSpec,
     TuningSpec,
     VictimSpec,
+    untrained_only,
 )
 
 __all__ = [
@@ -78,6 +82,7 @@ __all__ = [
     "SlurmSpec",
     "StorageSpec",
     "StyleGAN2ArchSpec",
+    "TrainSpec",
     "TuningSpec",
     "VictimSpec",
     "_Model",
@@ -99,8 +104,11 @@ __all__ = [
     "resolved_config",
     "semantic_problems",
     "spec_from_yaml",
+    "training_clients",
+    "training_samples",
     "tuning_batches",
     "tuning_context",
     "tuning_samples",
+    "untrained_only",
     "variant_labels",
 ]

@@ -20,8 +20,10 @@ from tasks.spec.plan import (
     batches_needed,
     cell_indices,
     evaluation_batches,
+    evaluation_samples,
     find_tuning_batches,
     label_draws,
+    training_clients,
     tuning_batches,
     tuning_samples,
 )
@@ -304,6 +306,9 @@ def _data_problems(spec: GridSpec) -> list[str]:
                 for n in clients
                 for i in cell_indices(spec, b, k, n_clients=n, draw=draw)
             ]
+    if not problems:  # the victims' training images are decoded too
+        trouble, trained = _training_problems(spec)
+        problems, used = problems + trouble, used + trained
     if not problems:  # the tuning's held-out images (when some exist) are decoded too
         held_out = find_tuning_batches(spec, spec.batch_sizes[0])
         if held_out is not None:
@@ -318,6 +323,40 @@ def _data_problems(spec: GridSpec) -> list[str]:
         f"data.dataset: {m}" for m in check_decodable(d.dataset, used, image_size=d.image_size)
     ]
     return problems
+
+
+def _training_problems(spec: GridSpec) -> tuple[list[str], list[int]]:
+    """Trained victims (decision 270): the data set must hold each training's clients beside
+    every sample the grid attacks, disjoint from them. A grid that attacks a training sample is
+    refused, never given other training samples: which samples train a victim depends on the
+    data and the training alone (tasks.spec.plan.training_clients). Returns the problems and
+    the training samples."""
+    d, problems, samples = spec.data, [], []
+    attacked: frozenset[int] | None = None
+    for j, v in enumerate(spec.victim_axis):
+        if v.train is None or not any(v.train.rounds):
+            continue
+        field = f"{_axis_field(spec, 'victim', j)}.train"
+        try:
+            clients = training_clients(
+                d.dataset, image_size=d.image_size, shuffle_seed=d.shuffle_seed, train=v.train
+            )
+        except ConfigError as e:
+            problems.append(f"{field}: {e}")
+            continue
+        mine = sorted({i for client in clients for i in client})
+        attacked = evaluation_samples(spec) if attacked is None else attacked
+        shared = sorted(attacked.intersection(mine))
+        if shared:
+            problems.append(
+                f"{field}: {len(shared)} of its {len(mine)} training samples (the last "
+                f"{v.train.clients * v.train.local_steps} batches of {v.train.batch_size} of "
+                f"the plan) are attacked by the grid, e.g. {shared[:5]}; {d.dataset!r} is too "
+                "small for both: lower data.num_batches, train.clients, train.local_steps or "
+                "train.batch_size"
+            )
+        samples += mine
+    return problems, samples
 
 
 def _rgap_problems(spec: GridSpec) -> list[str]:

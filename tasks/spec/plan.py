@@ -1,5 +1,6 @@
 """What a grid takes from its data set: its colour model and its batch plan (evaluation
-batches, and the held-out tuning batches that share no sample with them).
+batches, the held-out tuning batches that share no sample with them, and the samples that
+train a victim, which share none with either).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from gi_core.defenses import Defense
 from gi_core.errors import ConfigError
 
 if TYPE_CHECKING:
-    from tasks.spec.schema import GridSpec
+    from tasks.spec.schema import GridSpec, TrainSpec
 
 
 def data_colour(spec: GridSpec) -> str:
@@ -94,7 +95,7 @@ def evaluation_samples(spec: GridSpec) -> frozenset[int]:
 
 def find_tuning_batches(spec: GridSpec, batch_size: int) -> range | None:
     """The last `tuning.batches` consecutive batches of the plan for `batch_size` none of whose
-    samples the evaluation attacks at any batch size; None if there are none."""
+    samples the evaluation attacks at any batch size or trains a victim; None if none are."""
     d = spec.data
     available = max_batches(
         d.dataset,
@@ -103,7 +104,7 @@ def find_tuning_batches(spec: GridSpec, batch_size: int) -> range | None:
         shuffle_seed=d.shuffle_seed,
         draw=d.batch_labels,
     )
-    evaluated = evaluation_samples(spec)
+    evaluated = evaluation_samples(spec) | training_samples(spec)
     clean = [evaluated.isdisjoint(_indices(spec, batch_size, k)) for k in range(available)]
     n = spec.tuning.batches
     for first in range(available - n, -1, -1):
@@ -114,18 +115,75 @@ def find_tuning_batches(spec: GridSpec, batch_size: int) -> range | None:
 
 def tuning_batches(spec: GridSpec, batch_size: int) -> range:
     """Batch numbers `gi-eval tune` uses: the last `tuning.batches` consecutive batches of the
-    plan that share no SAMPLE with the evaluation at any batch size (ConfigError if none)."""
+    plan that share no SAMPLE with the evaluation at any batch size, nor with the samples
+    that train a victim (ConfigError if none)."""
     held_out = find_tuning_batches(spec, batch_size)
     if held_out is None:
-        d = spec.data
+        d, trained = spec.data, training_samples(spec)
+        training = f", nor the {len(trained)} that train its victims" if trained else ""
         raise ConfigError(
             f"tuning.batches: no {spec.tuning.batches} consecutive batches of "
             f"{batch_size} of {d.dataset!r} avoid every sample the evaluation attacks "
             f"({len(evaluation_samples(spec))} samples: batches {d.first_batch}-"
             f"{d.first_batch + d.num_batches - 1} at batch sizes "
-            f"{list(spec.batch_sizes)}). Lower data.num_batches or tuning.batches"
+            f"{list(spec.batch_sizes)}{training}). Lower data.num_batches or tuning.batches"
         )
     return held_out
+
+
+def training_clients(
+    dataset: str, *, image_size: int, shuffle_seed: int | None, train: TrainSpec
+) -> list[list[int]]:
+    """Sample indices of each FedAvg client of a trained victim (decision 270): the LAST
+    `clients x local_steps` batches of `train.batch_size` of the data set's plan (distinct
+    labels, the data's shuffle), `local_steps` consecutive batches per client.
+
+    They depend on the data and the training alone, never on which batches a grid attacks, so
+    one training serves every grid over the same data (`gi-eval tune`'s held-out grid
+    included) with the same weights; validation refuses a grid that attacks any of them.
+    ConfigError when the plan is too short."""
+    plan = max_batches(
+        dataset, batch_size=train.batch_size, image_size=image_size, shuffle_seed=shuffle_seed
+    )
+    steps, needed = train.local_steps, train.clients * train.local_steps
+    if plan < needed:
+        raise ConfigError(
+            f"{train.clients} clients x {steps} local steps need {needed} disjoint batches of "
+            f"{train.batch_size}; {dataset!r} has {plan}. Lower train.clients, "
+            "train.local_steps or train.batch_size"
+        )
+    first = plan - needed
+    return [
+        [
+            i
+            for k in range(first + c * steps, first + (c + 1) * steps)
+            for i in batch_indices(
+                dataset,
+                batch_size=train.batch_size,
+                batch_index=k,
+                image_size=image_size,
+                shuffle_seed=shuffle_seed,
+            )
+        ]
+        for c in range(train.clients)
+    ]
+
+
+def training_samples(spec: GridSpec) -> frozenset[int]:
+    """Every sample that trains one of the grid's victims (none without training; a victim
+    whose data set is too small is skipped here and reported by validation)."""
+    d, samples = spec.data, set[int]()
+    for v in spec.victim_axis:
+        if v.train is None or not any(v.train.rounds):
+            continue
+        try:
+            clients = training_clients(
+                d.dataset, image_size=d.image_size, shuffle_seed=d.shuffle_seed, train=v.train
+            )
+        except ConfigError:
+            continue
+        samples.update(i for client in clients for i in client)
+    return frozenset(samples)
 
 
 def tuning_samples(spec: GridSpec, batch_size: int, held_out: range) -> frozenset[int]:

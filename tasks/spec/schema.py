@@ -13,6 +13,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_serializer, 
 from gi_core.defenses import DEFENSE_KINDS, Defense
 from gi_core.errors import ConfigError
 from gi_core.fedavg import LocalTraining, Protocol
+from gi_core.fl import FedAvgTraining
 from gi_core.stylegan2 import StyleGAN2Config, StyleGAN2Options
 from gi_core.victims import check_victim_name
 from storage.generator_snapshots import parse_ref, resolve_ref
@@ -88,6 +89,47 @@ class NormalizeSpec(_Model):
         return self
 
 
+class TrainSpec(_Model):
+    """A victim trained by FedAvg before it is attacked (decision 270). `rounds` is a grid
+    axis: 0 is the untrained victim (the very cells of the victim without `train`), r > 0 the
+    victim after r rounds. Each of `clients` clients holds `local_steps x batch_size` images
+    that no attacked batch uses (tasks.spec.plan.training_clients) and runs `local_steps` SGD
+    steps of `batch_size` images at `lr` per round (one local epoch), in an order drawn from
+    `seed` afresh every round; the server averages the clients' updates."""
+
+    rounds: Ints = Field(min_length=1)
+    clients: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    local_steps: int = Field(default=1, ge=1)
+    lr: float = Field(default=0.1, gt=0)
+    seed: int = 0
+
+    @field_validator("rounds")
+    @classmethod
+    def _rounds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        _each(v, lambda r: r >= 0, "must be >= 0")
+        twice = sorted({r for r in v if v.count(r) > 1})
+        if twice:
+            raise ValueError(f"{twice[0]} is listed twice (got {list(v)})")
+        return v
+
+    @field_validator("lr")
+    @classmethod
+    def _finite_lr(cls, v: float) -> float:
+        if not math.isfinite(v):
+            raise ValueError(f"must be a finite number > 0 (got {v})")
+        return v
+
+    def fedavg(self, rounds: int) -> FedAvgTraining:
+        """gi_core's training of `rounds` rounds with these hyperparameters."""
+        local = LocalTraining(self.local_steps, self.batch_size, float(self.lr))
+        return FedAvgTraining(rounds, local, self.seed)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Everything but `rounds`: what one training lineage shares across its rounds."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k != "rounds"}
+
+
 class VictimSpec(_Model):
     # resnet18 | convnet | lenet | resnet20 | resnet32 | resnet56 | torchvision:<model> |
     # <module>:<callable> (gi_core.victims)
@@ -96,6 +138,9 @@ class VictimSpec(_Model):
     seed: int = 0  # initialisation seed of an untrained victim
     checkpoint: str | None = None  # path to a state_dict
     normalize: NormalizeSpec | None = None  # e.g. ImageNet's mean/std for a trained victim
+    # FedAvg training before the attack (decision 270); `train.rounds` is a grid axis. The
+    # training starts from the victim above (its seed, or its checkpoint).
+    train: TrainSpec | None = None
 
     @field_validator("arch")
     @classmethod
@@ -108,10 +153,44 @@ class VictimSpec(_Model):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler: Any) -> dict[str, Any]:
-        return _drop_unset(handler(self), ("normalize",))
+        return _drop_unset(handler(self), ("normalize", "train"))
+
+    def stages(self) -> tuple[VictimSpec, ...]:
+        """One victim per training stage, in the order written: round 0 is this victim without
+        `train` (so its cells are those of a grid without training), round r > 0 this victim
+        with `train.rounds` = (r,)."""
+        if self.train is None:
+            return (self,)
+        return tuple(
+            self.model_copy(
+                update={"train": self.train.model_copy(update={"rounds": (r,)}) if r else None}
+            )
+            for r in self.train.rounds
+        )
+
+    @property
+    def rounds(self) -> int:
+        """FedAvg rounds of a stage (`stages()`): 0 for an untrained victim."""
+        if self.train is None:
+            return 0
+        if len(self.train.rounds) != 1:
+            raise ConfigError(
+                f"victim.train.rounds: one stage has one value (got {self.train.rounds})"
+            )
+        return self.train.rounds[0]
 
     def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         return (self.normalize.mean, self.normalize.std) if self.normalize else None
+
+
+def untrained_only(victim: VictimSpec, owner: str) -> VictimSpec:
+    """A spec other than a grid's attacks the victim as built: its `train` is refused."""
+    if victim.train is not None:
+        raise ValueError(
+            f"train: FedAvg-trained victims are a grid option (`gi-eval run`, decision 270); "
+            f"{owner} attacks the victim as built: remove train"
+        )
+    return victim
 
 
 class StyleGAN2ArchSpec(_Model):
@@ -448,7 +527,13 @@ class GridSpec(_Model):
 
     @property
     def victim_axis(self) -> tuple[VictimSpec, ...]:
+        """The victim entries as written (error paths name them: victims[i])."""
         return self.victims or ((self.victim,) if self.victim is not None else ())
+
+    @property
+    def victim_stages(self) -> tuple[VictimSpec, ...]:
+        """Every victim of the grid, each training stage its own (`VictimSpec.stages`)."""
+        return tuple(stage for v in self.victim_axis for stage in v.stages())
 
     @property
     def protocol_axis(self) -> list[Protocol]:

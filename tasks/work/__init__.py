@@ -7,7 +7,8 @@ what is missing.
 
 The package, along its seams (each module imports only those above it; rows names the
 inversion's prepared cell only for the type checker):
-  cache      the device and the per-process victim and generator
+  training   the trained-victim stage: FedAvg rounds, stored once per run (decision 271)
+  cache      the device and the per-process victim (trained ones from the run) and generator
   resume     preemption, periodic checkpoints and the trace saved in them
   gradient   the gradient job
   rows       result rows: metrics columns and their provenance
@@ -16,11 +17,12 @@ inversion's prepared cell only for the type checker):
 Importers use `tasks.work` itself; the names below are its interface.
 """
 
-from tasks.work.cache import device, generator_for, victim_for
+from tasks.work.cache import device, generator_for, victim_for, victim_sha256_for
 from tasks.work.chunk import Chunk, run_chunk
 from tasks.work.gradient import _refuse_degenerate, generate_gradient
 from tasks.work.inversion import invert, invert_group
 from tasks.work.resume import CHECKPOINT_EVERY_S, TRACE_KEY, NoPreemption, Preemption, Trace
+from tasks.work.training import train_stage, trained_state
 
 __all__ = [
     "CHECKPOINT_EVERY_S",
@@ -36,5 +38,8 @@ __all__ = [
     "invert",
     "invert_group",
     "run_chunk",
+    "train_stage",
+    "trained_state",
     "victim_for",
+    "victim_sha256_for",
 ]

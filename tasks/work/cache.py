@@ -1,10 +1,12 @@
 """The job process's device and its models: the victim and generator of a cell, built once
-per process (tasks.models) and reused by every cell of the element.
+per process (tasks.models) and reused by every cell of the element; a trained victim's weights
+come from its run (tasks.work.training).
 """
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,9 +14,12 @@ from torch import nn
 from gi_core.datasets import dataset_info
 from gi_core.generators import Generator
 from gi_core.stylegan2 import StyleGAN2Generator
-from tasks.cells import GeneratorSpec, GradientCell, InversionCell
+from gi_core.victims import victim_state, weights_sha256
+from storage.layout import RunLayout
+from tasks.cells import GeneratorSpec, GradientCell, InversionCell, VictimStage
+from tasks.errors import ExecutionError
 from tasks.models import generator_model, victim_model
-from tasks.spec import VictimSpec
+from tasks.work.training import trained_state
 
 
 def device() -> torch.device:
@@ -22,15 +27,41 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def victim_for(cell: GradientCell, run: RunLayout | None = None) -> nn.Module:
+    """The cell's victim on this job's device, built once per job (tasks.models): the spec's
+    weights, or a trained victim's weights stored in `run` (trained there first when missing,
+    tasks.work.training). `run` may be None only for an untrained victim."""
+    return _victim(cell.victim_stage, _run_root(cell, run))[0]
+
+
+def victim_sha256_for(cell: GradientCell, run: RunLayout | None = None) -> str:
+    """sha256 of the weights `victim_for` gives (gi_core.victims.weights_sha256)."""
+    return _victim(cell.victim_stage, _run_root(cell, run))[1]
+
+
+def _run_root(cell: GradientCell, run: RunLayout | None) -> str | None:
+    if cell.victim.train is None:
+        return None  # untrained: the same weights in every run
+    if run is None:
+        raise ExecutionError(
+            f"gradient cell {cell.id}: a victim after {cell.victim.rounds} rounds lives in "
+            "its run directory; pass the run"
+        )
+    return str(run.root)
+
+
 @functools.lru_cache(maxsize=8)
-def _victim(spec: VictimSpec, num_classes: int, image_size: int) -> nn.Module:
-    """The victim of `spec` on this job's device, built once per job (tasks.models)."""
-    return victim_model(spec, num_classes=num_classes, image_size=image_size).to(device())
-
-
-def victim_for(cell: GradientCell) -> nn.Module:
-    classes = dataset_info(cell.dataset, image_size=cell.image_size).num_classes
-    return _victim(cell.victim, classes, cell.image_size)
+def _victim(stage: VictimStage, run_root: str | None) -> tuple[nn.Module, str]:
+    """(victim on this job's device, sha256 of its weights): a trained stage's from its run,
+    checked against their record there; an untrained one's hashed here."""
+    classes = dataset_info(stage.dataset, image_size=stage.image_size).num_classes
+    weights, sha = None, ""
+    if run_root is not None:
+        weights, sha = trained_state(RunLayout(Path(run_root)), stage, dev=device())
+    model = victim_model(
+        stage.victim, num_classes=classes, image_size=stage.image_size, weights=weights
+    )
+    return model.to(device()), sha or weights_sha256(victim_state(model))
 
 
 @functools.lru_cache(maxsize=4)

@@ -78,14 +78,14 @@ def _units(run: RunDir, chunk: Chunk) -> list[list[dict[str, Any]]]:
         if not batchable(group[0].method, group[0].config):
             units.extend([[by_id[c.id]] for c in group])
             continue
-        per_cell = _cell_bytes(group[0])
+        per_cell = _cell_bytes(run, group[0])
         for part in group_cells(group, per_cell_bytes=per_cell, budget=budget):
             units.append([by_id[c.id] for c in part])
     return units
 
 
-def _cell_bytes(cell: InversionCell) -> int:
-    victim = victim_for(cell.gradient)
+def _cell_bytes(run: RunDir, cell: InversionCell) -> int:
+    victim = victim_for(cell.gradient, run)
     generator = generator_for(cell)
     per_image_copies = cell.method.startswith(("gi-w", "gi-z/w"))
     copies = sum(p.numel() for p in generator.parameters()) if generator and per_image_copies else 0

@@ -15,7 +15,7 @@ from storage.run import RunDir
 from storage.zarr_store import StoredGradient, write_gradient
 from tasks.cells import GradientCell
 from tasks.errors import DegenerateInputError
-from tasks.work.cache import device, victim_for
+from tasks.work.cache import device, victim_for, victim_sha256_for
 
 
 def generate_gradient(run: RunDir, cell: GradientCell) -> int:
@@ -24,7 +24,7 @@ def generate_gradient(run: RunDir, cell: GradientCell) -> int:
         return 0
     images, labels = load_images(cell.dataset, cell.indices, image_size=cell.image_size)
     images, labels = images.to(device()), labels.to(device())
-    victim = victim_for(cell)
+    victim = victim_for(cell, run)  # a trained victim: the run's stored weights (271)
     noise = torch.Generator().manual_seed(int(cell.id[:12], 16))  # deterministic per cell
     # what the server observes under the cell's protocol, each client's share defended (194)
     defended = apply_defense(
@@ -45,7 +45,11 @@ def generate_gradient(run: RunDir, cell: GradientCell) -> int:
                 (m.cpu().numpy(), v.cpu().numpy()) for m, v in bn_statistics(victim, images)
             ),
             mask=None if mask is None else mask.cpu().numpy(),
-            attrs={"cell": cell.describe(), "defense_info": _json_safe(defended.info)},
+            attrs={
+                "cell": cell.describe(),
+                "defense_info": _json_safe(defended.info),
+                "victim_sha256": victim_sha256_for(cell, run),  # the weights it was taken at
+            },
         ),
     )
     return 1

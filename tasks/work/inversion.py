@@ -29,7 +29,8 @@ from storage.zarr_store import (
     write_reconstruction,
 )
 from tasks.cells import InversionCell
-from tasks.work.cache import device, generator_for, victim_for
+from tasks.errors import ExecutionError
+from tasks.work.cache import device, generator_for, victim_for, victim_sha256_for
 from tasks.work.resume import Preemption, Trace, _checkpointer
 from tasks.work.rows import _rows, _schedule_columns
 
@@ -74,6 +75,7 @@ class _Prepared:
     state: dict[str, Any] | None
     trace: Trace
     group_size: int = 1
+    victim_sha256: str | None = None  # the weights attacked (a metrics column, decision 270)
 
 
 def _prepare(
@@ -82,7 +84,8 @@ def _prepare(
     dev = device()
     stored = read_gradient(run.gradient_path(cell.gradient_id))
     protocol = cell.gradient.protocol
-    problem = _problem(stored, victim_for(cell.gradient), dev)
+    victim_sha256 = _same_victim(run, cell, stored)
+    problem = _problem(stored, victim_for(cell.gradient, run), dev)
     # label recovery reads the last layer of what was sent, as a mean gradient (decision 194)
     scale = protocol.label_scale()
     readable = problem.target if scale == 1.0 else [t / scale for t in problem.target]
@@ -104,7 +107,21 @@ def _prepare(
         state,
         trace,
         group_size,
+        victim_sha256,
     )
+
+
+def _same_victim(run: RunDir, cell: InversionCell, stored: StoredGradient) -> str:
+    """The sha256 of the victim the attacker is given, which must be the one the gradient was
+    taken at (recorded with it since decision 271; older gradients record none)."""
+    sha = victim_sha256_for(cell.gradient, run)
+    taken_at = stored.attrs.get("victim_sha256")
+    if taken_at is not None and taken_at != sha:
+        raise ExecutionError(
+            f"cell {cell.id}: gradient {cell.gradient_id} was taken at victim weights {taken_at}, "
+            f"the run's victim now hashes to {sha}; delete the gradient to recompute it"
+        )
+    return sha
 
 
 def invert_group(
@@ -157,6 +174,7 @@ def _commit_inversion(
         stages=[trace.stage_of(int(i)) for i in iterations],
     )
     rows = _rows(cell, stored, result, scores, wall, dev, label_acc, _schedule_columns(p))
+    rows = [{**r, "victim_sha256": p.victim_sha256} for r in rows]
     errors = _layer_errors(problem, truth, result)
     run.commit_metrics([{**r, "layer_errors": errors} for r in rows] if errors else rows)
     delete_checkpoint(checkpoint_path)

@@ -85,6 +85,16 @@ def _checkpoint(section: str, kind: dict[str, Any]) -> Pair:
     return pair
 
 
+def _training(field: str, a: Any, b: Any) -> Pair:
+    def pair(base: dict[str, Any], tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        train = {"rounds": [1], "clients": 1, "batch_size": 2}
+        return _set(base, "victim.train", {**train, field: a}), _set(
+            base, "victim.train", {**train, field: b}
+        )
+
+    return pair
+
+
 def _method(name: str, **entry: Any) -> Pair:
     def pair(base: dict[str, Any], tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         return {**base, "methods": [name]}, {**base, "methods": [{"name": name, **entry}]}
@@ -109,6 +119,18 @@ SPEC_VALUES: dict[str, Any] = {
         _set(base, "victim.normalize", NORMALIZE),
         _set(base, "victim.normalize", {**NORMALIZE, "std": [0.2, 0.25, 0.25]}),
     ),
+    # a trained victim (decision 270): every training field, the rounds axis included
+    **{
+        f"victim.train.{field}": _training(field, a, b)
+        for field, a, b in (
+            ("rounds", [1], [2]),
+            ("clients", 1, 2),
+            ("batch_size", 2, 4),
+            ("local_steps", 1, 2),
+            ("lr", 0.1, 0.2),
+            ("seed", 0, 1),
+        )
+    },
     "generator.kind": lambda base, tmp: (
         _set(base, "generator", {"kind": "dcgan32"}),
         _set(base, "generator", {"kind": "dcgan64"}),
