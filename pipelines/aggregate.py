@@ -54,7 +54,7 @@ Selector = Mapping[str, Any] | str
 PRIOR_AXES: tuple[str, ...] = ("generator", "generator_checkpoint_sha256")
 EXTRA_SETTING_AXES: tuple[str, ...] = (
     "defense_p", "defense_sigma", "defense_clip", "defense_bits",
-    "dataset", "image_size", "data_seed",
+    "dataset", "image_size", "data_seed", "batch_labels",
     "victim", "victim_width", "victim_seed", "victim_checkpoint_sha256",
     "victim_rounds", "victim_training",
 )  # fmt: skip
@@ -81,6 +81,8 @@ SETTING_KEYS: dict[str, str] = {
     "cfg.gradient.defense.sigma": "defense_sigma",
     "cfg.gradient.defense.clip": "defense_clip",
     "cfg.gradient.defense.bits": "defense_bits",
+    "cfg.gradient.defense.k": "defense_level",  # disguise: k is its level (gi_core.defenses)
+    "cfg.gradient.batch_labels": "batch_labels",  # how batches drew labels (decision 195)
     "cfg.gradient.batch_size": "batch_size",
     "cfg.gradient.dataset": "dataset",
     "cfg.gradient.image_size": "image_size",

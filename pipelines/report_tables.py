@@ -20,8 +20,11 @@ from pandas.io.formats.style import Styler
 from pipelines import aggregate as ag
 from storage.layout import RunLayout
 
-METRIC_LABELS = {"psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓"}
-DIGITS = {"psnr": 2, "ssim": 3, "lpips": 3}
+METRIC_LABELS = {
+    "psnr": "PSNR ↑", "ssim": "SSIM ↑", "lpips": "LPIPS ↓", "label_accuracy": "label accuracy ↑",
+}  # fmt: skip
+DIGITS = {"psnr": 2, "ssim": 3, "lpips": 3, "label_accuracy": 2}
+PER_BATCH = frozenset({"label_accuracy"})  # one value per batch: no "best image" row
 BOLD_CSS = "font-weight: bold"
 
 
@@ -54,27 +57,41 @@ def table1(df: pd.DataFrame, cells: pd.DataFrame | None = None, *, seed: int = 0
     df = ag.identify(df)
     by = ag.default_by(df)
     setting = [c for c in by if c not in ag.config_columns(df)]
-    avg = ag.summary(df, by, seed=seed).assign(kind="avg")
-    best = ag.summary(df, by, best_in_batch=True, seed=seed).assign(kind="best")
+    metrics = table_metrics(df)
+    avg = ag.summary(df, by, metrics, seed=seed).assign(kind="avg")
+    best = ag.summary(df, by, ag.METRICS, best_in_batch=True, seed=seed).assign(kind="best")
     numbers = pd.concat([avg, best], ignore_index=True)
     numbers["config"] = [ag.label_of(r) for r in numbers.to_dict("records")]
     numbers["setting"] = [setting_label(r, setting) for r in numbers.to_dict("records")]
     configs = list(dict.fromkeys(numbers.sort_values(ag.config_columns(df))["config"]))
     settings = list(dict.fromkeys(numbers.sort_values(setting)["setting"])) if setting else ["all"]
-    text, bold = _blocks(numbers, configs, settings, _failed_counts(cells))
+    text, bold = _blocks(numbers, configs, settings, _failed_counts(cells), metrics)
     return Table(text, bold, numbers)
 
 
+def table_metrics(df: pd.DataFrame) -> tuple[str, ...]:
+    """PSNR, SSIM and LPIPS; and label accuracy where some attack recovered its labels (issue
+    19: under label disguise the attacker's labels are wrong, and the table must show it)."""
+    recovered = "tm_labels" in df.columns and bool(
+        df["tm_labels"].astype(str).str.startswith("recovered").any()
+    )
+    return (*ag.METRICS, "label_accuracy") if recovered else ag.METRICS
+
+
 def _blocks(
-    numbers: pd.DataFrame, configs: list[str], settings: list[str], failed: dict[str, int]
+    numbers: pd.DataFrame,
+    configs: list[str],
+    settings: list[str],
+    failed: dict[str, int],
+    metrics: Sequence[str] = ag.METRICS,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     index, text_rows, bold_rows = [], [], []
     for s in settings:
         part = numbers[numbers["setting"] == s]
         # with one image per batch the best image is the batch: no separate "best" rows
         single = "batch_size" in part.columns and bool((part["batch_size"] == 1).all())
-        for metric in ag.METRICS:
-            for kind in ("avg",) if single else ("avg", "best"):
+        for metric in metrics:
+            for kind in ("avg",) if single or metric in PER_BATCH else ("avg", "best"):
                 rows = part[(part["metric"] == metric) & (part["kind"] == kind)]
                 by_config = rows.set_index("config")
                 index.append((s, f"{METRIC_LABELS[metric]} {kind}"))
