@@ -263,6 +263,50 @@ CASES = [  # sized for ~10 min on a shared 2-core machine
 QUICK_CASES = [Case("gi-x", "convnet", 32, 1, cells=4), Case("gi-z/w", "convnet", 32, 1, cells=2)]
 
 
+# Stage kind -> the single-stage method that measures it and its iterations field.
+STAGE_METHODS = {"x": ("gi-x", "iterations"), "z": ("gi-z", "z_iterations"),
+                 "w": ("gi-w", "w_iterations")}  # fmt: skip
+
+
+def stage_costs(its: int, repeats: int = 2) -> list[dict[str, Any]]:
+    """The cost table's stage rows (tasks.pricing): seconds per iteration of each stage kind,
+    measured with its single-stage method on convnet-32, B = 4, R = 1, gray LFW faces (as the
+    CPU grids run them), at ONE torch thread, as a grid's cell runs when jobs share the cores
+    (2 jobs on 2 cores); the faster of `repeats` alternating measurements (load only slows)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        probs = problems_for("convnet", 32, batch=4, count=1)
+        gen = _generator(32)
+        best: dict[str, float] = {}
+        for _ in range(repeats):
+            for stage, (method, field) in STAGE_METHODS.items():
+                cfg = method_config(method, {field: its, "restarts": 1, "colour": "gray"})
+                prior = None if stage == "x" else gen
+                t, _path = seconds_per_iteration(method, probs, cfg, generator=prior, path="auto")
+                best[stage] = min(best.get(stage, t), t)
+                print(f"stage {stage} ({method}) {t * 1e3:.1f} ms/it at 1 thread", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return [
+        {
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "stage": stage,
+            "method": STAGE_METHODS[stage][0],
+            "victim": "convnet",
+            "image_size": 32,
+            "batch": 4,
+            "restarts": 1,
+            "mode": "engine",
+            "seconds_per_iteration": best[stage],
+            "colour": "gray",
+            "load": os.getloadavg()[0],
+            "threads": 1,
+        }
+        for stage in STAGE_METHODS
+    ]
+
+
 def path_grid(its: int) -> list[dict[str, Any]]:
     """vmap vs loop (plain autograd) per (B, rows) on convnet-32 GI-x: the policy's evidence."""
     out = []
@@ -604,9 +648,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs/results/performance.md")
     parser.add_argument("--render", action="store_true", help="only rewrite the md from the json")
+    parser.add_argument(
+        "--stages", action="store_true", help="only re-measure the cost table's stage rows"
+    )
     args = parser.parse_args()
     if args.render:
         args.out.write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
+        return
+    if args.stages:
+        report = json.loads(args.out.with_suffix(".json").read_text())
+        report["stage_costs"] = stage_costs(24)
+        report["stage_costs_command"] = "python benchmarks/performance.py --stages"
+        report["cost_table"] = family_rows(report["cost_table"]) + report["stage_costs"]
+        _write(args.out, report)
         return
     quick = args.quick
     its = 8  # 5 timed deltas per mean (5 iterations gave 2: too noisy for 0.9-1.1x calls)
@@ -626,6 +680,7 @@ def main() -> None:
     # interrupted run still leaves every finished section (`--render` redraws the md).
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("throughput", lambda: rows.extend(throughput(cases[:3], its=its))),
+        ("stage_costs", lambda: stage_costs(8 if quick else 24)),
         ("quality", lambda: time_to_quality(24 if quick else 100, 2 if quick else 8)),
         ("memory", lambda: memory_per_group([1, 4] if quick else [1, 4, 16, 64], its=2)),
         ("paths", lambda: path_grid(its)),
@@ -643,7 +698,7 @@ def main() -> None:
             dataclasses.asdict(r) | {"image_its": r.image_its, "useful_gflops": r.useful_gflops()}
             for r in rows
         ]
-        report["cost_table"] = cost_table(rows)
+        report["cost_table"] = cost_table(rows) + report.get("stage_costs", [])
         report["seconds"] = time.perf_counter() - started
         report["load_after"] = _uptime()
         _write(args.out, report)
@@ -680,6 +735,36 @@ def cost_table(rows: Sequence[Row]) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def family_rows(table: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in table if "stage" not in r]
+
+
+def stage_lines(r: dict[str, Any]) -> list[str]:
+    """The stage rows as a markdown table, or nothing when the run measured none."""
+    rows = r.get("stage_costs") or []
+    if not rows:
+        return []
+    command = r.get("stage_costs_command", r["command"])
+    lines = [
+        "## Cost table: stage prices (`gi-eval plan`, seconds-matched budgets)",
+        "",
+        f"Command: `{command}`. One stage of each kind, measured with its single-stage",
+        "method on convnet-32, B = 4, R = 1, gray LFW faces, at one torch thread (a grid's cell",
+        "when jobs share the cores). tasks.pricing prices a cell stage by stage from these",
+        "(GIAS = its z iterations at the z price + its w iterations at the w price), scaled",
+        "linearly in batch x restarts; other victims and stages use the family rows.",
+        "",
+        "| stage | measured with | ms per iteration | load at measuring |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['stage']} | {row['method']} | {row['seconds_per_iteration'] * 1e3:.1f} | "
+            f"{row['load']:.2f} |"
+        )
+    return [*lines, ""]
 
 
 def targets(r: dict[str, Any]) -> list[str]:
@@ -873,6 +958,7 @@ def markdown(r: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     lines += [f"| {k} | {v} | {t} |" for k, v, t in r.get("orchestration", [])]
+    lines += ["", *stage_lines(r)]
     return "\n".join(lines) + "\n"
 
 

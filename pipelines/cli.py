@@ -152,7 +152,7 @@ def run(
 ) -> None:
     """Run (or resume) a grid: skips committed cells and cells whose jobs are still queued.
     With `tuning.stage: true` it tunes the grid first and evaluates the tuned spec."""
-    from pipelines.commands import run_grid, run_plan
+    from pipelines.commands import estimate_tuned_cells, run_grid, run_plan
     from pipelines.planner import build_plan
     from pipelines.tune import reuse_notes, tuning_stage
 
@@ -172,6 +172,9 @@ def run(
     evaluated = tuning_stage(grid, executor=executor, run_grid=one_round)
     if evaluated != grid.spec_path:
         grid = build_plan(evaluated, executor=executor, out=out)
+        if estimate_tuned_cells(grid):  # the plan's estimate named the untuned cells
+            typer.echo("note: the stored estimate was re-priced for the tuned cells "
+                       "(reports/plan.json)", err=True)
     for note in reuse_notes(grid.spec):  # also in every row (param_tuned_on)
         typer.echo(f"note: {note}", err=True)
     typer.echo(run_plan(grid, verbose=verbose, wait=wait,

@@ -30,6 +30,7 @@ from pipelines.planner import (
     stored_timings,
     submission_shape,
 )
+from storage import records
 from storage.atomic import write_bytes_atomic
 from storage.errors import EnvironmentProblem
 from storage.lock import driver_lock
@@ -97,7 +98,26 @@ def plan_report(
     return "\n".join(lines)
 
 
-def store_plan(run_path: Path, *, kind: str, cells: int, cost: Estimate) -> Path | None:
+def estimate_tuned_cells(grid: GridPlan) -> Path | None:
+    """A tuning stage puts its chosen values into the evaluated cells, and so into their ids:
+    the estimate `gi-eval plan` stored before tuning names none of them, and the report could
+    set nothing against it. When the stored estimate covers none of the cells to do, price
+    them the same way (the cost model, learned prices; no cell of theirs has run) and store
+    that, marked `after_tuning`. None when there is nothing to replace."""
+    run = grid.existing()  # None before its first round: `plan` writes only reports/
+    stored = records.read_json(grid.layout.plan_record, records.is_plan_record)
+    todo = grid.status(queued=queued_cells(run) if run else set()).todo
+    if not stored or not todo or set(stored.get("cell_seconds") or {}) & {c.id for c in todo}:
+        return None
+    cost = estimate(grid.spec, todo, executor=grid.executor,
+                    run_timings=stored_timings(run), learned=LearnedPrices.from_user_file())
+    return store_plan(grid.run_path, kind=grid.executor, cells=len(todo), cost=cost,
+                      after_tuning=str(stored.get("created", "?")))
+
+
+def store_plan(
+    run_path: Path, *, kind: str, cells: int, cost: Estimate, after_tuning: str | None = None
+) -> Path | None:
     """Write the estimate to RUN/reports/plan.json so that a finished `gi-eval run` can set
     the measured wall time against it; None where the run directory cannot be written."""
     path = RunDir(run_path).plan_record
@@ -114,6 +134,8 @@ def store_plan(run_path: Path, *, kind: str, cells: int, cost: Estimate) -> Path
         # per cell: what the report sets against each method's and array's measured seconds
         "cell_seconds": cost.cell_seconds,
     }
+    if after_tuning is not None:  # the tuned cells of the plan made then (estimate_tuned_cells)
+        record["after_tuning"] = after_tuning
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(path, (json.dumps(record, indent=2) + "\n").encode())

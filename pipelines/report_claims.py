@@ -101,7 +101,8 @@ def scope_statements(df: pd.DataFrame) -> list[str]:
         "not over victims.",
         _budget_statement(df),
     ]
-    if "param_tuned_on" in df and df["param_tuned_on"].notna().any():
+    # paper presets carry an empty `tuned_on`: only a non-empty mark says values were tuned
+    if "param_tuned_on" in df and df["param_tuned_on"].fillna("").astype(str).ne("").any():
         out.append(
             "Tuned values were chosen with the ground truth of held-out batches "
             "(evaluator-side tuning, docs/tuning.md): they show how strong a method can be "

@@ -67,13 +67,20 @@ def compare(run: RunDir) -> Comparison | None:
     known = df[df["cell_id"].isin(estimated.keys())]
     parallel = max(1, int(plan.get("parallel_jobs", 1)))
     return Comparison(
-        created=str(plan.get("created", "?")),
+        created=_created(plan),
         executor=str(plan["executor"]),
         parallel=parallel,
         methods=method_rows(known, estimated),
         arrays=array_rows(array_records(run), estimated, parallel=parallel),
         unestimated=len(df) - len(known),
     )
+
+
+def _created(plan: Mapping[str, object]) -> str:
+    created = str(plan.get("created", "?"))
+    if "after_tuning" in plan:  # commands.estimate_tuned_cells
+        return f"{created}, re-priced for the tuned cells (plan of {plan['after_tuning']})"
+    return created
 
 
 def method_rows(df: pd.DataFrame, estimated: Mapping[str, float]) -> list[Row]:

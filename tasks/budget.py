@@ -11,9 +11,10 @@ between its stages (GIAS's z/w split stays in proportion) and scales every stage
 factor, each rounded to the nearest iteration (at least 1).
 
 Seconds are priced, never measured at plan time: seconds per iteration of the cell come from
-the committed cost table (docs/results/performance.json, pipelines.costmodel.cell_cost) on the
-CPU, the only device the table holds: the same family, victim and image size scaled linearly
-in batch x restarts, else scaled by the victim's forward FLOPs. A new cost table re-prices, so
+the committed cost table (docs/results/performance.json, tasks.pricing.cell_cost) on the CPU,
+the only device the table holds: stage by stage where every stage has a row (decision 272),
+else the family's row for the same victim and image size scaled linearly in batch x restarts,
+else scaled by the victim's forward FLOPs. A new cost table re-prices, so
 the cells of a seconds-matched grid change with it (their ids follow the iterations).
 """
 

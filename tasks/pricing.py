@@ -1,11 +1,23 @@
 """What one iteration of an attack costs, from the committed cost table (issue 12 and 16).
 
-`docs/results/performance.json`'s `cost_table` holds measured seconds per iteration per method
-family, victim, image size, batch and restarts (benchmarks/performance.py). `cell_cost` prices a
-cell from it: the exact row scaled in batch x restarts, else the nearest row scaled by the
-victim's forward FLOPs. Used by `gi-eval plan` (pipelines.costmodel) and by seconds-matched
-budgets (tasks.budget), so it lives in tasks, below both. A cell here is anything with
-`method`, `config` and `gradient` (an InversionCell), which keeps tasks.cells out of the import.
+`docs/results/performance.json`'s `cost_table` holds measured seconds per iteration
+(benchmarks/performance.py) of two kinds of row:
+
+* **stage rows** (`stage`: x, z or w): one stage of an attack (a pixel step, a latent step
+  through the generator, a step of the per-image generator copies), measured on one victim
+  and image size at one torch thread, as a cell of a grid runs. A cell whose every stage has a
+  row on its victim and image size is priced stage by stage: its mean price per iteration is
+  the iterations-weighted mean of its stages' prices, scaled linearly in batch x restarts.
+  GI-w's w step costs about 4x GI-z's z step on the CPU (docs/results/performance.md), so one
+  price per family was up to 2.2x off for single-stage methods (decision 272);
+* **family rows** (pixel or generator search, at the benchmark's threads): for everything
+  else, the exact row scaled in batch x restarts, else the nearest row scaled by the victim's
+  forward FLOPs.
+
+`cell_cost` prices a cell from them. Used by `gi-eval plan` (pipelines.costmodel) and by
+seconds-matched budgets (tasks.budget), so it lives in tasks, below both. A cell here is
+anything with `method`, `config` and `gradient` (an InversionCell), which keeps tasks.cells out
+of the import.
 """
 
 from __future__ import annotations
@@ -61,8 +73,11 @@ def cell_cost(
         return found
     g = cell.gradient
     work = len(g.indices) * cell.config.restarts * local_work(g.protocol, g.batch_size)
+    by_stage = stage_price(cell, device=device, table=table, work=work)
+    if by_stage is not None:
+        return by_stage
     family = family_of(cell.method)
-    same = [r for r in table if r["device"] == device and r["family"] == family]
+    same = [r for r in table if r["device"] == device and r.get("family") == family]
     exact = [
         r
         for r in same
@@ -81,6 +96,58 @@ def cell_cost(
     ref = min(engine_rows, key=lambda r: abs(math.log(r["forward_gflop"] / flop)))
     scale = (flop * work) / (ref["forward_gflop"] * ref["batch"] * ref["restarts"])
     return CellCost(ref["seconds_per_iteration"] * scale, _table_source("scaled by FLOPs", ref))
+
+
+# A stage's iterations field -> the stage row that prices it. A method with a stage not listed
+# here (GIFD's feature steps, GGL's candidate evaluations) is priced by its family row.
+STAGE_OF_FIELD = {"x_iterations": "x", "z_iterations": "z", "w_iterations": "w"}
+
+
+def stages(method: str, config: Any) -> dict[str, int] | None:
+    """Iterations per stage kind ({'z': 75, 'w': 165} for GIAS), None when a stage has no kind."""
+    out: dict[str, int] = {}
+    for name in vars(config):
+        if name != "iterations" and not name.endswith("_iterations"):
+            continue
+        its = int(getattr(config, name, 0) or 0)
+        if its == 0:
+            continue
+        kind = "x" if name == "iterations" and method in PIXEL_METHODS else STAGE_OF_FIELD.get(name)
+        if kind is None:
+            return None
+        out[kind] = out.get(kind, 0) + its
+    return out or None
+
+
+def stage_price(
+    cell: Any, *, device: str, table: Sequence[Mapping[str, Any]], work: float
+) -> CellCost | None:
+    """The iterations-weighted mean of the cell's stage prices, each stage row (same device,
+    victim and image size) scaled linearly from its batch x restarts to `work`; None when a
+    stage has no row."""
+    its = stages(cell.method, cell.config)
+    if its is None:
+        return None
+    g = cell.gradient
+    rows: dict[str, Mapping[str, Any]] = {}
+    for kind in its:
+        found = [
+            r
+            for r in table
+            if r.get("stage") == kind
+            and r["device"] == device
+            and r["victim"] == g.victim.arch
+            and r["image_size"] == g.image_size
+        ]
+        if not found:
+            return None
+        rows[kind] = min(found, key=lambda r: abs(math.log(r["batch"] * r["restarts"] / work)))
+    seconds = sum(
+        n * rows[k]["seconds_per_iteration"] * work / (rows[k]["batch"] * rows[k]["restarts"])
+        for k, n in its.items()
+    )
+    per_iteration = seconds / sum(its.values())
+    return CellCost(per_iteration, _table_source("measured", rows[next(iter(its))], stages=True))
 
 
 def local_work(protocol: Any, batch: int) -> float:
@@ -112,13 +179,13 @@ def protocol_key(kind: Any, local_steps: Any, local_batch_size: Any, n_clients: 
     return " ".join(parts)
 
 
-def _table_source(kind: str, row: Mapping[str, Any]) -> str:
+def _table_source(kind: str, row: Mapping[str, Any], *, stages: bool = False) -> str:
     """The benchmark records the machine's load average and torch threads with each row: on a
     shared machine the table overestimates a quiet node's time, and a job with fewer cores than
     the benchmark had runs slower; the label says both."""
-    where = "table" if kind == "measured" else "from a table row"
+    where = ("table, by stage" if stages else "table") if kind == "measured" else "from a table row"
     if "load" not in row:
-        return "measured (table)" if kind == "measured" else kind
+        return f"measured ({where})" if kind == "measured" else kind
     threads = f", {row['threads']} thread(s)" if "threads" in row else ""
     return f"{kind} ({where} at load {row['load']:.0f}{threads})"
 

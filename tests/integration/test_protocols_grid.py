@@ -1,6 +1,8 @@
-"""Issue 19, Acceptance 2 (this branch's part): a tiny grid over the three protocols (FedSGD,
-FedAvg, an aggregate of clients), batches with repeated labels and the label-disguise defense,
-through `gi-eval run` on the inline executor. Every row carries the threat-model manifest."""
+"""Issue 19, Acceptance 2: a tiny grid over the three protocols (FedSGD, FedAvg, an aggregate
+of clients), batches with repeated labels and the two new defenses (label disguise, Soteria),
+through `gi-eval run` on the inline executor. Every row carries the threat-model manifest.
+The new methods run through `gi-eval run` in test_successors_grid.py (GGL, GIFD) and
+test_rgap_grid.py (R-GAP, R-GAP+G)."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ GRID = {
         {"name": "gi-z/w", "params": {"z_iterations": 2, "w_iterations": 2, "restarts": 1,
                                        "labels": "count"}},
     ],
-    "defenses": [{"kind": "none"}, {"kind": "disguise", "k": 1}],
+    "defenses": [{"kind": "none"}, {"kind": "disguise", "k": 1}, {"kind": "soteria", "p": 0.4}],
     "protocols": [
         {"kind": "fedsgd"},
         {"kind": "fedavg", "local_steps": 2, "local_batch_size": 1, "local_lr": 0.1},
@@ -59,10 +61,13 @@ def test_protocols_repeated_labels_and_disguise_through_gi_eval_run(tmp_path: Pa
     spec.write_text(yaml.safe_dump(GRID))
     out = tmp_path / "run"
     printed = _gi_eval("run", str(spec), "--out", str(out))
-    # 3 protocols x 2 defenses = 6 gradients, x 2 methods = 12 cells
-    assert "12 of 12 cells committed" in printed
+    # 3 protocols x 3 defenses = 9 gradients, x 2 methods = 18 cells
+    assert "18 of 18 cells committed" in printed
     df = open_run(out).metrics()
-    assert len(df) == 12 * 2  # B = 2 rows per cell: the attacked client's images only
+    assert len(df) == 18 * 2  # B = 2 rows per cell: the attacked client's images only
+    assert set(df["defense"]) == {"none", "disguise", "soteria"}
+    assert set(df.loc[df.defense == "soteria", "defense_level"]) == {0.4}
+    assert set(df.loc[df.defense == "soteria", "protocol"]) == {"fedsgd", "fedavg", "aggregate"}
     for column in MANIFEST:
         assert column in df.columns, column
     assert df[[c for c in MANIFEST if not c.startswith("local_")]].notna().all().all()

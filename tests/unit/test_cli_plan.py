@@ -66,6 +66,27 @@ def test_plan_stores_its_estimate_and_a_run_compares_with_it(tmp_path: Path) -> 
     assert estimate_vs_measured(tmp_path / "elsewhere", 10.0) is None
 
 
+def test_a_tuning_stage_gets_its_tuned_cells_priced(tmp_path: Path) -> None:
+    """The plan made before tuning names untuned cells; once the tuning stage has chosen
+    values (here: another lr, so other ids), the run stores an estimate for the tuned cells,
+    and only when the stored one covers none of them."""
+    from pipelines.commands import estimate_tuned_cells
+    from pipelines.planner import build_plan
+
+    _plan(tmp_path, "--executor", "local")
+    record = tmp_path / "run" / "reports" / PLAN_FILE
+    before = json.loads(record.read_text())
+    tuned = {**SPEC, "methods": [{"name": "gi-x",
+                                  "params": {"iterations": 4, "restarts": 1, "lr": 0.05}}]}
+    (tmp_path / "tuned.yaml").write_text(yaml.safe_dump(tuned))
+    grid = build_plan(tmp_path / "tuned.yaml", executor="local", out=tmp_path / "run")
+    assert estimate_tuned_cells(grid) == record
+    after = json.loads(record.read_text())
+    assert set(after["cell_seconds"]) == set(grid.cell_ids) != set(before["cell_seconds"])
+    assert after["after_tuning"] == before["created"] and after["cells_to_do"] == 1
+    assert estimate_tuned_cells(grid) is None  # it covers them now: kept as it is
+
+
 def test_methods_shows_paper_and_tuned_values_with_provenance() -> None:
     result = CliRunner().invoke(app, ["methods", "gi-z"])
     assert result.exit_code == 0, result.output

@@ -148,3 +148,44 @@ def test_calibrate_runs_one_job_on_the_target_executor(tmp_path: Path) -> None:
         ROOT / "grids" / "smoke.yaml", tmp_path / "run", calibrate=True, executor="inline"
     )
     assert "gi-x: " in report and "(calibrated)" in report
+
+
+STAGES = [
+    {**ROW, "stage": s, "batch": 4, "restarts": 1, "seconds_per_iteration": p, "threads": 1}
+    for s, p in (("x", 0.02), ("z", 0.05), ("w", 0.2))
+]
+
+
+def test_stage_rows_price_each_stage_and_weigh_them_by_iterations() -> None:
+    """GIAS = z iterations at the z price + w iterations at the w price; GI-z and GI-w no longer
+    share one family price; a method with an unlisted stage (GIFD's f) keeps its family row."""
+    spec = _spec(
+        batch_sizes=[2],
+        methods=[
+            {"name": "gi-x", "params": {"iterations": 10, "restarts": 2}},
+            {"name": "gi-z", "params": {"z_iterations": 10, "restarts": 1}},
+            {"name": "gi-w", "params": {"w_iterations": 10, "restarts": 1}},
+            {"name": "gi-z/w", "params": {"z_iterations": 30, "w_iterations": 10, "restarts": 1}},
+            {"name": "gifd", "params": {"z_iterations": 5, "f_iterations": 5, "restarts": 1}},
+        ],
+    )
+    cells = {c.method: c for c in expand(spec).inversion_cells}
+    table = TABLE + STAGES
+    price = {
+        m: cell_cost(c, device="cpu", table=table, run={}, calibrated={}) for m, c in cells.items()
+    }
+    work = 2 / 4  # B = 2, R = 1 against the rows' B = 4, R = 1
+    assert price["gi-x"].seconds_per_iteration == pytest.approx(0.02 * 2 * work)  # R = 2
+    assert price["gi-z"].seconds_per_iteration == pytest.approx(0.05 * work)
+    assert price["gi-w"].seconds_per_iteration == pytest.approx(0.2 * work)
+    gias = (30 * 0.05 + 10 * 0.2) / 40 * work
+    assert price["gi-z/w"].seconds_per_iteration == pytest.approx(gias)
+    assert "by stage" in price["gi-z/w"].source
+    assert price["gifd"].source == "measured (table)"  # family row: 0.04 per B x R of 4
+    assert price["gifd"].seconds_per_iteration == pytest.approx(0.04 * 2 / 4)
+    # another victim has no stage row: the family row, scaled by FLOPs
+    lenet = _spec(victim={"arch": "lenet", "seed": 0})
+    cell = next(c for c in expand(lenet).inversion_cells if c.method == "gi-z/w")
+    assert cell_cost(cell, device="cpu", table=table, run={}, calibrated={}).source == (
+        "scaled by FLOPs"
+    )

@@ -60,3 +60,5 @@ def test_scope_comes_from_the_rows() -> None:
     text = "\n".join(scope_statements(unmatched))
     assert "NOT matched" in text and "gi-x 400-400; gi-z/w 200-200" in text
     assert "evaluator-side" not in text
+    paper_presets = ROWS.assign(param_tuned_on=["", ""])  # what untuned rows hold
+    assert "evaluator-side" not in "\n".join(scope_statements(paper_presets))
