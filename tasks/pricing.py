@@ -8,7 +8,7 @@
   and image size at one torch thread, as a cell of a grid runs. A cell whose every stage has a
   row on its victim and image size is priced stage by stage: its mean price per iteration is
   the iterations-weighted mean of its stages' prices, scaled linearly in batch x restarts.
-  GI-w's w step costs about 4x GI-z's z step on the CPU (docs/results/performance.md), so one
+  GI-w's w step costs 3.3x GI-z's z step on the CPU (docs/results/performance.md), so one
   price per family was up to 2.2x off for single-stage methods (decision 272);
 * **family rows** (pixel or generator search, at the benchmark's threads): for everything
   else, the exact row scaled in batch x restarts, else the nearest row scaled by the victim's
@@ -106,10 +106,7 @@ STAGE_OF_FIELD = {"x_iterations": "x", "z_iterations": "z", "w_iterations": "w"}
 def stages(method: str, config: Any) -> dict[str, int] | None:
     """Iterations per stage kind ({'z': 75, 'w': 165} for GIAS), None when a stage has no kind."""
     out: dict[str, int] = {}
-    for name in vars(config):
-        if name != "iterations" and not name.endswith("_iterations"):
-            continue
-        its = int(getattr(config, name, 0) or 0)
+    for name, its in stage_iterations(config).items():
         if its == 0:
             continue
         kind = "x" if name == "iterations" and method in PIXEL_METHODS else STAGE_OF_FIELD.get(name)
@@ -199,8 +196,13 @@ def iterations(config: Any) -> int:
     """Every stage's iterations (`iterations` and each `*_iterations` field, e.g. GIFD's
     `f_iterations`); GGL's `iterations` count candidate evaluations, one gradient each.
     0 for a closed-form method (R-GAP): the cost model does not price those (`closed_form`)."""
+    return sum(stage_iterations(config).values())
+
+
+def stage_iterations(config: Any) -> dict[str, int]:
+    """Each stage field (`iterations`, `*_iterations`) of `config` and its iterations."""
     names = [n for n in vars(config) if n == "iterations" or n.endswith("_iterations")]
-    return sum(int(getattr(config, n, 0) or 0) for n in names)
+    return {n: int(getattr(config, n, 0) or 0) for n in names}
 
 
 @functools.lru_cache(maxsize=64)
